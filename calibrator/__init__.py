@@ -1,0 +1,1 @@
+"""calibrator: see README."""

@@ -1,0 +1,140 @@
+"""The one interface every backbone implements.
+
+A backbone turns a batch of decoded RGB images into the patch tokens of its
+tapped blocks (raw residual stream, class and register tokens dropped), the
+patch grid, an optional global embedding and, for CLIP, a text encoder. Heads,
+the memory bank and the evaluation only ever talk to this interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from scorer.errors import ConfigError, ImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class BackboneOutput:
+    """Tokens of the tapped blocks of one forward pass.
+
+    ``tokens[i]`` is ``(B, N, D)`` with ``N = grid[0] * grid[1]`` patch tokens in
+    row-major order. ``global_embedding`` is ``(B, E)`` and L2-normalised, or None
+    for backbones that have no joint embedding space.
+    """
+
+    tokens: list[torch.Tensor]
+    grid: tuple[int, int]
+    global_embedding: torch.Tensor | None = None
+
+
+class Backbone(nn.Module):
+    """Frozen feature extractor with a fixed input size.
+
+    Subclasses set the attributes in ``__init__`` and implement :meth:`extract`.
+    """
+
+    spec: str
+    taps: tuple[int, ...]  # 1-indexed block numbers
+    width: int  # token width D
+    embed_dim: int | None  # joint embedding width E (CLIP) or None
+    image_size: int
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_id: str  # sha256 of the weights file, or "random:<seed>"
+    has_text: bool = False
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // self.patch_size
+        return (g, g)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def extract(self, pixels: torch.Tensor) -> BackboneOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, pixels: torch.Tensor) -> BackboneOutput:
+        return self.extract(pixels)
+
+    def encode_text_prompts(self, object_name: str) -> torch.Tensor:
+        """Normal/anomalous text matrix ``(E, 2)``; only CLIP backbones have one."""
+        raise ConfigError(f"backbone {self.spec!r} has no text encoder")
+
+    # -- preprocessing -------------------------------------------------------
+    def preprocess(self, images: Sequence[np.ndarray], *, letterbox: bool = False) -> torch.Tensor:
+        """Resize (squash, or letterbox) and normalise decoded RGB uint8 images."""
+        return preprocess_images(images, self.image_size, self.mean, self.std, letterbox=letterbox).to(self.device)
+
+    @torch.inference_mode()
+    def embed(self, images: Sequence[np.ndarray], *, batch_size: int = 8, letterbox: bool = False) -> BackboneOutput:
+        """Extract tokens for many images in batches, results on the CPU in float32."""
+        outs: list[BackboneOutput] = []
+        for start in range(0, len(images), batch_size):
+            px = self.preprocess(images[start : start + batch_size], letterbox=letterbox)
+            outs.append(self.extract(px))
+        return concat_outputs(outs)
+
+
+def concat_outputs(outs: Sequence[BackboneOutput]) -> BackboneOutput:
+    if not outs:
+        raise ConfigError("no images to extract features from")
+    tokens = [torch.cat([o.tokens[i].float().cpu() for o in outs]) for i in range(len(outs[0].tokens))]
+    glob = None
+    if outs[0].global_embedding is not None:
+        glob = torch.cat([o.global_embedding.float().cpu() for o in outs])  # type: ignore[union-attr]
+    return BackboneOutput(tokens=tokens, grid=outs[0].grid, global_embedding=glob)
+
+
+def preprocess_images(
+    images: Sequence[np.ndarray],
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    letterbox: bool = False,
+) -> torch.Tensor:
+    """``(B, 3, size, size)`` float tensor; bicubic resize like open_clip's val transform."""
+    from PIL import Image
+
+    batch = []
+    for i, img in enumerate(images):
+        if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            desc = getattr(img, "shape", type(img).__name__)
+            raise ImageError(f"image {i}: expected an H x W x 3 uint8 RGB array, got {desc}")
+        pil = Image.fromarray(img)
+        if letterbox:
+            h, w = img.shape[:2]
+            scale = size / max(h, w)
+            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            canvas = Image.new("RGB", (size, size), (0, 0, 0))
+            canvas.paste(pil.resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
+            pil = canvas
+        else:
+            pil = pil.resize((size, size), Image.BICUBIC)
+        batch.append(np.asarray(pil))
+    arr = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (arr - m) / s
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

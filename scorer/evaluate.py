@@ -1,0 +1,292 @@
+"""Few-shot evaluation on MVTec-layout folders.
+
+Features are extracted once per image and reused by every method, shot count and
+seed; all pixel metrics come from one sort (``scorer.metrics``) at the output map
+resolution. Image scores and thresholds are never normalised with test data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from scorer.backbones.base import Backbone, BackboneOutput
+from scorer.data import Category, discover, draw_references
+from scorer.errors import ConfigError
+from scorer.head import METHODS, Head, ScoreOptions, knn_head
+from scorer.images import load_image, load_mask
+from scorer.metrics import image_metrics, pixel_metrics, summarise
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("i_auroc", "i_ap", "i_f1", "p_auroc", "p_ap", "p_f1", "aupro")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    shots: tuple[int, ...] = (1, 2, 4)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = ("cff", "aprilgan", "knn")
+    sampling: str = "random"
+    per_stage: bool = False
+    batch_size: int = 8
+    max_test: int | None = None  # subsample the test split (stratified, deterministic) for quick runs
+    score: ScoreOptions = field(default_factory=ScoreOptions)
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            if m not in METHODS:
+                raise ConfigError(f"unknown method {m!r}; known: {', '.join(METHODS)}")
+        if not self.shots or min(self.shots) < 1:
+            raise ConfigError(f"shots must be >= 1, got {self.shots}")
+        if not self.seeds:
+            raise ConfigError("at least one seed is needed")
+
+
+# A factory builds a head for a method from reference images and their features.
+HeadFactory = Callable[[str, Backbone, list[np.ndarray], BackboneOutput, int], Head]
+
+
+def default_head_factory(base_head: Head | None = None, fit_options: object | None = None) -> HeadFactory:
+    def make(method: str, backbone: Backbone, images: list[np.ndarray], feats: BackboneOutput, seed: int) -> Head:
+        if method == "knn":
+            return knn_head(backbone, feats)
+        from scorer.fit import FitOptions, fit_head_from_features
+
+        opts = fit_options if isinstance(fit_options, FitOptions) else FitOptions()
+        return fit_head_from_features(
+            backbone, images, feats, method=method, base_head=base_head, options=opts, seed=seed
+        )
+
+    return make
+
+
+def _subsample(tests: Sequence, max_test: int | None) -> list:
+    if max_test is None or len(tests) <= max_test:
+        return list(tests)
+    normal = [s for s in tests if s.label == 0]
+    bad = [s for s in tests if s.label == 1]
+    n_bad = max(1, round(max_test * len(bad) / len(tests)))
+    n_norm = max(1, max_test - n_bad)
+    pick = lambda xs, n: [xs[i] for i in np.linspace(0, len(xs) - 1, min(n, len(xs))).round().astype(int)]  # noqa: E731
+    return pick(normal, n_norm) + pick(bad, n_bad)
+
+
+def _slice(out: BackboneOutput, idx: Sequence[int]) -> BackboneOutput:
+    ii = torch.as_tensor(list(idx), dtype=torch.long)
+    return BackboneOutput(
+        [t[ii] for t in out.tokens], out.grid, None if out.global_embedding is None else out.global_embedding[ii]
+    )
+
+
+def _half(out: BackboneOutput) -> BackboneOutput:
+    return BackboneOutput([t.half() for t in out.tokens], out.grid, out.global_embedding)
+
+
+def _score_all(
+    head: Head, feats: BackboneOutput, batch: int, per_stage: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    scores, maps, stages = [], [], []
+    n = feats.tokens[0].shape[0]
+    with torch.inference_mode():
+        for s in range(0, n, batch):
+            sl = BackboneOutput(
+                [t[s : s + batch].float() for t in feats.tokens],
+                feats.grid,
+                None if feats.global_embedding is None else feats.global_embedding[s : s + batch],
+            )
+            r = head.score_tokens(sl, per_stage=per_stage)
+            scores.append(r.image_scores.numpy())
+            maps.append(r.maps.numpy().astype(np.float32))
+            if per_stage and r.stage_maps is not None:
+                stages.append(r.stage_maps.numpy().astype(np.float16))
+    return np.concatenate(scores), np.concatenate(maps), (np.concatenate(stages) if stages else None)
+
+
+def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    im = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+    return np.asarray(im) > 127
+
+
+def evaluate_category(
+    cat: Category,
+    backbone: Backbone,
+    cfg: EvalConfig,
+    factory: HeadFactory,
+    *,
+    progress: Callable[[str], None] = lambda s: None,
+) -> list[dict]:
+    tests = _subsample(cat.test, cfg.max_test)
+    labels = np.array([s.label for s in tests])
+    if labels.min() == labels.max():
+        raise ConfigError(f"{cat.key}: the test split needs both normal and defective images")
+    size = cfg.score.map_size
+    t0 = time.perf_counter()
+    images = [load_image(s.path) for s in tests]
+    masks = np.zeros((len(tests), size, size), dtype=bool)
+    for i, (s, img) in enumerate(zip(tests, images, strict=True)):
+        if s.mask_path is not None:
+            masks[i] = _resize_mask(load_mask(s.mask_path, img.shape[:2]), size)
+    progress(f"{cat.key}: extracting features of {len(tests)} test images")
+    test_feats = _half(backbone.embed(images, batch_size=cfg.batch_size))
+    del images
+    t_feat = time.perf_counter() - t0
+    per_image_s = t_feat / len(tests)
+    ref_cache: dict[Path, tuple[np.ndarray, BackboneOutput]] = {}
+
+    def refs_for(paths: list[Path]) -> tuple[list[np.ndarray], BackboneOutput]:
+        todo = [p for p in paths if p not in ref_cache]
+        if todo:
+            imgs = [load_image(p) for p in todo]
+            feats = backbone.embed(imgs, batch_size=cfg.batch_size)
+            for j, p in enumerate(todo):
+                ref_cache[p] = (imgs[j], _half(_slice(feats, [j])))
+        imgs = [ref_cache[p][0] for p in paths]
+        parts = [ref_cache[p][1] for p in paths]
+        feats = BackboneOutput(
+            [torch.cat([q.tokens[i] for q in parts]).float() for i in range(len(parts[0].tokens))],
+            parts[0].grid,
+            None if parts[0].global_embedding is None else torch.cat([q.global_embedding for q in parts]),
+        )  # type: ignore[misc]
+        return imgs, feats
+
+    records = []
+    for method in cfg.methods:
+        for k in cfg.shots:
+            per_seed = []
+            stage_seed: list[list[dict]] = []
+            fit_s = []
+            for seed in cfg.seeds:
+                paths = draw_references(cat.train, k, seed, mode=cfg.sampling)
+                imgs, feats = refs_for(paths)
+                tf = time.perf_counter()
+                head = factory(method, backbone, imgs, feats, seed)
+                fit_s.append(time.perf_counter() - tf)
+                head = head.with_options(
+                    **{f: getattr(cfg.score, f) for f in ("map_size", "smooth_sigma", "image_score", "topk_fraction")}
+                )
+                scores, maps, stages = _score_all(head, test_feats, cfg.batch_size, cfg.per_stage)
+                m = {**image_metrics(scores, labels), **pixel_metrics(maps, masks)}
+                per_seed.append(
+                    {
+                        "seed": seed,
+                        "metrics": m,
+                        "references": [str(p) for p in paths],
+                        "image_threshold": head.image_threshold,
+                        "pixel_threshold": head.pixel_threshold,
+                    }
+                )
+                if stages is not None:
+                    st = []
+                    for si in range(stages.shape[1]):
+                        sm = stages[:, si].astype(np.float32)
+                        sc = (
+                            torch.from_numpy(sm)
+                            .flatten(1)
+                            .topk(max(1, round(size * size * cfg.score.topk_fraction)), 1)
+                            .values.mean(1)
+                            .numpy()
+                        )
+                        st.append({**image_metrics(sc, labels), **pixel_metrics(sm, masks)})
+                    stage_seed.append(st)
+                progress(
+                    f"{cat.key} {method} K={k} seed={seed}: " + " ".join(f"{key}={m[key]:.3f}" for key in METRIC_KEYS)
+                )
+            mean, std = summarise([p["metrics"] for p in per_seed])
+            rec = {
+                "dataset": cat.dataset,
+                "category": cat.name,
+                "method": method,
+                "shots": k,
+                "seeds": list(cfg.seeds),
+                "mean": mean,
+                "std": std,
+                "per_seed": per_seed,
+                "n_test": len(tests),
+                "n_defective": int(labels.sum()),
+                "feature_seconds_per_image": per_image_s,
+                "fit_seconds_mean": float(np.mean(fit_s)),
+            }
+            if stage_seed:
+                rec["stages"] = {}
+                for si, tap in enumerate(backbone.taps):
+                    smean, sstd = summarise([s[si] for s in stage_seed])
+                    rec["stages"][str(tap)] = {"mean": smean, "std": sstd}
+            records.append(rec)
+    return records
+
+
+def run_eval(
+    data: Sequence[str | Path],
+    backbone: Backbone,
+    cfg: EvalConfig,
+    *,
+    base_head: Head | None = None,
+    base_head_path: str | None = None,
+    fit_options: object | None = None,
+    factory: HeadFactory | None = None,
+    progress: Callable[[str], None] = lambda s: None,
+) -> dict:
+    cats: list[Category] = []
+    for d in data:
+        cats.extend(discover(d))
+    factory = factory or default_head_factory(base_head, fit_options)
+    t0 = time.perf_counter()
+    records: list[dict] = []
+    for cat in cats:
+        records.extend(evaluate_category(cat, backbone, cfg, factory, progress=progress))
+    return {
+        "format": "cff-inspect-eval/1",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "backbone": backbone.spec,
+        "weights_id": backbone.weights_id,
+        "image_size": backbone.image_size,
+        "taps": list(backbone.taps),
+        "protocol": "cross-dataset" if base_head is not None else "deployment",
+        "base_head": base_head_path,
+        "sampling": cfg.sampling,
+        "map_size": cfg.score.map_size,
+        "smooth_sigma": cfg.score.smooth_sigma,
+        "image_score": cfg.score.image_score,
+        "aupro_fpr_limit": 0.3,
+        "torch_threads": torch.get_num_threads(),
+        "elapsed_seconds": time.perf_counter() - t0,
+        "records": records,
+    }
+
+
+def _fmt(mean: float, std: float) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    return f"{100 * mean:.1f}±{100 * std:.1f}"
+
+
+def markdown_table(report: dict) -> str:
+    head = "| dataset | category | method | K | " + " | ".join(METRIC_KEYS) + " |"
+    sep = "|" + "---|" * (4 + len(METRIC_KEYS))
+    lines = [head, sep]
+    for r in report["records"]:
+        cells = [_fmt(r["mean"][k], r["std"][k]) for k in METRIC_KEYS]
+        lines.append(f"| {r['dataset']} | {r['category']} | {r['method']} | {r['shots']} | " + " | ".join(cells) + " |")
+        for tap, st in (r.get("stages") or {}).items():
+            cells = [_fmt(st["mean"][k], st["std"][k]) for k in METRIC_KEYS]
+            lines.append(f"| | | ↳ tap {tap} | {r['shots']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, allow_nan=True))
+    tmp.replace(p)

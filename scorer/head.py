@@ -1,0 +1,385 @@
+"""The per-product head: projections, CFF calibration, prototypes, memory bank.
+
+One class covers the three methods, so that they are compared on exactly the
+same references, maps and image-score rule:
+
+* ``knn``      memory bank of raw tokens only (AnomalyDINO-style, training-free);
+* ``aprilgan`` per-stage projection + prototype map + raw-token memory bank;
+* ``cff``      the same plus a per-stage affine calibration after the projection,
+  with the memory bank on the calibrated features (spec A9).
+
+At inference the calibration is folded into the projection (one affine map per
+stage), so CFF costs nothing extra; the unfolded weights are kept because the
+``projected`` bank option needs them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scorer.backbones.base import Backbone, BackboneOutput
+from scorer.errors import ConfigError, HeadError
+
+METHODS = ("knn", "aprilgan", "cff")
+BANK_FEATURES = ("raw", "projected", "calibrated")
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How maps and image scores are formed; shared by every method."""
+
+    map_size: int = 256
+    smooth_sigma: float = 4.0  # Gaussian blur of the output map, in output pixels (0 = off)
+    image_score: str = "topk"  # topk: mean of the top fraction of the fused map; max
+    topk_fraction: float = 0.01
+    temperature: float = 100.0
+    bank_chunk: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.map_size < 8:
+            raise ConfigError(f"map_size must be >= 8, got {self.map_size}")
+        if self.image_score not in ("topk", "max"):
+            raise ConfigError(f"image_score must be 'topk' or 'max', got {self.image_score!r}")
+        if not 0 < self.topk_fraction <= 1:
+            raise ConfigError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+        if self.smooth_sigma < 0:
+            raise ConfigError(f"smooth_sigma must be >= 0, got {self.smooth_sigma}")
+
+
+@dataclass
+class TokenScores:
+    """Scores of a batch computed from backbone tokens."""
+
+    image_scores: torch.Tensor  # (B,)
+    maps: torch.Tensor  # (B, map_size, map_size) float32, fused
+    stage_maps: torch.Tensor | None = None  # (B, S, map_size, map_size) when asked for
+
+
+@dataclass
+class Head:
+    """A fitted head; see the module docstring. Tensors live on the CPU until used."""
+
+    method: str
+    backbone_spec: str
+    weights_id: str
+    taps: tuple[int, ...]
+    image_size: int
+    grid: tuple[int, int]
+    bank: list[torch.Tensor]  # per stage (M, Dbank), L2-normalised
+    bank_features: str = "raw"
+    proj_w: list[torch.Tensor] | None = None  # per stage (E, D)
+    proj_b: list[torch.Tensor] | None = None  # per stage (E,)
+    calib_w: list[torch.Tensor] | None = None  # per stage (E, E), identity at init
+    calib_b: list[torch.Tensor] | None = None  # per stage (E,)
+    prototypes: torch.Tensor | None = None  # (S, E, 2): normal, anomalous; unit columns
+    image_threshold: float = float("nan")
+    pixel_threshold: float = float("nan")
+    options: ScoreOptions = field(default_factory=ScoreOptions)
+    meta: dict = field(default_factory=dict)
+    backbone: Backbone | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.bank_features not in BANK_FEATURES:
+            raise ConfigError(f"bank_features must be one of {BANK_FEATURES}, got {self.bank_features!r}")
+        if len(self.bank) != len(self.taps):
+            raise HeadError(f"head has {len(self.bank)} memory banks for {len(self.taps)} taps")
+        if self.bank_features != "raw" and self.proj_w is None:
+            raise HeadError(f"bank_features={self.bank_features!r} needs projections")
+
+    # -- features ------------------------------------------------------------
+    @property
+    def n_stages(self) -> int:
+        return len(self.taps)
+
+    def folded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Projection and calibration composed into one affine map per stage."""
+        if self.proj_w is None or self.proj_b is None:
+            raise HeadError("head has no projection to fold")
+        out = []
+        for i in range(self.n_stages):
+            w, b = self.proj_w[i], self.proj_b[i]
+            if self.calib_w is not None and self.calib_b is not None:
+                cw, cb = self.calib_w[i], self.calib_b[i]
+                w, b = cw @ w, cw @ b + cb
+            out.append((w, b))
+        return out
+
+    def stage_features(
+        self, tokens: Sequence[torch.Tensor], *, fold: bool = True
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(calibrated features, projected features) per stage, before normalisation.
+
+        With ``fold`` the calibrated features come from the folded weights and the
+        projected list is empty unless the bank needs it.
+        """
+        if self.proj_w is None or self.proj_b is None:
+            return [], []
+        dev = tokens[0].device
+        need_proj = self.bank_features == "projected" or not fold
+        projected = (
+            [F.linear(t.float(), self.proj_w[i].to(dev), self.proj_b[i].to(dev)) for i, t in enumerate(tokens)]
+            if need_proj
+            else []
+        )
+        if fold:
+            calibrated = [
+                F.linear(t.float(), w.to(dev), b.to(dev)) for t, (w, b) in zip(tokens, self.folded(), strict=True)
+            ]
+        elif self.calib_w is not None and self.calib_b is not None:
+            calibrated = [
+                F.linear(p, self.calib_w[i].to(dev), self.calib_b[i].to(dev)) for i, p in enumerate(projected)
+            ]
+        else:
+            calibrated = projected
+        return calibrated, projected
+
+    def bank_view(
+        self, tokens: Sequence[torch.Tensor], calibrated: Sequence[torch.Tensor], projected: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        if self.bank_features == "raw":
+            return list(tokens)
+        if self.bank_features == "projected":
+            return list(projected)
+        return list(calibrated)
+
+    # -- maps ----------------------------------------------------------------
+    def score_tokens(self, out: BackboneOutput, *, fold: bool = True, per_stage: bool = False) -> TokenScores:
+        tokens = out.tokens
+        if len(tokens) != self.n_stages:
+            raise HeadError(f"backbone gave {len(tokens)} stages, head expects {self.n_stages}")
+        if tuple(out.grid) != tuple(self.grid):
+            raise HeadError(
+                f"backbone grid {out.grid} differs from the head's {self.grid} "
+                f"(image size {self.image_size}); use the head's backbone settings"
+            )
+        opts = self.options
+        b = tokens[0].shape[0]
+        gh, gw = self.grid
+        calibrated, projected = self.stage_features(tokens, fold=fold)
+        bank_q = self.bank_view(tokens, calibrated, projected)
+        grid_maps = []  # per stage (B, G, G) in "anomaly" units
+        for i in range(self.n_stages):
+            dist = nn_distance(bank_q[i], self.bank[i], chunk=opts.bank_chunk)  # (B, N)
+            stage = dist
+            if self.prototypes is not None and calibrated:
+                stage = stage + self._proto_map(calibrated[i], i)
+            grid_maps.append(stage.view(b, gh, gw))
+        stacked = torch.stack(grid_maps, 1)  # (B, S, G, G)
+        fused_grid = stacked.mean(1) if self.method == "knn" else stacked.sum(1)
+        maps = upsample(fused_grid[:, None], opts.map_size)[:, 0]
+        if opts.smooth_sigma > 0:
+            maps = gaussian_blur(maps, opts.smooth_sigma)
+        image_scores = image_score(maps, opts)
+        stage_maps = None
+        if per_stage:
+            stage_maps = upsample(stacked, opts.map_size)
+            if opts.smooth_sigma > 0:
+                stage_maps = gaussian_blur(stage_maps.flatten(0, 1), opts.smooth_sigma).view_as(stage_maps)
+        return TokenScores(image_scores=image_scores, maps=maps, stage_maps=stage_maps)
+
+    def _proto_map(self, feats: torch.Tensor, i: int) -> torch.Tensor:
+        """Anomalous-class probability per token (softmax over the normal/anomalous pair)."""
+        assert self.prototypes is not None
+        f = F.normalize(feats.float(), dim=-1)
+        logits = self.options.temperature * (f @ self.prototypes[i].to(f.device).float())  # (B, N, 2)
+        return torch.sigmoid(logits[..., 1] - logits[..., 0])
+
+    def score(self, images: Sequence[np.ndarray], *, batch_size: int = 8) -> Scores:
+        """Image scores, normalised scores, verdicts, maps and regions for decoded images."""
+        return _score_images(self, images, batch_size=batch_size)
+
+    # -- convenience ----------------------------------------------------------
+    def with_options(self, **changes: object) -> Head:
+        return replace(self, options=replace(self.options, **changes))
+
+    def with_thresholds(self, image: float | None = None, pixel: float | None = None) -> Head:
+        return replace(
+            self,
+            image_threshold=self.image_threshold if image is None else float(image),
+            pixel_threshold=self.pixel_threshold if pixel is None else float(pixel),
+        )
+
+
+def check_compatible(head: Head, backbone: Backbone) -> None:
+    """A head only works with the backbone (and weights, taps, size) it was built for."""
+    problems = []
+    if head.backbone_spec != backbone.spec:
+        problems.append(f"backbone {head.backbone_spec!r} (this one is {backbone.spec!r})")
+    if head.weights_id != backbone.weights_id:
+        problems.append(f"weights {head.weights_id[:16]} (this backbone has {backbone.weights_id[:16]})")
+    if tuple(head.taps) != tuple(backbone.taps):
+        problems.append(f"taps {tuple(head.taps)} (this backbone taps {tuple(backbone.taps)})")
+    if head.image_size != backbone.image_size:
+        problems.append(f"image size {head.image_size} (this backbone runs at {backbone.image_size})")
+    if problems:
+        raise HeadError("head was built for " + "; ".join(problems))
+
+
+def nn_distance(query: torch.Tensor, bank: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
+    """``1 - max cosine`` of every query token to the bank: (B, N, D) x (M, D) -> (B, N).
+
+    The bank is stored L2-normalised; the query is normalised here. One matmul per
+    chunk of bank rows keeps memory bounded for large K.
+    """
+    q = F.normalize(query.float(), dim=-1)
+    bk = bank.to(q.device)
+    best = None
+    for s in range(0, bk.shape[0], chunk):
+        sims = q @ bk[s : s + chunk].float().T  # (B, N, m)
+        m = sims.amax(-1)
+        best = m if best is None else torch.maximum(best, m)
+    assert best is not None
+    return 1.0 - best
+
+
+def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear, align_corners=True, as April-GAN upsamples its maps."""
+    return F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=True)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps, reflect-padded, radius 4 sigma."""
+    radius = max(1, int(math.ceil(4 * sigma)))
+    xs = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
+    k = torch.exp(-0.5 * (xs / sigma) ** 2)
+    k = k / k.sum()
+    x = maps[:, None].float()
+    pad_h = min(radius, x.shape[-2] - 1)
+    pad_w = min(radius, x.shape[-1] - 1)
+    kh = k[radius - pad_h : radius + pad_h + 1]
+    kw = k[radius - pad_w : radius + pad_w + 1]
+    x = F.pad(x, (pad_w, pad_w, 0, 0), mode="reflect")
+    x = F.conv2d(x, (kw / kw.sum()).view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, pad_h, pad_h), mode="reflect")
+    x = F.conv2d(x, (kh / kh.sum()).view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def image_score(maps: torch.Tensor, opts: ScoreOptions) -> torch.Tensor:
+    flat = maps.flatten(1)
+    if opts.image_score == "max":
+        return flat.amax(1)
+    k = max(1, int(round(flat.shape[1] * opts.topk_fraction)))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+def build_bank(tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per stage: all reference tokens (K*N, D), L2-normalised, float16 for storage."""
+    return [F.normalize(t.float().flatten(0, -2), dim=-1).half() for t in tokens]
+
+
+def knn_head(backbone: Backbone, ref_tokens: BackboneOutput, options: ScoreOptions | None = None) -> Head:
+    """Training-free nearest-patch head on the backbone's four taps."""
+    return Head(
+        method="knn",
+        backbone_spec=backbone.spec,
+        weights_id=backbone.weights_id,
+        taps=tuple(backbone.taps),
+        image_size=backbone.image_size,
+        grid=tuple(ref_tokens.grid),  # type: ignore[arg-type]
+        bank=build_bank(ref_tokens.tokens),
+        bank_features="raw",
+        options=options or ScoreOptions(),
+        meta={"shots": int(ref_tokens.tokens[0].shape[0])},
+        backbone=backbone,
+    )
+
+
+def as_numpy_maps(maps: torch.Tensor) -> np.ndarray:
+    return maps.detach().float().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Region:
+    """A connected defect region, in source-image pixel coordinates."""
+
+    x_min: int
+    y_min: int
+    x_max: int
+    y_max: int
+    area: int  # pixels of the source image
+    peak: float
+
+
+@dataclass
+class Scores:
+    """Per-image results of :meth:`Head.score`; ``maps`` are float16 at the map size."""
+
+    image_scores: np.ndarray
+    normalized_scores: np.ndarray  # score / image_threshold (1.0 = on the threshold)
+    is_defect: np.ndarray
+    maps: np.ndarray
+    regions: list[list[Region]]
+
+
+def find_regions(amap: np.ndarray, threshold: float, src_hw: tuple[int, int], *, min_area: int = 1) -> list[Region]:
+    """Connected components (8-connectivity) of ``amap >= threshold``, boxes scaled to the source."""
+    from scipy import ndimage
+
+    if not np.isfinite(threshold):
+        return []
+    mh, mw = amap.shape
+    sh, sw = src_hw
+    lab, n = ndimage.label(amap >= threshold, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return []
+    sy, sx = sh / mh, sw / mw
+    out = []
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        comp = lab[sl] == k
+        area = int(round(comp.sum() * sy * sx))
+        if area < min_area:
+            continue
+        peak = float(amap[sl][comp].max())
+        out.append(
+            Region(
+                x_min=int(math.floor(sl[1].start * sx)),
+                y_min=int(math.floor(sl[0].start * sy)),
+                x_max=min(sw, int(math.ceil(sl[1].stop * sx))),
+                y_max=min(sh, int(math.ceil(sl[0].stop * sy))),
+                area=area,
+                peak=peak,
+            )
+        )
+    out.sort(key=lambda r: -r.peak)
+    return out
+
+
+def _score_images(self: Head, images: Sequence[np.ndarray], *, batch_size: int = 8) -> Scores:
+    """Score decoded RGB images (any size) with this head's backbone."""
+    if self.backbone is None:
+        raise HeadError("head has no backbone attached; load it with load_head(path, backbone)")
+    if len(images) == 0:
+        return Scores(
+            np.zeros(0),
+            np.zeros(0),
+            np.zeros(0, bool),
+            np.zeros((0, self.options.map_size, self.options.map_size), np.float16),
+            [],
+        )
+    scores, maps = [], []
+    with torch.inference_mode():
+        for s in range(0, len(images), batch_size):
+            chunk = images[s : s + batch_size]
+            out = self.backbone.extract(self.backbone.preprocess(chunk))
+            r = self.score_tokens(out)
+            scores.append(r.image_scores.float().cpu().numpy())
+            maps.append(r.maps.float().cpu().numpy())
+    sc = np.concatenate(scores)
+    mp = np.concatenate(maps)
+    thr = self.image_threshold
+    norm = sc / thr if np.isfinite(thr) and thr > 0 else np.full_like(sc, np.nan)
+    regions = [find_regions(mp[i], self.pixel_threshold, images[i].shape[:2]) for i in range(len(images))]
+    return Scores(
+        sc, norm, (sc >= thr) if np.isfinite(thr) else np.zeros(len(sc), bool), mp.astype(np.float16), regions
+    )

@@ -1,0 +1,111 @@
+"""Decoding images and masks into the one form the scorer accepts.
+
+Factory datasets are often grayscale or 16-bit; those are converted, never
+refused. Only data that cannot be decoded is an error, and the error names the
+file (or frame) it came from.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from scorer.errors import ImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def to_rgb_uint8(img: Image.Image | np.ndarray, *, name: str = "image") -> np.ndarray:
+    """Any PIL image or array -> H x W x 3 uint8 RGB; 16-bit is scaled, alpha dropped."""
+    if isinstance(img, Image.Image):
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(img)
+        else:
+            if img.mode == "P":
+                img = img.convert("RGBA")
+            if img.mode in ("RGBA", "LA", "PA"):
+                img = img.convert("RGBA")
+                arr = np.asarray(img)[..., :3]
+            else:
+                arr = np.asarray(img.convert("RGB"))
+    else:
+        arr = np.asarray(img)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(f"{name}: unsupported image shape {arr.shape}")
+    if arr.shape[2] == 4:
+        arr = arr[..., :3]
+    elif arr.shape[2] == 2:
+        arr = arr[..., :1]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    if arr.shape[2] != 3:
+        raise ImageError(f"{name}: unsupported channel count {arr.shape[2]}")
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if arr.dtype == np.bool_:
+        return np.ascontiguousarray(arr.astype(np.uint8) * 255)
+    if np.issubdtype(arr.dtype, np.integer):
+        # 16-bit (or wider) integer data: scale the type's full range to 8 bits.
+        if arr.dtype in (np.uint16, np.int32, np.uint32, np.int64) and arr.max(initial=0) <= 65535:
+            return np.ascontiguousarray((arr.astype(np.uint32) // 257).astype(np.uint8))
+        info = np.iinfo(arr.dtype)
+        scaled = (arr.astype(np.float64) - info.min) / (info.max - info.min)
+        return np.ascontiguousarray(np.clip(scaled * 255 + 0.5, 0, 255).astype(np.uint8))
+    if np.issubdtype(arr.dtype, np.floating):
+        f = np.nan_to_num(arr.astype(np.float64))
+        if f.max(initial=0) > 1.0:
+            f = f / 255.0
+        return np.ascontiguousarray(np.clip(f * 255 + 0.5, 0, 255).astype(np.uint8))
+    raise ImageError(f"{name}: unsupported pixel type {arr.dtype}")
+
+
+def decode_image(data: bytes, *, name: str = "frame") -> np.ndarray:
+    """Encoded bytes (PNG, JPEG, ...) -> RGB uint8; raises ImageError naming ``name``."""
+    if not data:
+        raise ImageError(f"{name}: empty image data")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return to_rgb_uint8(im, name=name)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{name}: cannot decode image ({exc})") from None
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8; truncated or unreadable files raise ImageError."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{p}: cannot read file ({exc.strerror or exc})") from None
+    return decode_image(data, name=str(p))
+
+
+def load_mask(path: str | Path, size_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Binary mask (H x W bool, > 127 is defect); its size must equal the image's."""
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            im.load()
+            arr = np.asarray(im.convert("L") if im.mode not in ("I;16", "I", "F") else im)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{p}: cannot read mask ({exc})") from None
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    if size_hw is not None and tuple(arr.shape[:2]) != tuple(size_hw):
+        raise ImageError(f"{p}: mask is {arr.shape[1]}x{arr.shape[0]} (WxH) but its image is {size_hw[1]}x{size_hw[0]}")
+    thresh = 127 if arr.dtype == np.uint8 else arr.max(initial=0) / 2
+    return arr > thresh
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files of a folder, sorted by name (deterministic reference draws)."""
+    d = Path(folder)
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
