@@ -171,7 +171,6 @@ _PENDING = {
     "ingest": ("publish camera frames to Kafka", 7),
     "worker": ("score frames from Kafka", 7),
     "calibrator": ("serve the gRPC calibrator", 4),
-    "heads": ("manage per-product heads", 4),
     "bench": ("speed benchmarks", 6),
 }
 
@@ -196,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     commands.add_score(sub)
     commands.add_train_base(sub)
+    commands.add_heads(sub)
     for name, (text, issue) in _PENDING.items():
         _add_pending(sub, name, text, issue)
     return parser

@@ -1,28 +1,381 @@
-"""Subcommands that drive the scorer directly: run (demo), score, train-base."""
+"""Subcommands that drive the scorer directly: run (demo), score, train-base, heads (offline)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from scorer.errors import ConfigError, ImageError, InspectionError
 
 
-def _pending(sub: argparse._SubParsersAction, name: str, text: str, issue: int) -> None:
-    p = sub.add_parser(name, help=f"{text} (not built yet: issue {issue})")
+def _env(*a, **kw):  # noqa: ANN002, ANN003, ANN202 - re-exported helper
+    from cff_inspect.cli import _env as env
 
-    def run(args: argparse.Namespace) -> int:
-        print(f"cff-inspect {name}: not built yet (tracked in issue {issue})", file=sys.stderr)
-        return 2
-
-    p.set_defaults(func=run)
+    return env(*a, **kw)
 
 
-def add_run(sub: argparse._SubParsersAction) -> None:
-    _pending(sub, "run", "run the whole system on the embedded default", 7)
+def _backbone_args(p: argparse.ArgumentParser, *, default: str | None = "dinov2-vits14") -> None:
+    from cff_inspect.cli import _add_backbone_args
+
+    _add_backbone_args(p)
+    if default is None:
+        p.set_defaults(backbone=_env("backbone", None))
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def _expand_images(items: list[str]) -> list[Path]:
+    from scorer.images import IMAGE_SUFFIXES, list_images
+
+    out: list[Path] = []
+    for it in items:
+        p = Path(it)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise ConfigError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ConfigError(f"{p}: no such file or folder")
+    return out
+
+
+def _load_head_and_backbone(args: argparse.Namespace):  # noqa: ANN202
+    from cff_inspect.cli import _device
+    from scorer.artifact import load_head, read_manifest
+    from scorer.backbones import load_backbone
+
+    manifest = read_manifest(args.head)
+    spec = args.backbone or manifest["backbone"]
+    bb = load_backbone(spec, weights=args.weights, image_size=manifest["image_size"], device=_device(args.device))
+    return load_head(args.head, bb), manifest
+
+
+# -- score ----------------------------------------------------------------------
+def score_paths(head, paths: list[Path], out_dir: Path, *, overlays: bool = True) -> list[dict]:  # noqa: ANN001
+    """Score files one by one; an unreadable file gets an error record, the rest go on."""
+    from scorer.images import load_image
+    from scorer.visualize import overlay
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for p in paths:
+        stem = p.stem
+        try:
+            img = load_image(p)
+        except ImageError as exc:
+            rec = {"image": str(p), "status": "BAD_IMAGE", "error": str(exc)}
+            (out_dir / f"{stem}.json").write_text(json.dumps(rec, indent=2))
+            records.append(rec)
+            continue
+        s = head.score([img])
+        verdict = "DEFECT" if bool(s.is_defect[0]) else "OK"
+        regions = [asdict(r) for r in s.regions[0]]
+        rec = {
+            "image": str(p),
+            "status": "OK",
+            "verdict": verdict,
+            "image_score": float(s.image_scores[0]),
+            "normalized_score": _num(s.normalized_scores[0]),
+            "image_threshold": _num(head.image_threshold),
+            "pixel_threshold": _num(head.pixel_threshold),
+            "width": img.shape[1],
+            "height": img.shape[0],
+            "regions": regions,
+            "head": {k: head.meta.get(k) for k in ("product", "version", "path")},
+        }
+        if overlays:
+            png = out_dir / f"{stem}_overlay.png"
+            overlay(
+                img,
+                s.maps[0].astype("float32"),
+                pixel_threshold=head.pixel_threshold,
+                regions=s.regions[0],
+                verdict=f"{verdict} {rec['normalized_score'] or 0:.2f}",
+            ).save(png)
+            rec["overlay"] = str(png)
+        (out_dir / f"{stem}.json").write_text(json.dumps(rec, indent=2))
+        records.append(rec)
+    return records
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    head, _ = _load_head_and_backbone(args)
+    paths = _expand_images(args.images)
+    recs = score_paths(head, paths, Path(args.out), overlays=not args.no_overlay)
+    bad = 0
+    for r in recs:
+        if r["status"] != "OK":
+            bad += 1
+            print(f"{r['image']}: {r['status']}: {r['error']}")
+        else:
+            print(
+                f"{r['image']}: {r['verdict']} score={r['image_score']:.4f} "
+                f"normalized={r['normalized_score'] or float('nan'):.3f} regions={len(r['regions'])}"
+            )
+    print(f"{len(recs) - bad} scored, {bad} unreadable; results in {args.out}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def add_score(sub: argparse._SubParsersAction) -> None:
-    _pending(sub, "score", "score single images with a head", 3)
+    p = sub.add_parser("score", help="score images with a head: verdict, scores, regions (JSON) and overlay PNGs")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--head", required=_env("head") is None, default=_env("head"), help="head artifact (.safetensors)")
+    p.add_argument("--out", default=_env("out", "score-out"), help="output folder (default: %(default)s)")
+    p.add_argument("--no-overlay", action="store_true", help="write JSON only")
+    _backbone_args(p, default=None)
+    p.set_defaults(func=cmd_score)
+
+
+# -- heads (offline) --------------------------------------------------------------
+def cmd_heads_fit(args: argparse.Namespace) -> int:
+    from cff_inspect.cli import _backbone_from
+    from scorer.artifact import file_sha256, load_head, save_head
+    from scorer.fit import FitOptions, fit_head
+    from scorer.images import load_image
+    from scorer.names import check_product_id
+
+    product = check_product_id(args.product)
+    paths = _expand_images(args.refs)
+    if not 1 <= len(paths) <= 64:
+        raise ConfigError(f"need 1..64 reference images, got {len(paths)}")
+    bb = _backbone_from(args)
+    refs = [load_image(p) for p in paths]
+    base = load_head(args.base_head, bb) if args.base_head else None
+    opts = FitOptions(object_name=product.split(".")[0])
+    if args.steps is not None:
+        opts = opts.with_steps(args.steps)
+    t0 = time.perf_counter()
+    head = fit_head(
+        bb,
+        refs,
+        base_head=base,
+        options=opts,
+        method=args.method,
+        seed=args.seed,
+        progress=lambda st, step, loss: print(f"{st} step {step} loss {loss:.4f}", file=sys.stderr),
+    )
+    head.meta["reference_sha256"] = [file_sha256(p) for p in paths]
+    out = Path(args.out or f"{product}-v1.safetensors")
+    sha = save_head(head, out, product=product, version=args.version)
+    fm = head.meta.get("fit_metrics", {})
+    print(
+        json.dumps(
+            {
+                "path": str(out),
+                "sha256": sha,
+                "product": product,
+                "method": args.method,
+                "shots": len(refs),
+                "image_threshold": _num(head.image_threshold),
+                "pixel_threshold": _num(head.pixel_threshold),
+                "fit_seconds": time.perf_counter() - t0,
+                "fit_metrics": fm,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_heads_set_threshold(args: argparse.Namespace) -> int:
+    from scorer.artifact import load_head, read_manifest, save_head
+
+    if args.image_threshold is None and args.pixel_threshold is None:
+        raise ConfigError("give --image-threshold and/or --pixel-threshold")
+    for name in ("image_threshold", "pixel_threshold"):
+        v = getattr(args, name)
+        if v is not None and (not math.isfinite(v) or v <= 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+    manifest = read_manifest(args.head)
+    head = load_head(args.head).with_thresholds(image=args.image_threshold, pixel=args.pixel_threshold)
+    version = manifest.get("version")
+    new_version = (int(version) + 1) if isinstance(version, int) else None
+    out = Path(args.out or args.head)
+    sha = save_head(head, out, product=manifest.get("product"), version=new_version)
+    print(
+        json.dumps(
+            {
+                "path": str(out),
+                "sha256": sha,
+                "version": new_version,
+                "image_threshold": _num(head.image_threshold),
+                "pixel_threshold": _num(head.pixel_threshold),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_heads_inspect(args: argparse.Namespace) -> int:
+    from scorer.artifact import file_sha256, read_manifest
+
+    m = read_manifest(args.head)
+    m["sha256"] = file_sha256(args.head)
+    print(json.dumps(m, indent=2))
+    return 0
+
+
+def add_heads(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("heads", help="fit, inspect and re-threshold head artifacts (offline; service: issue 4)")
+    hs = p.add_subparsers(dest="heads_command", required=True)
+    f = hs.add_parser("fit", help="fit a head from a product's good images into an artifact file")
+    f.add_argument("--product", required=True, help="product id, [a-z0-9][a-z0-9._-]{0,63}")
+    f.add_argument("--refs", nargs="+", required=True, help="reference images or folders (1..16 typical)")
+    f.add_argument("--out", default=None, help="artifact path (default <product>-v1.safetensors)")
+    f.add_argument("--method", choices=("cff", "aprilgan", "knn"), default=_env("method", "cff"))
+    f.add_argument("--base-head", default=_env("base_head"), help="base head from train-base")
+    f.add_argument("--steps", type=int, default=_env("fit_steps", None, kind=int))
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--version", type=int, default=1)
+    _backbone_args(f)
+    f.set_defaults(func=cmd_heads_fit)
+    t = hs.add_parser("set-threshold", help="change a head's thresholds without refitting (new version)")
+    t.add_argument("--head", required=True)
+    t.add_argument("--image-threshold", type=float)
+    t.add_argument("--pixel-threshold", type=float)
+    t.add_argument("--out", help="write here instead of replacing the file")
+    t.set_defaults(func=cmd_heads_set_threshold)
+    i = hs.add_parser("inspect", help="print a head artifact's manifest")
+    i.add_argument("head")
+    i.set_defaults(func=cmd_heads_inspect)
+    for name in ("list", "activate", "rollback", "delete"):
+        q = hs.add_parser(name, help=f"{name} heads on the calibrator (not built yet: issue 4)")
+
+        def pending(args: argparse.Namespace, name: str = name) -> int:
+            print(f"cff-inspect heads {name}: needs the calibrator service (not built yet: issue 4)", file=sys.stderr)
+            return 2
+
+        q.set_defaults(func=pending)
+
+
+# -- train-base ----------------------------------------------------------------------
+def cmd_train_base(args: argparse.Namespace) -> int:
+    from cff_inspect.cli import _backbone_from
+    from scorer.artifact import save_head
+    from scorer.fit import FitOptions
+    from scorer.train import TrainOptions, train_base
+
+    bb = _backbone_from(args)
+    opts = TrainOptions(
+        epochs_stage1=args.epochs_stage1,
+        epochs_stage2=args.epochs_stage2,
+        batch_stage1=args.batch_stage1,
+        batch_stage2=args.batch_stage2,
+        include_train_good=args.include_train_good,
+        max_images=args.max_images,
+        seed=args.seed,
+        fit=FitOptions(lambda_align=args.lambda_align),
+    )
+    head = train_base(
+        bb, args.data, opts, cache_dir=args.cache_dir, progress=lambda s: print(s, file=sys.stderr, flush=True)
+    )
+    sha = save_head(head, args.out, product=None, version=None)
+    print(
+        json.dumps(
+            {
+                "path": args.out,
+                "sha256": sha,
+                **{
+                    k: head.meta[k]
+                    for k in ("n_images", "n_defective", "steps_stage1", "steps_stage2", "train_seconds")
+                },
+            },
+            indent=2,
+        )
+    )
+    return 0
 
 
 def add_train_base(sub: argparse._SubParsersAction) -> None:
-    _pending(sub, "train-base", "train a base head on auxiliary data with masks", 3)
+    p = sub.add_parser("train-base", help="train a base head (stage 1 + 2) on auxiliary data with masks")
+    p.add_argument(
+        "--data",
+        action="append",
+        required=_env("data") is None,
+        default=_env("data", None, many=True),
+        help="auxiliary MVTec-layout folder (its test split with masks is used); repeatable",
+    )
+    p.add_argument("--out", required=True, help="base head artifact path")
+    p.add_argument("--epochs-stage1", type=int, default=_env("epochs_stage1", 3, kind=int))
+    p.add_argument("--epochs-stage2", type=int, default=_env("epochs_stage2", 3, kind=int))
+    p.add_argument("--batch-stage1", type=int, default=8)
+    p.add_argument("--batch-stage2", type=int, default=16)
+    p.add_argument(
+        "--lambda-align", type=float, default=0.1, help="0 gives the spec's 'stage 2 without alignment' control"
+    )
+    p.add_argument("--include-train-good", action="store_true", help="add train/good images as extra normals")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--cache-dir", default=_env("cache_dir"), help="on-disk token cache")
+    _backbone_args(p)
+    p.set_defaults(func=cmd_train_base)
+
+
+# -- run (demo until the streaming pipeline lands) -------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from cff_inspect.cli import _backbone_from, default_data_root
+    from scorer.data import discover, draw_references
+    from scorer.fit import FitOptions, fit_head
+    from scorer.images import load_image
+
+    print(
+        "cff-inspect run: the streaming pipeline (Kafka, workers, calibrator) is not built yet (issue 7);\n"
+        "running the scorer end to end instead: fit a head from good images, score test images.",
+        file=sys.stderr,
+    )
+    root = Path(args.data) if args.data else default_data_root()
+    out = Path(args.out)
+    if root is None:
+        from cff_inspect.demo import make_demo_dataset
+
+        root = make_demo_dataset(out / "demo-data")
+        print(f"no ../shared/datasets here; generated a synthetic demo product in {root}", file=sys.stderr)
+    cat = discover(root)[0]
+    bb = _backbone_from(args)
+    refs = draw_references(cat.train, args.shots, 0)
+    print(f"fitting a {args.method} head for {cat.key} from {len(refs)} references ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    opts = FitOptions() if args.steps is None else FitOptions().with_steps(args.steps)
+    head = fit_head(bb, [load_image(p) for p in refs], options=opts, method=args.method)
+    head.meta.update({"product": cat.name.replace("_", "-"), "version": 1})
+    print(f"fitted in {time.perf_counter() - t0:.1f}s; image threshold {head.image_threshold:.4f}", file=sys.stderr)
+    tests = list(cat.test)
+    step = max(1, len(tests) // args.max_images)
+    picked = tests[::step][: args.max_images]
+    recs = score_paths(head, [s.path for s in picked], out / "scores")
+    correct = 0
+    for s, r in zip(picked, recs, strict=True):
+        truth = "DEFECT" if s.label else "OK"
+        correct += r.get("verdict") == truth
+        print(
+            f"{s.defect:>10s}/{s.path.name:<12s} -> {r.get('verdict', r['status']):6s} "
+            f"normalized={r.get('normalized_score') or float('nan'):.2f} regions={len(r.get('regions', []))}"
+        )
+    print(f"{correct}/{len(picked)} verdicts match the labels; overlays and JSON in {out / 'scores'}")
+    return 0
+
+
+def add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the system (until issue 7: the scorer demo end to end)")
+    p.add_argument("--data", default=_env("data"), help="category folder (default: first of ../shared/datasets)")
+    p.add_argument("--out", default=_env("out", "out/run"))
+    p.add_argument("--shots", type=int, default=4)
+    p.add_argument("--method", choices=("cff", "aprilgan", "knn"), default="cff")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--max-images", type=int, default=12)
+    _backbone_args(p)
+    p.set_defaults(func=cmd_run)
+
+
+__all__ = ["add_heads", "add_run", "add_score", "add_train_base", "InspectionError"]

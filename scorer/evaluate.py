@@ -7,6 +7,7 @@ resolution. Image scores and thresholds are never normalised with test data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -58,15 +59,20 @@ HeadFactory = Callable[[str, Backbone, list[np.ndarray], BackboneOutput, int], H
 
 
 def default_head_factory(base_head: Head | None = None, fit_options: object | None = None) -> HeadFactory:
+    """Build heads per method; one fit serves both ``aprilgan`` and ``cff`` for the same references."""
+    cache: dict[tuple, dict[str, Head]] = {}
+
     def make(method: str, backbone: Backbone, images: list[np.ndarray], feats: BackboneOutput, seed: int) -> Head:
         if method == "knn":
             return knn_head(backbone, feats)
-        from scorer.fit import FitOptions, fit_head_from_features
+        from scorer.fit import FitOptions, fit_heads_from_features
 
         opts = fit_options if isinstance(fit_options, FitOptions) else FitOptions()
-        return fit_head_from_features(
-            backbone, images, feats, method=method, base_head=base_head, options=opts, seed=seed
-        )
+        key = (seed, tuple(hashlib.sha256(im.tobytes()).hexdigest() for im in images))
+        if key not in cache:
+            cache.clear()
+            cache[key] = fit_heads_from_features(backbone, images, feats, base_head=base_head, options=opts, seed=seed)
+        return cache[key][method]
 
     return make
 
@@ -160,69 +166,64 @@ def evaluate_category(
         )  # type: ignore[misc]
         return imgs, feats
 
-    records = []
-    for method in cfg.methods:
-        for k in cfg.shots:
-            per_seed = []
-            stage_seed: list[list[dict]] = []
-            fit_s = []
-            for seed in cfg.seeds:
-                paths = draw_references(cat.train, k, seed, mode=cfg.sampling)
-                imgs, feats = refs_for(paths)
+    acc: dict[tuple[str, int], dict[str, list]] = {
+        (m, k): {"per_seed": [], "stages": [], "fit_s": []} for m in cfg.methods for k in cfg.shots
+    }
+    keep = ("map_size", "smooth_sigma", "image_score", "topk_fraction")
+    for k in cfg.shots:
+        for seed in cfg.seeds:
+            paths = draw_references(cat.train, k, seed, mode=cfg.sampling)
+            imgs, feats = refs_for(paths)
+            for method in cfg.methods:
+                slot = acc[(method, k)]
                 tf = time.perf_counter()
                 head = factory(method, backbone, imgs, feats, seed)
-                fit_s.append(time.perf_counter() - tf)
-                head = head.with_options(
-                    **{f: getattr(cfg.score, f) for f in ("map_size", "smooth_sigma", "image_score", "topk_fraction")}
-                )
+                slot["fit_s"].append(time.perf_counter() - tf)
+                head = head.with_options(**{f: getattr(cfg.score, f) for f in keep})
                 scores, maps, stages = _score_all(head, test_feats, cfg.batch_size, cfg.per_stage)
                 m = {**image_metrics(scores, labels), **pixel_metrics(maps, masks)}
-                per_seed.append(
+                slot["per_seed"].append(
                     {
                         "seed": seed,
                         "metrics": m,
                         "references": [str(p) for p in paths],
                         "image_threshold": head.image_threshold,
                         "pixel_threshold": head.pixel_threshold,
+                        "fit_metrics": head.meta.get("fit_metrics", {}),
                     }
                 )
                 if stages is not None:
                     st = []
+                    n_top = max(1, round(size * size * cfg.score.topk_fraction))
                     for si in range(stages.shape[1]):
                         sm = stages[:, si].astype(np.float32)
-                        sc = (
-                            torch.from_numpy(sm)
-                            .flatten(1)
-                            .topk(max(1, round(size * size * cfg.score.topk_fraction)), 1)
-                            .values.mean(1)
-                            .numpy()
-                        )
+                        sc = torch.from_numpy(sm).flatten(1).topk(n_top, 1).values.mean(1).numpy()
                         st.append({**image_metrics(sc, labels), **pixel_metrics(sm, masks)})
-                    stage_seed.append(st)
-                progress(
-                    f"{cat.key} {method} K={k} seed={seed}: " + " ".join(f"{key}={m[key]:.3f}" for key in METRIC_KEYS)
-                )
-            mean, std = summarise([p["metrics"] for p in per_seed])
-            rec = {
-                "dataset": cat.dataset,
-                "category": cat.name,
-                "method": method,
-                "shots": k,
-                "seeds": list(cfg.seeds),
-                "mean": mean,
-                "std": std,
-                "per_seed": per_seed,
-                "n_test": len(tests),
-                "n_defective": int(labels.sum()),
-                "feature_seconds_per_image": per_image_s,
-                "fit_seconds_mean": float(np.mean(fit_s)),
-            }
-            if stage_seed:
-                rec["stages"] = {}
-                for si, tap in enumerate(backbone.taps):
-                    smean, sstd = summarise([s[si] for s in stage_seed])
-                    rec["stages"][str(tap)] = {"mean": smean, "std": sstd}
-            records.append(rec)
+                    slot["stages"].append(st)
+                progress(f"{cat.key} {method} K={k} seed={seed}: " + " ".join(f"{q}={m[q]:.3f}" for q in METRIC_KEYS))
+    records = []
+    for (method, k), slot in acc.items():
+        mean, std = summarise([p["metrics"] for p in slot["per_seed"]])
+        rec = {
+            "dataset": cat.dataset,
+            "category": cat.name,
+            "method": method,
+            "shots": k,
+            "seeds": list(cfg.seeds),
+            "mean": mean,
+            "std": std,
+            "per_seed": slot["per_seed"],
+            "n_test": len(tests),
+            "n_defective": int(labels.sum()),
+            "feature_seconds_per_image": per_image_s,
+            "fit_seconds_mean": float(np.mean(slot["fit_s"])),
+        }
+        if slot["stages"]:
+            rec["stages"] = {}
+            for si, tap in enumerate(backbone.taps):
+                smean, sstd = summarise([s[si] for s in slot["stages"]])
+                rec["stages"][str(tap)] = {"mean": smean, "std": sstd}
+        records.append(rec)
     return records
 
 

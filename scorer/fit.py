@@ -138,6 +138,137 @@ def _adam(params: Sequence[torch.nn.Parameter], lr: float, opts: FitOptions) -> 
     return torch.optim.Adam(params, lr=lr, betas=(opts.beta1, opts.beta2))
 
 
+def train_stage1(
+    tokens: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    normal_tok: torch.Tensor,
+    grid: tuple[int, int],
+    opts: FitOptions,
+    *,
+    text: torch.Tensor | None,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    progress: Progress = _noop,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Projection learning (April-GAN): per-stage focal + dice, summed over stages (A17).
+
+    ``tokens`` are per stage (N_img, N_tok, D); ``targets`` (N_img, R, R) masks at
+    the loss resolution. Vision-only backbones learn a normal/anomalous prototype
+    pair per stage, initialised from the mean normal and anomalous directions;
+    CLIP uses its frozen text matrix. Returns (proj_w, proj_b, prototypes).
+    """
+    n_stages, d = len(tokens), tokens[0].shape[-1]
+    e = opts.proj_dim or (text.shape[0] if text is not None else d)
+    if text is not None and e != text.shape[0]:
+        raise ConfigError(f"proj_dim {e} must equal the CLIP embedding width {text.shape[0]}")
+    res = targets.shape[-1]
+    n_train = targets.shape[0]
+    proj = _Trainable(n_stages, d, e, identity=True, seed=seed)
+    with torch.no_grad():
+        if text is not None:
+            proto_init = text[None].repeat(n_stages, 1, 1)
+        else:
+            cols = []
+            anom_tok = ~normal_tok
+            for i in range(n_stages):
+                sums_n = torch.zeros(e)
+                sums_a = torch.zeros(e)
+                for s in range(0, n_train, 32):
+                    f = F.normalize(F.linear(tokens[i][s : s + 32].float(), proj.w[i], proj.b[i]), dim=-1)
+                    sums_n += f[normal_tok[s : s + 32]].sum(0)
+                    sums_a += f[anom_tok[s : s + 32]].sum(0)
+                nrm = F.normalize(sums_n, dim=0)
+                ab = F.normalize(sums_a, dim=0) if anom_tok.any() else -nrm
+                cols.append(torch.stack([nrm, F.normalize(ab - nrm, dim=0)], 1))
+            proto_init = torch.stack(cols)
+    protos = torch.nn.Parameter(proto_init.clone(), requires_grad=text is None)
+    params = list(proj.parameters()) + ([protos] if text is None else [])
+    optim = _adam(params, opts.lr_stage1, opts)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(0, n_train, (min(batch_size, n_train),), generator=g)
+        tgt = targets[idx]
+        loss = torch.zeros(())
+        for i in range(n_stages):
+            f = F.normalize(F.linear(tokens[i][idx].float(), proj.w[i], proj.b[i]), dim=-1)
+            p = F.normalize(protos[i], dim=0)
+            logits = opts.score.temperature * (f @ p)
+            diff = (logits[..., 1] - logits[..., 0]).view(-1, *grid)
+            probs = two_channel_probs(diff, res)
+            loss = loss + focal_loss(probs, tgt) + dice_loss(probs[:, 1], tgt)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        if step % 10 == 0 or step == steps - 1:
+            progress("stage1", step, loss.item())
+    proj_w = [w.detach().clone() for w in proj.w]
+    proj_b = [b.detach().clone() for b in proj.b]
+    return proj_w, proj_b, F.normalize(protos.detach(), dim=1)
+
+
+def train_stage2(
+    projected: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    normal_tok: torch.Tensor,
+    grid: tuple[int, int],
+    prototypes: torch.Tensor,
+    opts: FitOptions,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    init: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor] | None] | None = None,
+    progress: Progress = _noop,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """CFF calibration: projections frozen, C_n from identity (or ``init``), total objective.
+
+    0.6 focal + 0.4 dice on the stage-mean map (A3) + 0.1 alignment on normal tokens (A4).
+    Returns (calib_w, calib_b, final loss).
+    """
+    n_stages, e = len(projected), projected[0].shape[-1]
+    res = targets.shape[-1]
+    n_train = targets.shape[0]
+    calib = _Trainable(n_stages, e, e, identity=True, seed=seed + 1)
+    if init is not None and init[1] is not None:
+        with torch.no_grad():
+            for i in range(n_stages):
+                calib.w[i].copy_(init[0][i].float())
+                calib.b[i].copy_(init[1][i].float())
+    optim = _adam(list(calib.parameters()), opts.lr_stage2, opts)
+    g = torch.Generator().manual_seed(seed + 7)
+    last = float("nan")
+    for step in range(steps):
+        idx = torch.randint(0, n_train, (min(batch_size, n_train),), generator=g)
+        tgt = targets[idx]
+        feats = [
+            F.normalize(F.linear(projected[i][idx].float(), calib.w[i], calib.b[i]), dim=-1) for i in range(n_stages)
+        ]
+        probs_sum = None
+        for i in range(n_stages):
+            logits = opts.score.temperature * (feats[i] @ prototypes[i])
+            diff = (logits[..., 1] - logits[..., 0]).view(-1, *grid)
+            probs = two_channel_probs(diff, res)
+            probs_sum = probs if probs_sum is None else probs_sum + probs
+        assert probs_sum is not None
+        mean_map = probs_sum / n_stages
+        l_align, _ = alignment_loss(
+            feats, normal_tok[idx], lambda_global=opts.lambda_global, global_mode=opts.global_mode
+        )
+        loss = (
+            opts.lambda_focal * focal_loss(mean_map, tgt)
+            + opts.lambda_dice * dice_loss(mean_map[:, 1], tgt)
+            + opts.lambda_align * l_align
+        )
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        last = loss.item()
+        if step % 10 == 0 or step == steps - 1:
+            progress("stage2", step, last)
+    return [w.detach().clone() for w in calib.w], [b.detach().clone() for b in calib.b], last
+
+
 def fit_heads_from_features(
     backbone: Backbone,
     references: Sequence[np.ndarray],
@@ -170,103 +301,49 @@ def fit_heads_from_features(
     blank = [np.zeros(r.shape[:2], dtype=bool) for r in refs]
     targets = _mask_targets(blank + synth_masks, res)
     normal_tok = _token_normal(targets, grid)
-    n_train = targets.shape[0]
-    d = tokens[0].shape[-1]
+
 
     text = None
     if backbone.has_text:
         text = F.normalize(backbone.encode_text_prompts(opts.object_name).float().cpu(), dim=0)  # (E, 2)
     if base_head is not None:
         assert base_head.proj_w is not None and base_head.proj_b is not None
+        if base_head.prototypes is None:
+            raise HeadError("the base head has no prototypes")
         proj_w = [w.float().clone() for w in base_head.proj_w]
         proj_b = [b.float().clone() for b in base_head.proj_b]
-        prototypes = base_head.prototypes.float().clone() if base_head.prototypes is not None else None
-        e = proj_w[0].shape[0]
-        if prototypes is None:
-            raise HeadError("the base head has no prototypes")
+        prototypes = base_head.prototypes.float().clone()
+        init_calib = (base_head.calib_w, base_head.calib_b) if base_head.calib_w is not None else None
     else:
-        e = opts.proj_dim or (backbone.embed_dim if text is not None else d) or d
-        if text is not None and e != text.shape[0]:
-            raise ConfigError(f"proj_dim {e} must equal the CLIP embedding width {text.shape[0]}")
-        proj = _Trainable(n_stages, d, e, identity=True, seed=seed)
-        with torch.no_grad():
-            if text is not None:
-                proto_init = text[None].repeat(n_stages, 1, 1)
-            else:
-                cols = []
-                anom_tok = ~normal_tok
-                for i in range(n_stages):
-                    f = F.normalize(F.linear(tokens[i], proj.w[i], proj.b[i]), dim=-1)
-                    nrm = F.normalize(f[normal_tok].mean(0), dim=0)
-                    ab = f[anom_tok].mean(0) if anom_tok.any() else -nrm
-                    cols.append(torch.stack([nrm, F.normalize(ab - nrm, dim=0)], 1))
-                proto_init = torch.stack(cols)
-        protos = torch.nn.Parameter(proto_init.clone(), requires_grad=text is None)
-        params = list(proj.parameters()) + ([protos] if text is None else [])
-        optim = _adam(params, opts.lr_stage1, opts)
-        g = torch.Generator().manual_seed(seed)
-        for step in range(opts.steps_stage1):
-            idx = torch.randint(0, n_train, (min(opts.batch_size, n_train),), generator=g)
-            tgt = targets[idx]
-            loss = tokens[0].new_zeros(())
-            for i in range(n_stages):
-                f = F.normalize(F.linear(tokens[i][idx], proj.w[i], proj.b[i]), dim=-1)
-                p = F.normalize(protos[i], dim=0)
-                logits = opts.score.temperature * (f @ p)
-                diff = (logits[..., 1] - logits[..., 0]).view(-1, *grid)
-                probs = two_channel_probs(diff, res)
-                loss = loss + focal_loss(probs, tgt) + dice_loss(probs[:, 1], tgt)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            if step % 10 == 0 or step == opts.steps_stage1 - 1:
-                progress("stage1", step, loss.item())
-        proj_w = [w.detach().clone() for w in proj.w]
-        proj_b = [b.detach().clone() for b in proj.b]
-        prototypes = F.normalize(protos.detach(), dim=1)
-    assert prototypes is not None
+        proj_w, proj_b, prototypes = train_stage1(
+            tokens,
+            targets,
+            normal_tok,
+            grid,
+            opts,
+            text=text,
+            steps=opts.steps_stage1,
+            batch_size=opts.batch_size,
+            seed=seed,
+            progress=progress,
+        )
+        init_calib = None
     t_stage1 = time.perf_counter() - t_start
-
-    # Stage 2: CFF calibration from identity (or from the base head's calibration).
     with torch.no_grad():
         projected = [F.linear(tokens[i], proj_w[i], proj_b[i]) for i in range(n_stages)]
-    calib = _Trainable(n_stages, e, e, identity=True, seed=seed + 1)
-    if base_head is not None and base_head.calib_w is not None and base_head.calib_b is not None:
-        with torch.no_grad():
-            for i in range(n_stages):
-                calib.w[i].copy_(base_head.calib_w[i].float())
-                calib.b[i].copy_(base_head.calib_b[i].float())
-    optim = _adam(list(calib.parameters()), opts.lr_stage2, opts)
-    g = torch.Generator().manual_seed(seed + 7)
-    last2 = float("nan")
-    for step in range(opts.steps_stage2):
-        idx = torch.randint(0, n_train, (min(opts.batch_size, n_train),), generator=g)
-        tgt = targets[idx]
-        feats = [F.normalize(F.linear(projected[i][idx], calib.w[i], calib.b[i]), dim=-1) for i in range(n_stages)]
-        probs_sum = None
-        for i in range(n_stages):
-            logits = opts.score.temperature * (feats[i] @ prototypes[i])
-            diff = (logits[..., 1] - logits[..., 0]).view(-1, *grid)
-            probs = two_channel_probs(diff, res)
-            probs_sum = probs if probs_sum is None else probs_sum + probs
-        assert probs_sum is not None
-        mean_map = probs_sum / n_stages
-        l_align, _ = alignment_loss(
-            feats, normal_tok[idx], lambda_global=opts.lambda_global, global_mode=opts.global_mode
-        )
-        loss = (
-            opts.lambda_focal * focal_loss(mean_map, tgt)
-            + opts.lambda_dice * dice_loss(mean_map[:, 1], tgt)
-            + opts.lambda_align * l_align
-        )
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        last2 = loss.item()
-        if step % 10 == 0 or step == opts.steps_stage2 - 1:
-            progress("stage2", step, last2)
-    calib_w = [w.detach().clone() for w in calib.w]
-    calib_b = [b.detach().clone() for b in calib.b]
+    calib_w, calib_b, last2 = train_stage2(
+        projected,
+        targets,
+        normal_tok,
+        grid,
+        prototypes,
+        opts,
+        steps=opts.steps_stage2,
+        batch_size=opts.batch_size,
+        seed=seed,
+        init=init_calib,
+        progress=progress,
+    )
     t_fit = time.perf_counter() - t_start
 
     common = dict(

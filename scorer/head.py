@@ -39,6 +39,7 @@ class ScoreOptions:
     image_score: str = "topk"  # topk: mean of the top fraction of the fused map; max
     topk_fraction: float = 0.01
     temperature: float = 100.0
+    proto_weight: float = 1.0  # weight of the prototype (text) map against the memory-bank map
     bank_chunk: int = 4096
 
     def __post_init__(self) -> None:
@@ -160,6 +161,10 @@ class Head:
                 f"backbone grid {out.grid} differs from the head's {self.grid} "
                 f"(image size {self.image_size}); use the head's backbone settings"
             )
+        if any(bk.shape[0] == 0 for bk in self.bank):
+            raise HeadError(
+                "head has an empty memory bank (a base head from train-base?); fit it to a product's references first"
+            )
         opts = self.options
         b = tokens[0].shape[0]
         gh, gw = self.grid
@@ -170,7 +175,7 @@ class Head:
             dist = nn_distance(bank_q[i], self.bank[i], chunk=opts.bank_chunk)  # (B, N)
             stage = dist
             if self.prototypes is not None and calibrated:
-                stage = stage + self._proto_map(calibrated[i], i)
+                stage = stage + opts.proto_weight * self._proto_map(calibrated[i], i)
             grid_maps.append(stage.view(b, gh, gw))
         stacked = torch.stack(grid_maps, 1)  # (B, S, G, G)
         fused_grid = stacked.mean(1) if self.method == "knn" else stacked.sum(1)

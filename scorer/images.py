@@ -51,7 +51,9 @@ def to_rgb_uint8(img: Image.Image | np.ndarray, *, name: str = "image") -> np.nd
         return np.ascontiguousarray(arr.astype(np.uint8) * 255)
     if np.issubdtype(arr.dtype, np.integer):
         # 16-bit (or wider) integer data: scale the type's full range to 8 bits.
-        if arr.dtype in (np.uint16, np.int32, np.uint32, np.int64) and arr.max(initial=0) <= 65535:
+        # Only non-negative data takes the 16-bit path: negatives would wrap around in uint32.
+        in_16bit = 0 <= arr.min(initial=0) and arr.max(initial=0) <= 65535
+        if arr.dtype in (np.uint16, np.int32, np.uint32, np.int64) and in_16bit:
             return np.ascontiguousarray((arr.astype(np.uint32) // 257).astype(np.uint8))
         info = np.iinfo(arr.dtype)
         scaled = (arr.astype(np.float64) - info.min) / (info.max - info.min)

@@ -1,0 +1,73 @@
+"""On-disk cache of backbone tokens, so training and evaluation extract each image once.
+
+One safetensors file per (backbone weights, image size, taps, image bytes); float16
+tokens. Nothing here is needed for inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scorer.backbones.base import Backbone, BackboneOutput
+from scorer.images import load_image
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = Path(root) if root else None
+        if self.root:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def _key(self, backbone: Backbone, path: Path) -> str:
+        h = hashlib.sha256()
+        h.update(f"{backbone.spec}|{backbone.weights_id}|{backbone.image_size}|{tuple(backbone.taps)}|".encode())
+        h.update(path.read_bytes())
+        return h.hexdigest()
+
+    def embed_paths(
+        self,
+        backbone: Backbone,
+        paths: Sequence[Path],
+        *,
+        batch_size: int = 8,
+        progress: Callable[[int, int], None] = lambda done, total: None,
+    ) -> BackboneOutput:
+        """Tokens of every file (CPU, float16), from the cache where present."""
+        n = len(paths)
+        results: list[list[torch.Tensor] | None] = [None] * n
+        keys: list[str | None] = [None] * n
+        todo: list[int] = []
+        for i, p in enumerate(paths):
+            if self.root is not None:
+                keys[i] = self._key(backbone, Path(p))
+                f = self.root / f"{keys[i]}.safetensors"
+                if f.is_file():
+                    try:
+                        t = load_file(str(f))
+                        results[i] = [t[f"tap.{j}"] for j in range(len(backbone.taps))]
+                        continue
+                    except (SafetensorError, OSError, KeyError):
+                        f.unlink(missing_ok=True)
+            todo.append(i)
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s : s + batch_size]
+            out = backbone.embed([load_image(paths[i]) for i in chunk], batch_size=batch_size)
+            for j, i in enumerate(chunk):
+                toks = [t[j].half().contiguous() for t in out.tokens]
+                results[i] = toks
+                if self.root is not None:
+                    fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+                    os.close(fd)
+                    save_file({f"tap.{k}": v for k, v in enumerate(toks)}, tmp)
+                    os.replace(tmp, self.root / f"{keys[i]}.safetensors")
+            progress(min(s + batch_size, len(todo)), len(todo))
+        tokens = [torch.stack([r[j] for r in results if r is not None]) for j in range(len(backbone.taps))]
+        return BackboneOutput(tokens=tokens, grid=backbone.grid)

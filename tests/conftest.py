@@ -1,0 +1,109 @@
+"""Shared fixtures: a tiny MVTec-layout dataset builder, the tiny-vit backbone,
+small reference images and a (session-cached) fitted head pair.
+
+Fixtures that return heads are shared between tests: never mutate them, derive
+variants with ``dataclasses.replace`` / ``Head.with_thresholds`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scorer.backbones import Backbone, load_backbone
+
+
+def _write_image(path: Path, rng: np.random.Generator, size_hw: tuple[int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (*size_hw, 3), dtype=np.uint8)).save(path)
+
+
+def _write_mask(path: Path, size_hw: tuple[int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = np.zeros(size_hw, dtype=np.uint8)
+    h, w = size_hw
+    m[h // 4 : h // 2, w // 4 : w // 2] = 255
+    Image.fromarray(m).save(path)
+
+
+MakeCategory = Callable[..., Path]
+
+
+@pytest.fixture
+def make_category() -> MakeCategory:
+    """``make_category(root, name, n_train=4, n_good=2, defects={"scratch": 2}, masks=True)`` -> category dir.
+
+    Files follow MVTec AD: ``train/good/000.png``, ``test/<defect>/000.png`` and
+    ``ground_truth/<defect>/000_mask.png``.
+    """
+
+    def build(
+        root: Path,
+        name: str = "widget",
+        *,
+        n_train: int = 4,
+        n_good: int = 2,
+        defects: Mapping[str, int] | None = None,
+        masks: bool = True,
+        size_hw: tuple[int, int] = (24, 32),
+        seed: int = 0,
+    ) -> Path:
+        rng = np.random.default_rng(seed)
+        cat = Path(root) / name
+        (cat / "train" / "good").mkdir(parents=True, exist_ok=True)
+        for i in range(n_train):
+            _write_image(cat / "train" / "good" / f"{i:03d}.png", rng, size_hw)
+        (cat / "test" / "good").mkdir(parents=True, exist_ok=True)
+        for i in range(n_good):
+            _write_image(cat / "test" / "good" / f"{i:03d}.png", rng, size_hw)
+        for defect, n in (defects if defects is not None else {"scratch": 2}).items():
+            for i in range(n):
+                _write_image(cat / "test" / defect / f"{i:03d}.png", rng, size_hw)
+                if masks:
+                    _write_mask(cat / "ground_truth" / defect / f"{i:03d}_mask.png", size_hw)
+        return cat
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_vit() -> Backbone:
+    return load_backbone("tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_seed1() -> Backbone:
+    return load_backbone("tiny-vit", seed=1)
+
+
+def make_references(k: int, size_hw: tuple[int, int] = (64, 64), seed: int = 0) -> list[np.ndarray]:
+    """Smooth gradient images with mild noise: look alike, so held-out scores are meaningful."""
+    rng = np.random.default_rng(seed)
+    h, w = size_hw
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([xx / w * 200, yy / h * 200, (xx + yy) / (h + w) * 200], -1) + 20
+    return [np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8) for _ in range(k)]
+
+
+@pytest.fixture(scope="session")
+def references() -> list[np.ndarray]:
+    return make_references(3)
+
+
+@pytest.fixture(scope="session")
+def fit_options():
+    from scorer.fit import FitOptions
+
+    return FitOptions(steps_stage1=5, steps_stage2=3, n_synthetic=4)
+
+
+@pytest.fixture(scope="session")
+def fitted_heads(tiny_vit, references, fit_options) -> dict:
+    """``{"aprilgan": Head, "cff": Head}`` fitted once on the three references (do not mutate)."""
+    from scorer.fit import fit_heads_from_features
+
+    return fit_heads_from_features(tiny_vit, references, tiny_vit.embed(references), options=fit_options, seed=0)
