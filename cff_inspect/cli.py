@@ -97,6 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         per_stage=args.per_stage,
         batch_size=args.batch_size,
         max_test=args.max_test,
+        cache_dir=args.cache_dir,
         score=ScoreOptions(map_size=args.map_size, smooth_sigma=args.smooth_sigma, image_score=args.image_score),
     )
     fit_options = None
@@ -152,6 +153,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="evaluate on a deterministic stratified subset of the test split",
     )
     p.add_argument("--batch-size", type=int, default=_env("batch_size", 8, kind=int))
+    p.add_argument("--cache-dir", default=_env("cache_dir"), help="on-disk token cache (reused across runs)")
     p.add_argument("--map-size", type=int, default=_env("map_size", 256, kind=int))
     p.add_argument("--smooth-sigma", type=float, default=_env("smooth_sigma", 4.0, kind=float))
     p.add_argument("--image-score", choices=("topk", "max"), default=_env("image_score", "topk"))

@@ -24,6 +24,7 @@ from PIL import Image
 from scorer.backbones.base import Backbone, BackboneOutput
 from scorer.data import Category, discover, draw_references
 from scorer.errors import ConfigError
+from scorer.features import FeatureCache
 from scorer.head import METHODS, Head, ScoreOptions, knn_head
 from scorer.images import load_image, load_mask
 from scorer.metrics import image_metrics, pixel_metrics, summarise
@@ -42,6 +43,7 @@ class EvalConfig:
     per_stage: bool = False
     batch_size: int = 8
     max_test: int | None = None  # subsample the test split (stratified, deterministic) for quick runs
+    cache_dir: str | None = None  # on-disk token cache shared by eval and train-base runs
     score: ScoreOptions = field(default_factory=ScoreOptions)
 
     def __post_init__(self) -> None:
@@ -144,8 +146,8 @@ def evaluate_category(
         if s.mask_path is not None:
             masks[i] = _resize_mask(load_mask(s.mask_path, img.shape[:2]), size)
     progress(f"{cat.key}: extracting features of {len(tests)} test images")
-    test_feats = _half(backbone.embed(images, batch_size=cfg.batch_size))
     del images
+    test_feats = FeatureCache(cfg.cache_dir).embed_paths(backbone, [s.path for s in tests], batch_size=cfg.batch_size)
     t_feat = time.perf_counter() - t0
     per_image_s = t_feat / len(tests)
     ref_cache: dict[Path, tuple[np.ndarray, BackboneOutput]] = {}
@@ -154,7 +156,7 @@ def evaluate_category(
         todo = [p for p in paths if p not in ref_cache]
         if todo:
             imgs = [load_image(p) for p in todo]
-            feats = backbone.embed(imgs, batch_size=cfg.batch_size)
+            feats = FeatureCache(cfg.cache_dir).embed_paths(backbone, todo, batch_size=cfg.batch_size)
             for j, p in enumerate(todo):
                 ref_cache[p] = (imgs[j], _half(_slice(feats, [j])))
         imgs = [ref_cache[p][0] for p in paths]
@@ -215,7 +217,7 @@ def evaluate_category(
             "per_seed": slot["per_seed"],
             "n_test": len(tests),
             "n_defective": int(labels.sum()),
-            "feature_seconds_per_image": per_image_s,
+            "feature_seconds_per_image": None if cfg.cache_dir else per_image_s,
             "fit_seconds_mean": float(np.mean(slot["fit_s"])),
         }
         if slot["stages"]:
