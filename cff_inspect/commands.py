@@ -275,7 +275,7 @@ def cmd_train_base(args: argparse.Namespace) -> int:
         include_train_good=args.include_train_good,
         max_images=args.max_images,
         seed=args.seed,
-        fit=FitOptions(lambda_align=args.lambda_align),
+        fit=FitOptions(lambda_align=args.lambda_align, lr_stage2=1e-4, loss_resolution=112),
     )
     head = train_base(
         bb, args.data, opts, cache_dir=args.cache_dir, progress=lambda s: print(s, file=sys.stderr, flush=True)

@@ -40,22 +40,25 @@ def head_to_bytes(
     reference_sha256: list[str] | None = None,
     extra: dict | None = None,
 ) -> bytes:
+    # Every tensor is cloned: safetensors refuses tensors that share memory, and they
+    # do share it when folded() returns the projection itself (no calibration) or a
+    # list repeats one tensor.
     t: dict[str, torch.Tensor] = {}
     for i, b in enumerate(head.bank):
-        t[f"bank.{i}"] = b.detach().cpu().half().contiguous()
+        t[f"bank.{i}"] = b.detach().cpu().half().contiguous().clone()
     if head.proj_w is not None and head.proj_b is not None:
         for i, (w, b) in enumerate(zip(head.proj_w, head.proj_b, strict=True)):
-            t[f"proj_w.{i}"] = w.detach().cpu().float().contiguous()
-            t[f"proj_b.{i}"] = b.detach().cpu().float().contiguous()
+            t[f"proj_w.{i}"] = w.detach().cpu().float().contiguous().clone()
+            t[f"proj_b.{i}"] = b.detach().cpu().float().contiguous().clone()
         for i, (w, b) in enumerate(head.folded()):
-            t[f"folded_w.{i}"] = w.detach().cpu().float().contiguous()
-            t[f"folded_b.{i}"] = b.detach().cpu().float().contiguous()
+            t[f"folded_w.{i}"] = w.detach().cpu().float().contiguous().clone()
+            t[f"folded_b.{i}"] = b.detach().cpu().float().contiguous().clone()
     if head.calib_w is not None and head.calib_b is not None:
         for i, (w, b) in enumerate(zip(head.calib_w, head.calib_b, strict=True)):
-            t[f"calib_w.{i}"] = w.detach().cpu().float().contiguous()
-            t[f"calib_b.{i}"] = b.detach().cpu().float().contiguous()
+            t[f"calib_w.{i}"] = w.detach().cpu().float().contiguous().clone()
+            t[f"calib_b.{i}"] = b.detach().cpu().float().contiguous().clone()
     if head.prototypes is not None:
-        t["prototypes"] = head.prototypes.detach().cpu().float().contiguous()
+        t["prototypes"] = head.prototypes.detach().cpu().float().contiguous().clone()
     meta = dict(head.meta)
     manifest = {
         "format": FORMAT_NAME,
@@ -110,10 +113,17 @@ def read_manifest(path: str | Path) -> dict:
             header = json.loads(f.read(n))
     except (OSError, ValueError) as exc:
         raise HeadError(f"{p}: cannot read head artifact ({exc})") from None
+    if not isinstance(header, dict):
+        raise HeadError(f"{p}: not a safetensors head artifact (header is not a JSON object)")
     meta = header.get("__metadata__") or {}
-    if "manifest" not in meta:
+    if not isinstance(meta, dict) or "manifest" not in meta:
         raise HeadError(f"{p}: safetensors file has no cff-inspect manifest")
-    manifest = json.loads(meta["manifest"])
+    try:
+        manifest = json.loads(meta["manifest"])
+    except (TypeError, ValueError) as exc:
+        raise HeadError(f"{p}: manifest is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise HeadError(f"{p}: manifest is not a JSON object")
     if manifest.get("format") != FORMAT_NAME:
         raise HeadError(f"{p}: not a {FORMAT_NAME} artifact (format {manifest.get('format')!r})")
     if int(manifest.get("format_version", 0)) > FORMAT_VERSION:

@@ -37,7 +37,7 @@ class TrainOptions:
     include_train_good: bool = False
     max_images: int | None = None
     seed: int = 42
-    fit: FitOptions = field(default_factory=FitOptions)
+    fit: FitOptions = field(default_factory=lambda: FitOptions(lr_stage2=1e-4, loss_resolution=112))
 
     def __post_init__(self) -> None:
         if self.epochs_stage1 < 0 or self.epochs_stage2 < 0:

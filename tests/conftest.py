@@ -7,11 +7,12 @@ variants with ``dataclasses.replace`` / ``Head.with_thresholds`` instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from scorer.backbones import Backbone, load_backbone
@@ -70,6 +71,22 @@ def make_category() -> MakeCategory:
     return build
 
 
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread for the test, then restore the previous count.
+
+    The tiny models gain nothing from intra-op threads, and when another process
+    keeps the cores busy two spinning OpenMP threads make them 10-20x slower.
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_vit() -> Backbone:
     return load_backbone("tiny-vit")
@@ -90,6 +107,12 @@ def make_references(k: int, size_hw: tuple[int, int] = (64, 64), seed: int = 0) 
 
 
 @pytest.fixture(scope="session")
+def make_refs() -> Callable[..., list[np.ndarray]]:
+    """The :func:`make_references` factory, for tests that need other references."""
+    return make_references
+
+
+@pytest.fixture(scope="session")
 def references() -> list[np.ndarray]:
     return make_references(3)
 
@@ -106,4 +129,9 @@ def fitted_heads(tiny_vit, references, fit_options) -> dict:
     """``{"aprilgan": Head, "cff": Head}`` fitted once on the three references (do not mutate)."""
     from scorer.fit import fit_heads_from_features
 
-    return fit_heads_from_features(tiny_vit, references, tiny_vit.embed(references), options=fit_options, seed=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # see single_thread
+    try:
+        return fit_heads_from_features(tiny_vit, references, tiny_vit.embed(references), options=fit_options, seed=0)
+    finally:
+        torch.set_num_threads(before)
