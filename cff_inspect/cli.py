@@ -98,7 +98,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_test=args.max_test,
         cache_dir=args.cache_dir,
-        score=ScoreOptions(map_size=args.map_size, smooth_sigma=args.smooth_sigma, image_score=args.image_score),
+        score=ScoreOptions(
+            map_size=args.map_size,
+            smooth_sigma=args.smooth_sigma,
+            image_score=args.image_score,
+            bank_dtype=args.bank_dtype,
+        ),
     )
     fit_options = None
     if args.fit_steps is not None:
@@ -155,6 +160,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=_env("batch_size", 8, kind=int))
     p.add_argument("--cache-dir", default=_env("cache_dir"), help="on-disk token cache (reused across runs)")
     p.add_argument("--map-size", type=int, default=_env("map_size", 256, kind=int))
+    p.add_argument(
+        "--bank-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=_env("bank_dtype", "float32"),
+        help="precision of the memory-bank search (bfloat16 is ~3x faster on CPUs with bf16 units)",
+    )
     p.add_argument("--smooth-sigma", type=float, default=_env("smooth_sigma", 4.0, kind=float))
     p.add_argument("--image-score", choices=("topk", "max"), default=_env("image_score", "topk"))
     p.add_argument(

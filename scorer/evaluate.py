@@ -171,7 +171,7 @@ def evaluate_category(
     acc: dict[tuple[str, int], dict[str, list]] = {
         (m, k): {"per_seed": [], "stages": [], "fit_s": []} for m in cfg.methods for k in cfg.shots
     }
-    keep = ("map_size", "smooth_sigma", "image_score", "topk_fraction")
+    keep = ("map_size", "smooth_sigma", "image_score", "topk_fraction", "bank_dtype")
     for k in cfg.shots:
         for seed in cfg.seeds:
             paths = draw_references(cat.train, k, seed, mode=cfg.sampling)

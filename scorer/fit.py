@@ -287,7 +287,6 @@ def fit_heads_from_features(
         check_compatible(base_head, backbone)
         if base_head.proj_w is None:
             raise HeadError("the base head has no projections (is it a knn head?)")
-    torch.manual_seed(seed)
     n_stages = len(backbone.taps)
     grid = ref_feats.grid
     res = opts.loss_resolution
@@ -301,7 +300,6 @@ def fit_heads_from_features(
     blank = [np.zeros(r.shape[:2], dtype=bool) for r in refs]
     targets = _mask_targets(blank + synth_masks, res)
     normal_tok = _token_normal(targets, grid)
-
 
     text = None
     if backbone.has_text:
@@ -431,6 +429,8 @@ def fit_head(
     if method == "knn":
         from scorer.head import knn_head
 
+        if base_head is not None:
+            raise ConfigError("method knn is training-free and takes no base head")
         feats = backbone.embed(refs)
         head = knn_head(backbone, feats, (options or FitOptions()).score)
         return calibrate_thresholds(

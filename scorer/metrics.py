@@ -78,18 +78,14 @@ def _as_binary(values: object, name: str) -> np.ndarray:
         raise ConfigError(f"{name} is empty; nothing to evaluate")
     # min/max first: cheap on big masks and catches most bad inputs.
     lo, hi = arr.min(), arr.max()
-    if not (lo >= 0 and hi <= 1) or (
-        arr.dtype.kind == "f" and not ((arr == 0) | (arr == 1)).all()
-    ):
+    if not (lo >= 0 and hi <= 1) or (arr.dtype.kind == "f" and not ((arr == 0) | (arr == 1)).all()):
         raise ConfigError(f"{name} must be binary (only 0 and 1), got values in [{lo}, {hi}]")
     return arr != 0
 
 
 def _check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
-        raise ConfigError(
-            f"{name_a} shape {tuple(a.shape)} does not match {name_b} shape {tuple(b.shape)}"
-        )
+        raise ConfigError(f"{name_a} shape {tuple(a.shape)} does not match {name_b} shape {tuple(b.shape)}")
 
 
 def _validate_pixels(
@@ -239,9 +235,7 @@ def _descending_key(scores: np.ndarray) -> np.ndarray:
     return key
 
 
-def _pixel_curve(
-    maps32: np.ndarray, masks: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pixel_curve(maps32: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TP counts and predicted-positive counts at every distinct pixel score, and
     the running PRO sum over anomalous pixels in score order.
 
@@ -299,9 +293,7 @@ def _first_above(n_pred: np.ndarray, tps: np.ndarray, target: float) -> int:
     return lo
 
 
-def pixel_metrics(
-    maps: np.ndarray, masks: np.ndarray, *, fpr_limit: float = 0.3
-) -> dict[str, float]:
+def pixel_metrics(maps: np.ndarray, masks: np.ndarray, *, fpr_limit: float = 0.3) -> dict[str, float]:
     """Pooled pixel AUROC / AP / F1-max and AUPRO (integrated to ``fpr_limit``).
 
     All four share one sort, which is what keeps a 40M-pixel category in the
@@ -372,9 +364,7 @@ def aupro_slow(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> f
     return area / limit
 
 
-def aupro_aprilgan(
-    maps: np.ndarray, masks: np.ndarray, max_step: int = 200, expect_fpr: float = 0.3
-) -> float:
+def aupro_aprilgan(maps: np.ndarray, masks: np.ndarray, max_step: int = 200, expect_fpr: float = 0.3) -> float:
     """AUPRO as April-GAN / AnomalyCLIP report it (``cal_pro_score`` from cflow-ad).
 
     Kept separate from :func:`pixel_metrics` because it is a different number:

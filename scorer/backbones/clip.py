@@ -173,7 +173,7 @@ def _torchscript_message(path: Path) -> str:
         f"CLIP checkpoint {str(path)!r} is a TorchScript archive (OpenAI's original .pt format). "
         "It cannot be read with torch.load(weights_only=True) and loading TorchScript runs code from "
         "the file, so it is refused. Convert it once, on a machine where you trust the file:\n"
-        "  python -c \"import torch, safetensors.torch as st; "
+        '  python -c "import torch, safetensors.torch as st; '
         f"m = torch.jit.load('{path}', map_location='cpu'); "
         "st.save_file({k: v.float().contiguous() for k, v in m.state_dict().items()}, "
         f"'{path.with_suffix('.safetensors')}')\"\n"
@@ -301,8 +301,7 @@ class ClipBackbone(Backbone):
         blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
         if visual is None or blocks is None or not hasattr(visual, "forward_intermediates"):
             raise BackboneError(
-                f"CLIP backbone {spec!r}: only open_clip ViT vision towers are supported "
-                f"(got {type(visual).__name__})"
+                f"CLIP backbone {spec!r}: only open_clip ViT vision towers are supported (got {type(visual).__name__})"
             )
         n_blocks = len(blocks)
         taps = tuple(taps) if taps is not None else default_taps(n_blocks)
@@ -455,9 +454,7 @@ def _tiny_model(seed: int, image_size: int | None) -> torch.nn.Module:
     if image_size is not None:
         patch = cfg["vision_cfg"]["patch_size"]
         if image_size <= 0 or image_size % patch:
-            raise ConfigError(
-                f"tiny-clip image size must be a positive multiple of {patch}, got {image_size}"
-            )
+            raise ConfigError(f"tiny-clip image size must be a positive multiple of {patch}, got {image_size}")
         cfg["vision_cfg"]["image_size"] = image_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -103,9 +103,7 @@ class TimmViTBackbone(Backbone):
         depth = len(vit.blocks)
         taps = tuple(int(t) for t in taps)
         if not taps or sorted(set(taps)) != list(taps) or taps[0] < 1 or taps[-1] > depth:
-            raise ConfigError(
-                f"backbone {spec!r}: taps must be increasing block numbers in 1..{depth}, got {taps}"
-            )
+            raise ConfigError(f"backbone {spec!r}: taps must be increasing block numbers in 1..{depth}, got {taps}")
         self.vit = vit
         self.spec = spec
         self.taps = taps
@@ -126,8 +124,7 @@ class TimmViTBackbone(Backbone):
         size = self.image_size
         if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[-2:]) != (size, size):
             raise ImageError(
-                f"backbone {self.spec!r} expects pixels of shape (B, 3, {size}, {size}), "
-                f"got {tuple(pixels.shape)}"
+                f"backbone {self.spec!r} expects pixels of shape (B, 3, {size}, {size}), got {tuple(pixels.shape)}"
             )
         vit = self.vit
         param = vit.patch_embed.proj.weight
@@ -149,9 +146,7 @@ def _check_image_size(spec: str, image_size: int, patch: int) -> int:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < patch:
         raise ConfigError(f"backbone {spec!r}: image_size must be an integer >= {patch}, got {image_size!r}")
     if image_size % patch:
-        raise ConfigError(
-            f"backbone {spec!r}: image_size {image_size} is not a multiple of the patch size {patch}"
-        )
+        raise ConfigError(f"backbone {spec!r}: image_size {image_size} is not a multiple of the patch size {patch}")
     return image_size
 
 
@@ -227,9 +222,7 @@ def build_dinov2(weights: str | None = None, image_size: int | None = None) -> B
             raise BackboneError(f"{source}: {exc}") from None
     _load_strict(vit, state, source)
     vit.eval().requires_grad_(False)
-    return TimmViTBackbone(
-        vit, spec=DINOV2_SPEC, taps=DINOV2_TAPS, image_size=size, weights_id=weights_id
-    ).eval()
+    return TimmViTBackbone(vit, spec=DINOV2_SPEC, taps=DINOV2_TAPS, image_size=size, weights_id=weights_id).eval()
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
@@ -239,16 +232,12 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix_tokens: int 
     reproduce the features the encoder produced in the ONNX model.
     """
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[1] <= num_prefix_tokens:
-        raise BackboneError(
-            f"pos_embed has shape {list(pos_embed.shape)}, expected [1, {num_prefix_tokens} + g*g, D]"
-        )
+        raise BackboneError(f"pos_embed has shape {list(pos_embed.shape)}, expected [1, {num_prefix_tokens} + g*g, D]")
     prefix, patch = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     n, dim = patch.shape[1], patch.shape[2]
     old = math.isqrt(n)
     if old * old != n:
-        raise BackboneError(
-            f"pos_embed has {n} patch rows after {num_prefix_tokens} prefix row(s), not a square grid"
-        )
+        raise BackboneError(f"pos_embed has {n} patch rows after {num_prefix_tokens} prefix row(s), not a square grid")
     if old == grid:
         return pos_embed
     img = patch.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
@@ -361,9 +350,7 @@ def _atomic_save(state: Mapping[str, torch.Tensor], target: Path, metadata: dict
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
-        raise BackboneError(
-            f"cannot write the DINOv2 weights cache in {str(target.parent)!r}: {exc}"
-        ) from None
+        raise BackboneError(f"cannot write the DINOv2 weights cache in {str(target.parent)!r}: {exc}") from None
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
@@ -455,9 +442,7 @@ def convert_onnx_to_timm(onnx_path: str | os.PathLike[str]) -> dict[str, torch.T
     for name, shape in shapes.items():
         t = arr(name)
         if tuple(t.shape) != shape:
-            raise BackboneError(
-                f"{where}: initializer {name!r} has shape {list(t.shape)}, expected {list(shape)}"
-            )
+            raise BackboneError(f"{where}: initializer {name!r} has shape {list(t.shape)}, expected {list(shape)}")
         fixed[name] = t
 
     depth = 0

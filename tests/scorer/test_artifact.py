@@ -58,7 +58,8 @@ def test_round_trip_identical_scores(tmp_path: Path, fitted_heads, tiny_vit, ref
     s1, s2 = head.score(images), loaded.score(images)
     # identical tensors; BLAS may still round a last bit differently on other buffers
     np.testing.assert_allclose(s2.image_scores, s1.image_scores, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(s2.maps.astype(np.float32), s1.maps.astype(np.float32), rtol=0, atol=1e-5)
+    # maps are float16: a last-bit fp32 difference in the matmul order may flip one float16 step
+    np.testing.assert_allclose(s2.maps.astype(np.float32), s1.maps.astype(np.float32), rtol=2e-3, atol=1e-5)
     np.testing.assert_array_equal(s1.is_defect, s2.is_defect)
     assert [len(r) for r in s1.regions] == [len(r) for r in s2.regions]
     assert loaded.meta["fit_metrics"] == json.loads(json.dumps(head.meta["fit_metrics"]))
