@@ -180,9 +180,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 # -- not yet built ---------------------------------------------------------------
 _PENDING = {
-    "broker": ("run the embedded Kafka-compatible broker", 7),
     "ingest": ("publish camera frames to Kafka", 7),
-    "worker": ("score frames from Kafka", 7),
     "calibrator": ("serve the gRPC calibrator", 4),
     "bench": ("speed benchmarks", 6),
 }
@@ -209,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_score(sub)
     commands.add_train_base(sub)
     commands.add_heads(sub)
+    from cff_inspect import services
+
+    services.add_broker(sub)
+    services.add_worker(sub)
     for name, (text, issue) in _PENDING.items():
         _add_pending(sub, name, text, issue)
     return parser

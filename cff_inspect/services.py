@@ -1,0 +1,179 @@
+"""Subcommands that run services on Kafka: broker, worker, ingest."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+
+from scorer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _env(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+    from cff_inspect.cli import _env as env
+
+    return env(*a, **kw)
+
+
+def add_kafka_args(p: argparse.ArgumentParser) -> None:
+    import os
+
+    p.add_argument(
+        "--bootstrap-servers",
+        default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS; default %(default)s)",
+    )
+    p.add_argument("--topic-prefix", default=_env("topic_prefix", "inspection."))
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=_env("partitions", 6, kind=int),
+        help="partitions for topics this process creates",
+    )
+
+
+def kafka_from(args: argparse.Namespace):  # noqa: ANN201
+    from cff_inspect.kafka import KafkaConfig
+
+    return KafkaConfig(
+        bootstrap_servers=args.bootstrap_servers, topic_prefix=args.topic_prefix, partitions=args.partitions
+    )
+
+
+def quiet_kafka() -> None:
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def stop_on_signals(event: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        log.info("signal %s: finishing the current batch", signum)
+        event.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+# -- broker -------------------------------------------------------------------------
+def cmd_broker(args: argparse.Namespace) -> int:
+    from cff_inspect.broker import EmbeddedBroker
+    from cff_inspect.kafka import KafkaConfig, ensure_topics
+
+    quiet_kafka()
+    stop = threading.Event()
+    stop_on_signals(stop)
+    with EmbeddedBroker(port=args.port) as b:
+        ensure_topics(
+            KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix=args.topic_prefix, partitions=args.partitions)
+        )
+        print(f"embedded broker (Tansu, memory storage, development only) on {b.bootstrap}", flush=True)
+        while not stop.is_set() and b.proc is not None and b.proc.poll() is None:
+            stop.wait(0.5)
+    return 0
+
+
+def add_broker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (Tansu, memory; for development)")
+    p.add_argument("--port", type=int, default=_env("broker_port", 9092, kind=int))
+    p.add_argument("--topic-prefix", default=_env("topic_prefix", "inspection."))
+    p.add_argument("--partitions", type=int, default=_env("partitions", 6, kind=int))
+    p.set_defaults(func=cmd_broker)
+
+
+# -- worker ----------------------------------------------------------------------------
+def load_file_heads(specs: list[str], backbone_override: str | None, weights: str | None, device: str):  # noqa: ANN201
+    """``PRODUCT=PATH`` pairs -> (backbone, {product: ActiveHead}); heads for another backbone are skipped."""
+    from scorer.artifact import file_sha256, load_head, read_manifest
+    from scorer.backbones import load_backbone
+    from scorer.errors import HeadError
+    from scorer.names import check_product_id
+    from workers.worker import ActiveHead, head_ref
+
+    pairs = []
+    for s in specs:
+        if "=" not in s:
+            raise ConfigError(f"--head expects PRODUCT=PATH, got {s!r}")
+        product, path = s.split("=", 1)
+        pairs.append((check_product_id(product), path, read_manifest(path)))
+    if not pairs and not backbone_override:
+        raise ConfigError("a worker needs --head PRODUCT=PATH (or --backbone to start without heads)")
+    spec = backbone_override or pairs[0][2]["backbone"]
+    size = next((m["image_size"] for _, _, m in pairs if m["backbone"] == spec), None)
+    bb = load_backbone(spec, weights=weights, image_size=size, device=device)
+    heads = {}
+    for product, path, _m in pairs:
+        try:
+            h = load_head(path, bb)
+        except HeadError as exc:
+            log.warning("ignoring head for %s: %s", product, exc)
+            continue
+        heads[product] = ActiveHead(h, head_ref(product, h, file_sha256(path)))
+    return bb, heads
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from cff_inspect.cli import _device
+    from cff_inspect.kafka import ensure_topics
+    from workers.worker import Worker, WorkerConfig
+
+    quiet_kafka()
+    kafka = kafka_from(args)
+    _, heads = load_file_heads(args.head or [], args.backbone, args.weights, _device(args.device))
+    cfg = WorkerConfig(
+        group_id=args.group_id,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_age_s=args.max_age_s,
+        evidence_dir=args.evidence_dir,
+        heatmap_in_result=args.heatmap_in_result,
+        **({"worker_id": args.worker_id} if args.worker_id else {}),
+    )
+    ensure_topics(kafka)
+    w = Worker(kafka, cfg, heads)
+    stop_on_signals(w.stop_event)
+    w.run()
+    return 0
+
+
+def add_worker(sub: argparse._SubParsersAction) -> None:
+    from cff_inspect.cli import _add_backbone_args
+
+    p = sub.add_parser("worker", help="score frames from Kafka (consumer group, dynamic batching)")
+    p.add_argument(
+        "--head",
+        action="append",
+        default=_env("head", None, many=True),
+        help="PRODUCT=PATH of a head artifact (repeatable) until the calibrator serves heads",
+    )
+    p.add_argument("--group-id", default=_env("group_id", "cff-inspect-workers"))
+    p.add_argument("--worker-id", default=_env("worker_id"))
+    p.add_argument("--max-batch", type=int, default=_env("max_batch", 8, kind=int))
+    p.add_argument("--max-wait-ms", type=int, default=_env("max_wait_ms", 50, kind=int))
+    p.add_argument(
+        "--max-age-s",
+        type=float,
+        default=_env("max_age_s", 60.0, kind=float),
+        help="frames older than this get a STALE result instead of being scored",
+    )
+    p.add_argument("--evidence-dir", default=_env("evidence_dir"), help="archive defect JPEGs and overlays here")
+    p.add_argument("--heatmap-in-result", action="store_true", help="attach an 8-bit PNG heatmap to each result")
+    add_kafka_args(p)
+    _add_backbone_args(p)
+    p.set_defaults(backbone=_env("backbone", None))
+    p.set_defaults(func=cmd_worker)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+__all__ = ["add_broker", "add_worker", "sys"]

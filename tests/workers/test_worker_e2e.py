@@ -1,0 +1,191 @@
+"""Worker end to end on the real embedded broker, with the worker as a real process."""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cff_inspect.broker import EmbeddedBroker
+from cff_inspect.demo import make_demo_dataset
+from cff_inspect.kafka import KafkaConfig, ensure_topics
+from inspection_pb.v1 import frames_pb2, results_pb2
+from scorer.artifact import save_head
+from scorer.backbones import load_backbone
+from scorer.fit import fit_head
+from scorer.images import load_image
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def demo_head(tmp_path_factory: pytest.TempPathFactory):
+    d = tmp_path_factory.mktemp("wk")
+    cat = make_demo_dataset(d, n_train=4, n_good=4, n_bad=4)
+    bb = load_backbone("tiny-vit")
+    head = fit_head(bb, [load_image(p) for p in sorted((cat / "train" / "good").glob("*.png"))], method="knn")
+    path = d / "demo-v1.safetensors"
+    save_head(head, path, product="demo", version=1)
+    return cat, path
+
+
+@pytest.fixture
+def broker():
+    with EmbeddedBroker() as b:
+        cfg = KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:6]}.", partitions=4)
+        ensure_topics(cfg)
+        yield cfg
+
+
+def _png(path: Path) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _frame(
+    camera: str,
+    seq: int,
+    image: bytes,
+    *,
+    product: str = "demo",
+    age_s: float = 0.0,
+    encoding: int = frames_pb2.ENCODING_PNG,
+) -> frames_pb2.Frame:
+    f = frames_pb2.Frame(
+        frame_id=f"{camera}-{seq}-{uuid.uuid4().hex[:8]}",
+        camera_id=camera,
+        product_id=product,
+        sequence=seq,
+        encoding=encoding,
+        image=image,
+    )
+    f.capture_time.FromNanoseconds(int((time.time() - age_s) * 1e9))
+    return f
+
+
+def _start_worker(cfg: KafkaConfig, head: Path, worker_id: str) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "cff_inspect",
+        "worker",
+        "--head",
+        f"demo={head}",
+        "--bootstrap-servers",
+        cfg.bootstrap_servers,
+        "--topic-prefix",
+        cfg.topic_prefix,
+        "--partitions",
+        "4",
+        "--max-batch",
+        "4",
+        "--max-wait-ms",
+        "30",
+        "--worker-id",
+        worker_id,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _collect(cfg: KafkaConfig, topic: str, want: int, timeout: float) -> list:
+    c = cfg.consumer(cfg.topic(topic), group_id=None, consumer_timeout_ms=1000)
+    out: list = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and len(out) < want:
+            for msgs in c.poll(timeout_ms=500).values():
+                out.extend(msgs)
+    finally:
+        c.close()
+    return out
+
+
+def test_every_frame_gets_one_result_and_bad_ones_are_dead_lettered(broker, demo_head) -> None:
+    cat, head_path = demo_head
+    worker = _start_worker(broker, head_path, "w1")
+    try:
+        goods = sorted((cat / "test" / "good").glob("*.png"))
+        bads = sorted((cat / "test" / "scratch").glob("*.png"))
+        frames = []
+        for i, p in enumerate(goods + bads):
+            frames.append(_frame("cam-a" if i % 2 else "cam-b", i, _png(p)))
+        corrupt = [
+            _frame("cam-a", 100, b"\xff\xd8\xff\xe0 not a jpeg", encoding=frames_pb2.ENCODING_JPEG),
+            _frame("cam-b", 101, b""),
+        ]
+        no_head = _frame("cam-a", 102, _png(goods[0]), product="other")
+        stale = _frame("cam-b", 103, _png(goods[0]), age_s=3600)
+        frames += corrupt + [no_head, stale]
+        prod = broker.producer()
+        for f in frames:
+            prod.send(broker.topic("frames"), key=f.camera_id.encode(), value=f.SerializeToString())
+        prod.send(broker.topic("frames"), key=b"cam-a", value=b"\x00\x01 definitely not protobuf \xff")
+        prod.flush()
+        prod.close()
+
+        recs = _collect(broker, "results", len(frames), timeout=120)
+        results = [results_pb2.InspectionResult.FromString(m.value) for m in recs]
+        ids = {r.frame_id for r in results}
+        assert ids == {f.frame_id for f in frames}, f"missing {len({f.frame_id for f in frames} - ids)} results"
+        by_id = {r.frame_id: r for r in results}
+        for f in corrupt:
+            assert by_id[f.frame_id].status == results_pb2.STATUS_BAD_FRAME and by_id[f.frame_id].reason
+        assert by_id[no_head.frame_id].status == results_pb2.STATUS_NO_HEAD
+        assert by_id[stale.frame_id].status == results_pb2.STATUS_STALE
+        ok = [by_id[f.frame_id] for f in frames[: len(goods) + len(bads)]]
+        assert all(r.status == results_pb2.STATUS_OK and r.head.head_id == "demo-v1" for r in ok)
+        for r in ok:
+            assert r.normalized_score == pytest.approx(r.image_score / r.image_threshold, rel=1e-4)
+            assert (r.verdict == results_pb2.VERDICT_DEFECT) == (r.image_score >= r.image_threshold)
+            assert r.timings.batch_size >= 1 and r.timings.inference_s > 0
+        # results are keyed by camera id
+        assert all(m.key.decode() == results_pb2.InspectionResult.FromString(m.value).camera_id for m in recs)
+
+        n_defect = sum(r.verdict == results_pb2.VERDICT_DEFECT for r in ok)
+        events = [results_pb2.DefectEvent.FromString(m.value) for m in _collect(broker, "defects", n_defect, 30)]
+        assert {e.frame_id for e in events} == {r.frame_id for r in ok if r.verdict == results_pb2.VERDICT_DEFECT}
+        dlq = _collect(broker, "frames.dlq", 3, 30)
+        reasons = [dict(m.headers)["reason"].decode() for m in dlq]
+        assert len(dlq) == 3 and any(r.startswith("not a Frame") for r in reasons)
+        assert sum("decode" in r or "empty" in r for r in reasons) == 2
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            out, _ = worker.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            out, _ = worker.communicate()
+    assert worker.returncode == 0, out.decode()[-3000:]
+
+
+def test_raw_frames_and_size_guard() -> None:
+    from workers.worker import BadFrame, WorkerConfig, decode_frame_image
+
+    cfg = WorkerConfig(max_pixels=10_000)
+    img = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    f = frames_pb2.Frame(frame_id="x", encoding=frames_pb2.ENCODING_RAW_RGB8, image=img.tobytes(), width=5, height=4)
+    assert np.array_equal(decode_frame_image(f, cfg), img)
+    f.width = 6
+    with pytest.raises(BadFrame, match="expected 72"):
+        decode_frame_image(f, cfg)
+    buf = io.BytesIO()
+    Image.new("L", (200, 200)).save(buf, format="PNG")
+    big = frames_pb2.Frame(frame_id="y", encoding=frames_pb2.ENCODING_PNG, image=buf.getvalue())
+    with pytest.raises(BadFrame, match="exceeds the limit"):
+        decode_frame_image(big, cfg)
+    with pytest.raises(BadFrame, match="unknown encoding"):
+        decode_frame_image(frames_pb2.Frame(frame_id="z", encoding=0, image=b"abc"), cfg)
