@@ -180,7 +180,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 # -- not yet built ---------------------------------------------------------------
 _PENDING = {
-    "ingest": ("publish camera frames to Kafka", 7),
     "calibrator": ("serve the gRPC calibrator", 4),
     "bench": ("speed benchmarks", 6),
 }
@@ -201,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", default=bool(_env("verbose", False)))
     sub = parser.add_subparsers(dest="command", required=True)
     from cff_inspect import commands
+    from cff_inspect import run as run_cmd
 
-    commands.add_run(sub)
+    run_cmd.add_run(sub)
     _add_eval(sub)
     commands.add_score(sub)
     commands.add_train_base(sub)
@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     services.add_broker(sub)
     services.add_worker(sub)
+    services.add_ingest(sub)
     for name, (text, issue) in _PENDING.items():
         _add_pending(sub, name, text, issue)
     return parser

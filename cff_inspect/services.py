@@ -167,6 +167,71 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_worker)
 
 
+# -- ingest ----------------------------------------------------------------------------
+def parse_camera(spec: str):  # noqa: ANN201
+    """``ID=PRODUCT@SOURCE[,fps=N]`` -> CameraConfig."""
+    from ingest.cameras import CameraConfig
+
+    head, _, opts = spec.partition(",")
+    if "=" not in head or "@" not in head:
+        raise ConfigError(f"--camera expects ID=PRODUCT@SOURCE[,fps=N], got {spec!r}")
+    cid, rest = head.split("=", 1)
+    product, source = rest.split("@", 1)
+    kw: dict = {}
+    for kv in filter(None, opts.split(",")):
+        k, _, v = kv.partition("=")
+        if k == "fps":
+            kw["fps"] = float(v)
+        elif k == "loop":
+            kw["loop"] = v.lower() in ("1", "true", "yes")
+        else:
+            raise ConfigError(f"--camera option {k!r} unknown (fps, loop)")
+    return CameraConfig(id=cid, product=product, source=source, **kw)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from cff_inspect.kafka import ensure_topics
+    from ingest.cameras import Ingest, load_cameras
+
+    quiet_kafka()
+    cams = load_cameras(args.cameras) if args.cameras else []
+    cams += [parse_camera(c) for c in args.camera or []]
+    if not cams:
+        raise ConfigError("no cameras: give --cameras FILE.toml or --camera ID=PRODUCT@SOURCE")
+    kafka = kafka_from(args)
+    ensure_topics(kafka)
+    ing = Ingest(kafka, cams, buffer_size=args.buffer_size, max_frames=args.max_frames).start()
+    stop_on_signals(ing.stop_event)
+    deadline = time.monotonic() + args.duration if args.duration else None
+    while not ing.stop_event.is_set() and ing._threads[-1].is_alive():
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        ing.stop_event.wait(0.5)
+    ing.stop()
+    st = ing.stats
+    print(
+        f"captured {sum(st.captured.values())}, published {sum(st.published.values())}, "
+        f"dropped {sum(st.dropped.values())}, reconnects {sum(st.reconnects.values())}"
+    )
+    return 0
+
+
+def add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="publish camera frames (folders, video files, RTSP/HTTP, USB) to Kafka")
+    p.add_argument("--cameras", default=_env("cameras"), help="TOML camera list ([[camera]] id, product, source, ...)")
+    p.add_argument("--camera", action="append", help="ID=PRODUCT@SOURCE[,fps=N] (repeatable)")
+    p.add_argument(
+        "--buffer-size",
+        type=int,
+        default=_env("buffer_size", 64, kind=int),
+        help="bounded frame buffer; the oldest frame is dropped (and counted) when full",
+    )
+    p.add_argument("--max-frames", type=int, default=None, help="per camera, then stop")
+    p.add_argument("--duration", type=float, default=None, help="seconds, then stop")
+    add_kafka_args(p)
+    p.set_defaults(func=cmd_ingest)
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -176,4 +241,4 @@ def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:  # noqa:
     return False
 
 
-__all__ = ["add_broker", "add_worker", "sys"]
+__all__ = ["add_broker", "add_ingest", "add_worker", "sys"]

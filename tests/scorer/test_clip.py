@@ -159,9 +159,7 @@ def test_text_matrix(tiny: ClipBackbone, monkeypatch: pytest.MonkeyPatch) -> Non
     assert not torch.allclose(t, tiny.encode_text_prompts("pcb1"))
     assert not torch.allclose(t[:, 0], t[:, 1])
     normal, anomalous = build_prompts("metal_nut")
-    manual = torch.stack(
-        [F.normalize(tiny.encode_texts(g).mean(0), dim=0) for g in (normal, anomalous)], dim=1
-    )
+    manual = torch.stack([F.normalize(tiny.encode_texts(g).mean(0), dim=0) for g in (normal, anomalous)], dim=1)
     assert torch.allclose(t, manual, atol=1e-6)
     single = tiny.encode_text_prompts("metal_nut", single=True)
     assert single.shape == (32, 2) and not torch.allclose(single, t)
@@ -244,9 +242,7 @@ def test_safetensors_round_trip(registered_tiny: str, tmp_path: Path, pixels: to
     _same_output(ref, bb, pixels)
 
 
-def test_torch_save_round_trip_with_wrapped_layout(
-    registered_tiny: str, tmp_path: Path, pixels: torch.Tensor
-) -> None:
+def test_torch_save_round_trip_with_wrapped_layout(registered_tiny: str, tmp_path: Path, pixels: torch.Tensor) -> None:
     ref = build_tiny_clip(seed=4)
     wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in _state_dict(ref).items()}}
     path = tmp_path / "epoch_3.pt"

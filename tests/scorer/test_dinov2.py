@@ -96,8 +96,7 @@ def test_extract_stops_after_last_tap() -> None:
     bb = d.TimmViTBackbone(base.vit, spec="tiny-vit", taps=(1, 2), image_size=64, weights_id="random:0")
     ran: list[int] = []
     hooks = [
-        blk.register_forward_hook(lambda m, i, o, n=n: ran.append(n))
-        for n, blk in enumerate(bb.vit.blocks, start=1)
+        blk.register_forward_hook(lambda m, i, o, n=n: ran.append(n)) for n, blk in enumerate(bb.vit.blocks, start=1)
     ]
     try:
         with torch.inference_mode():

@@ -59,9 +59,7 @@ def random_masks(
     return masks
 
 
-def random_maps(
-    rng: np.random.Generator, masks: np.ndarray, decimals: int | None, shift: float = 0.3
-) -> np.ndarray:
+def random_maps(rng: np.random.Generator, masks: np.ndarray, decimals: int | None, shift: float = 0.3) -> np.ndarray:
     maps = rng.random(masks.shape) + shift * masks
     if decimals is not None:
         maps = np.round(maps, decimals)

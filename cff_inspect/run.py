@@ -1,0 +1,234 @@
+"""``cff-inspect run``: the whole system on one machine, on the embedded broker.
+
+Starts the embedded broker (or uses ``--bootstrap-servers``), fits the demo
+product's head in-process from four good images (until the calibrator service
+lands), runs a worker and the ingest of two demo cameras, and shows a live view of
+what MES would see. ``--duration`` bounds the run; ``--summary-json`` writes the
+figures at the end; Ctrl-C stops everything, broker included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+
+import numpy as np
+
+from scorer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+class ResultWatcher(threading.Thread):
+    """Reads results and defect events like an MES client would."""
+
+    def __init__(self, kafka, stop: threading.Event) -> None:  # noqa: ANN001
+        super().__init__(name="results-watcher", daemon=True)
+        self.kafka = kafka
+        self.stop = stop
+        self.latency: dict[str, list[float]] = defaultdict(list)
+        self.status: dict[str, int] = defaultdict(int)
+        self.frame_ids: set[str] = set()
+        self.results = 0
+        self.defects = 0
+        self.recent: deque[str] = deque(maxlen=5)
+        self.t_first: float | None = None
+
+    def run(self) -> None:
+        from inspection_pb.v1 import results_pb2
+
+        c = self.kafka.consumer(self.kafka.topic("results"), self.kafka.topic("defects"), group_id=None)
+        try:
+            while not self.stop.is_set():
+                for tp, msgs in c.poll(timeout_ms=300).items():
+                    for m in msgs:
+                        if tp.topic.endswith("results"):
+                            r = results_pb2.InspectionResult.FromString(m.value)
+                            self.results += 1
+                            self.frame_ids.add(r.frame_id)
+                            self.status[results_pb2.Status.Name(r.status)] += 1
+                            if self.t_first is None:
+                                self.t_first = time.monotonic()
+                            lat = (r.result_time.ToNanoseconds() - r.capture_time.ToNanoseconds()) / 1e9
+                            self.latency[r.camera_id].append(lat)
+                        else:
+                            d = results_pb2.DefectEvent.FromString(m.value)
+                            self.defects += 1
+                            self.recent.append(
+                                f"{d.camera_id} {d.product_id} frame {d.frame_id[-12:]} "
+                                f"score x{d.normalized_score:.2f} regions={len(d.regions)}"
+                            )
+        finally:
+            c.close()
+
+    def view(self) -> str:
+        rate = 0.0
+        if self.t_first is not None:
+            rate = self.results / max(1e-6, time.monotonic() - self.t_first)
+        lines = [
+            f"results {self.results} ({rate:.2f}/s)  defects {self.defects}  "
+            + " ".join(f"{k.removeprefix('STATUS_')}={v}" for k, v in sorted(self.status.items()))
+        ]
+        for cam, xs in sorted(self.latency.items()):
+            lines.append(
+                f"  {cam}: {len(xs)} frames, latency p50 {_pct(xs, 50) or 0:.2f}s p99 {_pct(xs, 99) or 0:.2f}s"
+            )
+        for e in self.recent:
+            lines.append(f"  defect: {e}")
+        return "\n".join(lines)
+
+
+def _stream_folder(cat: Path, out: Path) -> Path:
+    """Interleave good and defective test images into one folder a camera can loop over."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for d in (cat / "test").iterdir() if d.is_dir() for p in d.iterdir() if p.is_file())
+    rng = np.random.default_rng(0)
+    for i, j in enumerate(rng.permutation(len(files))):
+        dst = out / f"{i:04d}{files[j].suffix}"
+        if not dst.exists():
+            dst.write_bytes(files[j].read_bytes())
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cff_inspect.broker import EmbeddedBroker
+    from cff_inspect.cli import _backbone_from
+    from cff_inspect.demo import make_demo_dataset
+    from cff_inspect.kafka import KafkaConfig, ensure_topics
+    from cff_inspect.services import quiet_kafka
+    from ingest.cameras import CameraConfig, Ingest
+    from scorer.artifact import file_sha256, save_head
+    from scorer.data import discover, draw_references
+    from scorer.fit import FitOptions, fit_head
+    from scorer.images import load_image
+    from workers.worker import ActiveHead, Worker, WorkerConfig, head_ref
+
+    quiet_kafka()
+    if args.cameras < 1:
+        raise ConfigError("--cameras must be >= 1")
+    out = Path(args.out)
+    stop = threading.Event()
+    broker = None
+    summary: dict = {}
+    try:
+        if args.bootstrap_servers:
+            kafka = KafkaConfig(bootstrap_servers=args.bootstrap_servers)
+        else:
+            broker = EmbeddedBroker(log_path=out / "broker.log")
+            out.mkdir(parents=True, exist_ok=True)
+            broker.start()
+            print(f"embedded broker on {broker.bootstrap} (Tansu, memory storage: development only)", file=sys.stderr)
+            kafka = KafkaConfig(bootstrap_servers=broker.bootstrap)
+        ensure_topics(kafka)
+        cat_dir = Path(args.data) if args.data else make_demo_dataset(out / "demo-data", n_train=8, n_good=16, n_bad=8)
+        cat = discover(cat_dir)[0]
+        product = cat.name.replace("_", "-")
+        bb = _backbone_from(args)
+        refs = draw_references(cat.train, args.shots, 0)
+        print(f"fitting the {product} head ({bb.spec}) from {len(refs)} good images ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        opts = (
+            FitOptions(object_name=product)
+            if args.steps is None
+            else FitOptions(object_name=product).with_steps(args.steps)
+        )
+        head = fit_head(bb, [load_image(p) for p in refs], options=opts, method=args.method)
+        art = out / "heads" / f"{product}-v1.safetensors"
+        save_head(head, art, product=product, version=1)
+        head.meta.update({"product": product, "version": 1})
+        print(f"fitted in {time.perf_counter() - t0:.1f}s -> {art}", file=sys.stderr, flush=True)
+
+        worker = Worker(
+            kafka,
+            WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, evidence_dir=str(out / "evidence")),
+            {product: ActiveHead(head, head_ref(product, head, file_sha256(art), 1))},
+        )
+        worker.stop_event = stop
+        ready = threading.Event()
+        wt = threading.Thread(target=worker.run, kwargs={"ready": ready}, name="worker", daemon=True)
+        wt.start()
+        ready.wait(30)
+        watcher = ResultWatcher(kafka, stop)
+        watcher.start()
+        stream = _stream_folder(cat.root, out / "stream")
+        cams = [
+            CameraConfig(id=f"cam-{i + 1}", product=product, source=str(stream), fps=args.fps)
+            for i in range(args.cameras)
+        ]
+        ing = Ingest(kafka, cams, buffer_size=32).start()
+        deadline = time.monotonic() + args.duration if args.duration else None
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(2.0)
+                print("\033[2J\033[H" if sys.stdout.isatty() else "", end="")
+                print(watcher.view(), flush=True)
+                if not wt.is_alive():
+                    raise ConfigError("the worker stopped unexpectedly; see the log above")
+        except KeyboardInterrupt:
+            print("stopping ...", file=sys.stderr)
+        ing.stop()
+        time.sleep(min(10.0, 2.0 + 2 * args.max_wait_ms / 1000))  # let the last frames be scored
+        published = sum(ing.stats.published.values())
+        wait_until = time.monotonic() + 30
+        while watcher.results < published - sum(ing.stats.dropped.values()) and time.monotonic() < wait_until:
+            time.sleep(0.5)
+        stop.set()
+        wt.join(30)
+        watcher.join(10)
+        lats = [x for xs in watcher.latency.values() for x in xs]
+        summary = {
+            "frames_published": published,
+            "results_received": watcher.results,
+            "distinct_frame_ids": len(watcher.frame_ids),
+            "defects": watcher.defects,
+            "dead_lettered": worker.counters.get("bad_frame", 0) + worker.counters.get("dlq_unparseable", 0),
+            "dropped": sum(ing.stats.dropped.values()),
+            "latency_p50_s": _pct(lats, 50),
+            "latency_p99_s": _pct(lats, 99),
+            "statuses": dict(watcher.status),
+        }
+        print(json.dumps(summary, indent=2))
+        if args.summary_json:
+            Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+    finally:
+        stop.set()
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def add_run(sub: argparse._SubParsersAction) -> None:
+    from cff_inspect.cli import _add_backbone_args, _env
+
+    p = sub.add_parser("run", help="run the whole system on the embedded broker with demo cameras")
+    p.add_argument("--data", default=_env("data"), help="MVTec-layout category to stream (default: generated demo)")
+    p.add_argument("--out", default=_env("out", "out/run"))
+    p.add_argument(
+        "--duration", type=float, default=_env("duration", None, kind=float), help="seconds (default: until Ctrl-C)"
+    )
+    p.add_argument("--summary-json", default=_env("summary_json"))
+    p.add_argument("--cameras", type=int, default=2)
+    p.add_argument(
+        "--fps",
+        type=float,
+        default=_env("fps", 0.5, kind=float),
+        help="per camera; dinov2-vits14 scores about 2 images/s on 2 CPU cores",
+    )
+    p.add_argument("--shots", type=int, default=4)
+    p.add_argument("--method", choices=("cff", "aprilgan", "knn"), default="cff")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-wait-ms", type=int, default=100)
+    p.add_argument("--bootstrap-servers", default=None, help="use this Kafka instead of the embedded broker")
+    _add_backbone_args(p)
+    p.set_defaults(func=cmd_run)
