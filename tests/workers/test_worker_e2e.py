@@ -189,3 +189,57 @@ def test_raw_frames_and_size_guard() -> None:
         decode_frame_image(big, cfg)
     with pytest.raises(BadFrame, match="unknown encoding"):
         decode_frame_image(frames_pb2.Frame(frame_id="z", encoding=0, image=b"abc"), cfg)
+
+
+def test_two_workers_share_partitions_and_a_killed_one_loses_nothing(broker, demo_head) -> None:
+    cat, head_path = demo_head
+    images = [_png(p) for p in sorted((cat / "test").rglob("*.png"))]
+    w1 = _start_worker(broker, head_path, "w1")
+    w2 = _start_worker(broker, head_path, "w2")
+    watch = broker.consumer(broker.topic("results"), group_id=None)
+    results: list = []
+
+    def drain(timeout_ms: int = 300) -> None:
+        for msgs in watch.poll(timeout_ms=timeout_ms).values():
+            results.extend(results_pb2.InspectionResult.FromString(m.value) for m in msgs)
+
+    try:
+        prod = broker.producer()
+        frames = []
+
+        def send(i: int) -> None:
+            f = _frame(f"cam-{i % 8}", i, images[i % len(images)])
+            frames.append(f)
+            prod.send(broker.topic("frames"), key=f.camera_id.encode(), value=f.SerializeToString())
+
+        i = 0
+        deadline = time.monotonic() + 90
+        while {r.worker_id for r in results} != {"w1", "w2"} and time.monotonic() < deadline:
+            send(i)
+            i += 1
+            prod.flush()
+            drain(200)
+        assert {r.worker_id for r in results} == {"w1", "w2"}, "both workers should receive partitions"
+        w1.kill()  # SIGKILL mid-stream: no commit, no leave-group
+        for j in range(i, i + 40):
+            send(j)
+            time.sleep(0.02)
+        prod.flush()
+        prod.close()
+        want = {f.frame_id for f in frames}
+        deadline = time.monotonic() + 120
+        while not want <= {r.frame_id for r in results} and time.monotonic() < deadline:
+            drain()
+        got = {r.frame_id for r in results}
+        assert want <= got, f"{len(want - got)} of {len(want)} frames lost"
+        print(f"results {len(results)} for {len(want)} frames, duplicates {len(results) - len(got)}")
+    finally:
+        watch.close()
+        for w in (w1, w2):
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        for w in (w1, w2):
+            try:
+                w.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.kill()
