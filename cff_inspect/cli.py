@@ -181,7 +181,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 # -- not yet built ---------------------------------------------------------------
 _PENDING = {
     "calibrator": ("serve the gRPC calibrator", 4),
-    "bench": ("speed benchmarks", 6),
 }
 
 
@@ -193,6 +192,26 @@ def _add_pending(sub: argparse._SubParsersAction, name: str, text: str, issue: i
         return 2
 
     p.set_defaults(func=run)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: pipeline (end to end vs bare scorer)")
+    bs = p.add_subparsers(dest="bench_command", required=True)
+    from benchmarks import pipeline
+
+    q = bs.add_parser("pipeline", help="end-to-end frames/s and latency beside the bare scorer, one run")
+    pipeline.add_args(q)
+    q.set_defaults(func=pipeline.main)
+    s = bs.add_parser("scorer", help="batched GPU scorer benchmark (not built yet: issue 6)")
+    s.set_defaults(
+        func=lambda a: (
+            print(
+                "cff-inspect bench scorer: not built yet (issue 6); python -m benchmarks.cpu_cost gives the CPU cost",
+                file=sys.stderr,
+            ),
+            2,
+        )[1]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     services.add_broker(sub)
     services.add_worker(sub)
     services.add_ingest(sub)
+    _add_bench(sub)
     for name, (text, issue) in _PENDING.items():
         _add_pending(sub, name, text, issue)
     return parser
