@@ -106,10 +106,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ),
     )
     fit_options = None
-    if args.fit_steps is not None:
+    if args.fit_steps is not None or args.fit_lr_stage2 is not None:
+        from dataclasses import replace
+
         from scorer.fit import FitOptions
 
-        fit_options = FitOptions(steps=args.fit_steps)
+        fit_options = FitOptions()
+        if args.fit_steps is not None:
+            fit_options = fit_options.with_steps(args.fit_steps)
+        if args.fit_lr_stage2 is not None:
+            fit_options = replace(fit_options, lr_stage2=args.fit_lr_stage2)
     report = run_eval(
         data,
         bb,
@@ -168,6 +174,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--smooth-sigma", type=float, default=_env("smooth_sigma", 4.0, kind=float))
     p.add_argument("--image-score", choices=("topk", "max"), default=_env("image_score", "topk"))
+    p.add_argument(
+        "--fit-lr-stage2",
+        type=float,
+        default=_env("fit_lr_stage2", None, kind=float),
+        help="stage-2 (CFF calibration) learning rate of the per-product fit (default 1e-3)",
+    )
     p.add_argument(
         "--fit-steps",
         type=int,

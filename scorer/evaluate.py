@@ -263,9 +263,20 @@ def run_eval(
         "image_score": cfg.score.image_score,
         "aupro_fpr_limit": 0.3,
         "torch_threads": torch.get_num_threads(),
+        "fit_options": _fit_options_record(fit_options),
+        "bank_dtype": cfg.score.bank_dtype,
         "elapsed_seconds": time.perf_counter() - t0,
         "records": records,
     }
+
+
+def _fit_options_record(fit_options: object | None) -> dict:
+    from dataclasses import asdict
+
+    from scorer.fit import FitOptions
+
+    fo = fit_options if isinstance(fit_options, FitOptions) else FitOptions()
+    return {k: v for k, v in asdict(fo).items() if k != "score"}
 
 
 def _fmt(mean: float, std: float) -> str:

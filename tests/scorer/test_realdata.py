@@ -47,6 +47,7 @@ def test_quality_floor_4_shot(dinov2, name: str) -> None:
     cfg = EvalConfig(shots=(4,), seeds=(0,), methods=("knn", "cff"), max_test=40)
     rep = run_eval([DATA / name], dinov2, cfg, fit_options=FitOptions())
     got = {r["method"]: r["mean"] for r in rep["records"]}
+    print(name, {m: {k: round(v, 3) for k, v in g.items()} for m, g in got.items()})
     fk_i, fk_p, fc_i, fc_p = FLOORS[name]
     assert got["knn"]["i_auroc"] >= fk_i, got
     assert got["knn"]["p_auroc"] >= fk_p, got
