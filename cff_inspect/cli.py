@@ -106,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ),
     )
     fit_options = None
-    if args.fit_steps is not None or args.fit_lr_stage2 is not None:
+    if args.fit_steps is not None or args.fit_lr_stage2 is not None or args.bank_features is not None:
         from dataclasses import replace
 
         from scorer.fit import FitOptions
@@ -116,6 +116,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             fit_options = fit_options.with_steps(args.fit_steps)
         if args.fit_lr_stage2 is not None:
             fit_options = replace(fit_options, lr_stage2=args.fit_lr_stage2)
+        if args.bank_features is not None:
+            fit_options = replace(fit_options, bank_features=args.bank_features)
     report = run_eval(
         data,
         bb,
@@ -174,6 +176,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--smooth-sigma", type=float, default=_env("smooth_sigma", 4.0, kind=float))
     p.add_argument("--image-score", choices=("topk", "max"), default=_env("image_score", "topk"))
+    p.add_argument(
+        "--bank-features",
+        choices=("raw", "projected", "calibrated"),
+        default=_env("bank_features"),
+        help="features of the cff memory bank (default calibrated, spec A9; aprilgan and knn always use raw)",
+    )
     p.add_argument(
         "--fit-lr-stage2",
         type=float,
