@@ -199,9 +199,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 # -- not yet built ---------------------------------------------------------------
-_PENDING = {
-    "calibrator": ("serve the gRPC calibrator", 4),
-}
+_PENDING: dict[str, tuple[str, int]] = {}
 
 
 def _add_pending(sub: argparse._SubParsersAction, name: str, text: str, issue: int) -> None:
@@ -251,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     services.add_broker(sub)
     services.add_worker(sub)
     services.add_ingest(sub)
+    services.add_calibrator(sub)
     _add_bench(sub)
     for name, (text, issue) in _PENDING.items():
         _add_pending(sub, name, text, issue)

@@ -232,6 +232,34 @@ def add_ingest(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_ingest)
 
 
+# -- calibrator ------------------------------------------------------------------------
+def cmd_calibrator(args: argparse.Namespace) -> int:
+    from calibrator.service import serve
+    from calibrator.store import HeadStore
+    from cff_inspect.cli import _backbone_from
+
+    bb = _backbone_from(args)
+    server, port = serve(HeadStore(args.store), bb, host=args.host, port=args.port, base_head_path=args.base_head)
+    print(f"calibrator serving {bb.spec} heads from {args.store} on {args.host}:{port}", flush=True)
+    stop = threading.Event()
+    stop_on_signals(stop)
+    stop.wait()
+    server.stop(grace=10).wait()
+    return 0
+
+
+def add_calibrator(sub: argparse._SubParsersAction) -> None:
+    from cff_inspect.cli import _add_backbone_args
+
+    p = sub.add_parser("calibrator", help="serve the gRPC calibrator (fit, store, serve, activate heads)")
+    p.add_argument("--store", default=_env("store", "heads"), help="head store folder (default: %(default)s)")
+    p.add_argument("--host", default=_env("host", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=_env("port", 50051, kind=int))
+    p.add_argument("--base-head", default=_env("base_head"), help="base head from train-base")
+    _add_backbone_args(p)
+    p.set_defaults(func=cmd_calibrator)
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -241,4 +269,4 @@ def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:  # noqa:
     return False
 
 
-__all__ = ["add_broker", "add_ingest", "add_worker", "sys"]
+__all__ = ["add_broker", "add_calibrator", "add_ingest", "add_worker", "sys"]

@@ -1,0 +1,306 @@
+"""The calibrator gRPC service: fit, store, serve and activate per-product heads.
+
+FitHead takes a client stream (header, then image chunks) and answers with a
+server stream of progress ending with the head's info. A cancelled or expired
+call stops the fit at the next progress step and stores nothing. Standard health
+service and reflection are registered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import queue
+import threading
+from concurrent import futures
+from dataclasses import replace
+
+import grpc
+from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from calibrator.store import HeadStore, StoreError
+from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc, common_pb2
+from scorer.artifact import load_head
+from scorer.backbones.base import Backbone
+from scorer.errors import ConfigError, HeadError, ImageError
+from scorer.fit import FitOptions, fit_head
+from scorer.images import decode_image
+from scorer.names import check_product_id
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+MAX_IMAGE_BYTES = 64 << 20
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _num(x: float | None) -> float:
+    return float(x) if x is not None and math.isfinite(float(x)) else 0.0
+
+
+def head_info(store: HeadStore, product: str, version: int = 0) -> calibrator_pb2.HeadInfo:
+    m = store.info(product, version)
+    info = calibrator_pb2.HeadInfo(
+        head=common_pb2.HeadRef(
+            product_id=product, head_id=f"{product}-v{m['version']}", version=m["version"], sha256=m["sha256"]
+        ),
+        backbone=m["backbone"],
+        weights_sha256=m["weights_sha256"],
+        method=m["method"],
+        shots=m.get("shots") or 0,
+        image_threshold=_num(m.get("image_threshold")),
+        pixel_threshold=_num(m.get("pixel_threshold")),
+        active=bool(m["active"]),
+        reference_sha256=m.get("reference_sha256") or [],
+    )
+    for k, v in (m.get("fit_metrics") or {}).items():
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            info.fit_metrics[k] = float(v)
+    if m.get("created"):
+        ts = timestamp_pb2.Timestamp()
+        try:
+            ts.FromJsonString(m["created"].replace("+00:00", "Z"))
+            info.created_time.CopyFrom(ts)
+        except ValueError:
+            pass
+    return info
+
+
+class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
+    def __init__(self, store: HeadStore, backbone: Backbone, *, base_head_path: str | None = None) -> None:
+        self.store = store
+        self.backbone = backbone
+        self.base_head = load_head(base_head_path, backbone) if base_head_path else None
+        self._fit_lock = threading.Lock()  # one fit at a time per process keeps CPU memory bounded
+
+    # -- helpers ----------------------------------------------------------------
+    @staticmethod
+    def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, msg: str) -> None:
+        context.abort(code, msg)
+
+    def _guard(self, context: grpc.ServicerContext, fn):  # noqa: ANN001, ANN202
+        try:
+            return fn()
+        except StoreError as exc:
+            self._abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        except (ConfigError, ImageError) as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except HeadError as exc:
+            self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+    # -- FitHead ------------------------------------------------------------------
+    def FitHead(self, request_iterator, context):  # noqa: ANN001, ANN201, N802
+        try:
+            first = next(request_iterator)
+        except StopIteration:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty FitHead stream: send a header first")
+        if first.WhichOneof("part") != "header":
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first FitHead message must be the header")
+        h = first.header
+        try:
+            product = check_product_id(h.product_id)
+        except ConfigError as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if h.backbone and h.backbone != self.backbone.spec:
+            self._abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this calibrator serves backbone {self.backbone.spec!r}, not {h.backbone!r}",
+            )
+        method = h.method or "cff"
+        if method not in ("cff", "aprilgan", "knn"):
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown method {method!r}")
+        if not 1 <= h.shots <= 64:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"shots must be 1..64, got {h.shots}")
+        yield calibrator_pb2.FitProgress(stage="receiving", total_steps=h.shots)
+        parts: dict[int, list[bytes]] = {}
+        names: dict[int, str] = {}
+        done: set[int] = set()
+        for msg in request_iterator:
+            if msg.WhichOneof("part") != "chunk":
+                self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "only image chunks may follow the header")
+            c = msg.chunk
+            if c.index >= h.shots:
+                self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"chunk for image {c.index} but shots={h.shots}")
+            parts.setdefault(c.index, []).append(c.data)
+            names[c.index] = c.name or names.get(c.index, f"image {c.index}")
+            if sum(map(len, parts[c.index])) > MAX_IMAGE_BYTES:
+                self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{names[c.index]}: larger than 64 MiB")
+            if c.last:
+                done.add(c.index)
+        if done != set(range(h.shots)):
+            missing = sorted(set(range(h.shots)) - done)
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"images {missing} were not sent completely")
+        images, shas = [], []
+        for i in range(h.shots):
+            data = b"".join(parts[i])
+            shas.append(hashlib.sha256(data).hexdigest())
+            try:
+                images.append(decode_image(data, name=names[i]))
+            except ImageError as exc:
+                self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        opts = FitOptions(object_name=product.split(".")[0])
+        steps = {k: v for k, v in h.options.items()}
+        if "steps" in steps:
+            try:
+                opts = opts.with_steps(int(steps["steps"]))
+            except ValueError:
+                self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"option steps={steps['steps']!r} is not an int")
+        total = {"stage1": opts.steps_stage1, "stage2": opts.steps_stage2}
+        q: queue.Queue = queue.Queue()
+        result: dict = {}
+
+        def progress(stage: str, step: int, loss: float) -> None:
+            if not context.is_active():
+                raise _Cancelled()
+            q.put(calibrator_pb2.FitProgress(stage=stage, step=step, total_steps=total.get(stage, 0), loss=loss))
+
+        def work() -> None:
+            try:
+                with self._fit_lock, self.store.lock(product):
+                    head = fit_head(
+                        self.backbone,
+                        images,
+                        base_head=self.base_head if method != "knn" else None,
+                        options=opts,
+                        method=method,
+                        progress=progress,
+                    )
+                    if not context.is_active():
+                        raise _Cancelled()
+                    head.meta["reference_sha256"] = shas
+                    result["version"] = self.store.add(product, head, activate=h.activate)
+            except BaseException as exc:  # reported to the stream below
+                result["error"] = exc
+            finally:
+                q.put(None)
+
+        t = threading.Thread(target=work, name=f"fit-{product}", daemon=True)
+        t.start()
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            yield item
+        t.join()
+        err = result.get("error")
+        if isinstance(err, _Cancelled):
+            log.info("fit of %s cancelled; nothing stored", product)
+            return
+        if err is not None:
+            code = (
+                grpc.StatusCode.INVALID_ARGUMENT
+                if isinstance(err, ConfigError | ImageError)
+                else grpc.StatusCode.INTERNAL
+            )
+            self._abort(context, code, f"fit of {product} failed: {err}")
+        info = head_info(self.store, product, result["version"])
+        yield calibrator_pb2.FitProgress(stage="done", result=info)
+
+    # -- unary calls -------------------------------------------------------------------
+    def ListHeads(self, request, context):  # noqa: ANN001, ANN201, N802
+        def run() -> calibrator_pb2.ListHeadsResponse:
+            products = [check_product_id(request.product_id)] if request.product_id else self.store.products()
+            out = calibrator_pb2.ListHeadsResponse()
+            for p in products:
+                for v in self.store.versions(p):
+                    out.heads.append(head_info(self.store, p, v))
+            return out
+
+        return self._guard(context, run)
+
+    def GetHead(self, request, context):  # noqa: ANN001, ANN201, N802
+        return self._guard(context, lambda: head_info(self.store, request.product_id, request.version))
+
+    def DownloadHead(self, request, context):  # noqa: ANN001, ANN201, N802
+        path = self._guard(context, lambda: self.store.path(check_product_id(request.product_id), request.version))
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        for i in range(0, max(1, len(data)), CHUNK):
+            yield calibrator_pb2.ArtifactChunk(
+                data=data[i : i + CHUNK], sha256=sha if i == 0 else "", total_size=len(data) if i == 0 else 0
+            )
+
+    def ActivateHead(self, request, context):  # noqa: ANN001, ANN201, N802
+        def run() -> calibrator_pb2.HeadInfo:
+            p = check_product_id(request.product_id)
+            with self.store.lock(p):
+                v = self.store.activate(p, request.version or max(self.store.versions(p), default=0))
+            return head_info(self.store, p, v)
+
+        return self._guard(context, run)
+
+    def RollbackHead(self, request, context):  # noqa: ANN001, ANN201, N802
+        def run() -> calibrator_pb2.HeadInfo:
+            p = check_product_id(request.product_id)
+            with self.store.lock(p):
+                v = self.store.rollback(p)
+            return head_info(self.store, p, v)
+
+        return self._guard(context, run)
+
+    def DeleteHead(self, request, context):  # noqa: ANN001, ANN201, N802
+        def run() -> calibrator_pb2.HeadInfo:
+            p = check_product_id(request.product_id)
+            with self.store.lock(p):
+                info = head_info(self.store, p, request.version)
+                self.store.delete(p, info.head.version)
+            info.active = False
+            return info
+
+        return self._guard(context, run)
+
+    def SetThresholds(self, request, context):  # noqa: ANN001, ANN201, N802
+        def run() -> calibrator_pb2.HeadInfo:
+            p = check_product_id(request.head.product_id)
+            it = request.image_threshold if request.HasField("image_threshold") else None
+            pt = request.pixel_threshold if request.HasField("pixel_threshold") else None
+            for name, v in (("image_threshold", it), ("pixel_threshold", pt)):
+                if v is not None and (not math.isfinite(v) or v <= 0):
+                    raise ConfigError(f"{name} must be a positive number, got {v}")
+            if it is None and pt is None:
+                raise ConfigError("give image_threshold and/or pixel_threshold")
+            with self.store.lock(p):
+                head = load_head(self.store.path(p, request.head.version))
+                head = replace(head.with_thresholds(image=it, pixel=pt), meta=dict(head.meta))
+                v = self.store.add(p, head, activate=request.activate)
+            return head_info(self.store, p, v)
+
+        return self._guard(context, run)
+
+
+def serve(
+    store: HeadStore,
+    backbone: Backbone,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    base_head_path: str | None = None,
+    workers: int = 8,
+) -> tuple[grpc.Server, int]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers), options=[("grpc.max_receive_message_length", 8 << 20)]
+    )
+    calibrator_pb2_grpc.add_CalibratorServicer_to_server(
+        CalibratorService(store, backbone, base_head_path=base_head_path), server
+    )
+    hs = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    names = (
+        calibrator_pb2.DESCRIPTOR.services_by_name["Calibrator"].full_name,
+        reflection.SERVICE_NAME,
+        health.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise ConfigError(f"cannot listen on {host}:{port}")
+    server.start()
+    hs.set("", health_pb2.HealthCheckResponse.SERVING)
+    hs.set(names[0], health_pb2.HealthCheckResponse.SERVING)
+    return server, bound

@@ -1,0 +1,139 @@
+"""Versioned head store on disk: ``<root>/<product>/v<N>.safetensors`` plus ``state.json``.
+
+Writes are atomic (temporary file, fsync, rename), so the store survives restarts
+and a crash never leaves a half-written artifact or state. ``state.json`` holds the
+active version and the activation history (for rollback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from scorer.artifact import file_sha256, read_manifest, save_head
+from scorer.errors import HeadError, InspectionError
+from scorer.head import Head
+from scorer.names import check_product_id
+
+
+class StoreError(InspectionError):
+    """A product or version is not in the store, or the store is inconsistent."""
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class HeadStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def lock(self, product: str) -> threading.Lock:
+        """One lock per product: fits and changes of one product run one at a time."""
+        with self._guard:
+            return self._locks.setdefault(product, threading.Lock())
+
+    # -- state ------------------------------------------------------------------
+    def _dir(self, product: str) -> Path:
+        return self.root / check_product_id(product)
+
+    def _state(self, product: str) -> dict:
+        p = self._dir(product) / "state.json"
+        if not p.exists():
+            return {"active": None, "history": []}
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{p}: unreadable store state ({exc})") from None
+
+    def _save_state(self, product: str, state: dict) -> None:
+        d = self._dir(product)
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic_write(d / "state.json", json.dumps(state, indent=2).encode())
+
+    def products(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def versions(self, product: str) -> list[int]:
+        d = self._dir(product)
+        if not d.is_dir():
+            return []
+        return sorted(int(p.stem[1:]) for p in d.glob("v*.safetensors") if p.stem[1:].isdigit())
+
+    def active(self, product: str) -> int | None:
+        return self._state(product)["active"]
+
+    def path(self, product: str, version: int = 0) -> Path:
+        """Artifact path; version 0 means the active one."""
+        v = version or self.active(product)
+        if not v:
+            raise StoreError(f"product {product!r} has no active head")
+        p = self._dir(product) / f"v{v}.safetensors"
+        if not p.is_file():
+            raise StoreError(f"product {product!r} has no head version {v}")
+        return p
+
+    # -- changes ------------------------------------------------------------------
+    def add(self, product: str, head: Head, *, activate: bool = False) -> int:
+        d = self._dir(product)
+        d.mkdir(parents=True, exist_ok=True)
+        version = max(self.versions(product), default=0) + 1
+        head.meta.update({"product": product, "version": version})
+        save_head(head, d / f"v{version}.safetensors", product=product, version=version)
+        if activate:
+            self.activate(product, version)
+        return version
+
+    def activate(self, product: str, version: int) -> int:
+        self.path(product, version)  # exists
+        state = self._state(product)
+        if state["active"] != version:
+            if state["active"]:
+                state["history"].append(state["active"])
+            state["active"] = version
+            self._save_state(product, state)
+        return version
+
+    def rollback(self, product: str) -> int:
+        state = self._state(product)
+        while state["history"]:
+            prev = state["history"].pop()
+            if (self._dir(product) / f"v{prev}.safetensors").is_file():
+                state["active"] = prev
+                self._save_state(product, state)
+                return prev
+        raise StoreError(f"product {product!r} has no earlier active version to roll back to")
+
+    def delete(self, product: str, version: int) -> None:
+        p = self.path(product, version)
+        state = self._state(product)
+        if state["active"] == version:
+            state["active"] = None
+        state["history"] = [v for v in state["history"] if v != version]
+        self._save_state(product, state)
+        p.unlink()
+
+    def info(self, product: str, version: int = 0) -> dict:
+        p = self.path(product, version)
+        try:
+            m = read_manifest(p)
+        except HeadError as exc:
+            raise StoreError(str(exc)) from None
+        m["sha256"] = file_sha256(p)
+        m["active"] = self.active(product) == m.get("version")
+        return m

@@ -1,0 +1,125 @@
+"""The calibrator over real gRPC: fit from uploaded images, store, download, activate, thresholds."""
+
+from __future__ import annotations
+
+import hashlib
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from calibrator.service import serve
+from calibrator.store import HeadStore
+from cff_inspect.demo import make_demo_dataset
+from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc
+from scorer.artifact import load_head
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    cat = make_demo_dataset(tmp_path_factory.mktemp("cal"), n_train=3, n_good=0, n_bad=0)
+    return [p.read_bytes() for p in sorted((cat / "train" / "good").glob("*.png"))]
+
+
+@pytest.fixture
+def client(tmp_path, tiny_vit):
+    store = HeadStore(tmp_path / "store")
+    server, port = serve(store, tiny_vit, port=0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield calibrator_pb2_grpc.CalibratorStub(channel), channel, store
+    channel.close()
+    server.stop(0)
+
+
+def _fit_stream(
+    product: str, images: list[bytes], *, backbone: str = "tiny-vit", activate: bool = True, chunk: int = 1000
+):
+    yield calibrator_pb2.FitRequest(
+        header=calibrator_pb2.FitHeader(
+            product_id=product, backbone=backbone, shots=len(images), activate=activate, options={"steps": "4"}
+        )
+    )
+    for i, data in enumerate(images):
+        for s in range(0, len(data), chunk):
+            yield calibrator_pb2.FitRequest(
+                chunk=calibrator_pb2.ImageChunk(
+                    index=i, name=f"ref{i}.png", data=data[s : s + chunk], last=s + chunk >= len(data)
+                )
+            )
+
+
+def test_fit_download_activate_thresholds(client, refs, tiny_vit) -> None:
+    stub, channel, store = client
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+    progress = list(stub.FitHead(_fit_stream("widget.top", refs)))
+    stages = [p.stage for p in progress]
+    assert stages[0] == "receiving" and "stage1" in stages and "stage2" in stages and stages[-1] == "done"
+    info = progress[-1].result
+    assert info.head.version == 1 and info.active and info.shots == 3 and info.image_threshold > 0
+    assert list(info.reference_sha256) == [hashlib.sha256(r).hexdigest() for r in refs]
+
+    chunks = list(stub.DownloadHead(calibrator_pb2.HeadSelector(product_id="widget.top")))
+    data = b"".join(c.data for c in chunks)
+    assert chunks[0].sha256 == hashlib.sha256(data).hexdigest() == info.head.sha256
+    assert chunks[0].total_size == len(data)
+
+    v2 = stub.SetThresholds(
+        calibrator_pb2.SetThresholdsRequest(
+            head=calibrator_pb2.HeadSelector(product_id="widget.top"), image_threshold=0.5, activate=True
+        )
+    )
+    assert v2.head.version == 2 and v2.image_threshold == pytest.approx(0.5) and v2.active
+    assert v2.pixel_threshold == pytest.approx(info.pixel_threshold)
+    assert load_head(store.path("widget.top"), tiny_vit).image_threshold == pytest.approx(0.5)
+
+    back = stub.RollbackHead(calibrator_pb2.HeadSelector(product_id="widget.top"))
+    assert back.head.version == 1 and back.active
+    listed = stub.ListHeads(calibrator_pb2.ListHeadsRequest())
+    assert [(h.head.version, h.active) for h in listed.heads] == [(1, True), (2, False)]
+    gone = stub.DeleteHead(calibrator_pb2.HeadSelector(product_id="widget.top", version=2))
+    assert gone.head.version == 2
+    assert [h.head.version for h in stub.ListHeads(calibrator_pb2.ListHeadsRequest()).heads] == [1]
+
+    # the store survives a restart of the service
+    assert HeadStore(store.root).active("widget.top") == 1
+
+
+def test_bad_requests_get_clear_status_codes(client, refs) -> None:
+    stub, _, store = client
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.FitHead(_fit_stream("Bad Name", refs)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid product id" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.FitHead(_fit_stream("widget", refs, backbone="clip:ViT-L-14-336")))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.FitHead(_fit_stream("widget", [refs[0], b"\x89PNG broken"])))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ref1.png" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetHead(calibrator_pb2.HeadSelector(product_id="nothing"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert store.products() == []  # nothing half-stored by failed fits
+
+
+def test_cancelled_fit_leaves_nothing(client, refs) -> None:
+    stub, _, store = client
+
+    def stream():
+        for m in _fit_stream("widget", refs):
+            if m.WhichOneof("part") == "header":
+                m.header.options["steps"] = "100000"
+            yield m
+
+    call = stub.FitHead(stream())
+    for p in call:
+        if p.stage == "stage1":
+            call.cancel()
+            break
+    import time
+
+    time.sleep(1.0)
+    assert store.versions("widget") == []
