@@ -72,13 +72,23 @@ def head_info(store: HeadStore, product: str, version: int = 0) -> calibrator_pb
 
 
 class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
-    def __init__(self, store: HeadStore, backbone: Backbone, *, base_head_path: str | None = None) -> None:
+    def __init__(
+        self, store: HeadStore, backbone: Backbone, *, base_head_path: str | None = None, announcer=None
+    ) -> None:  # noqa: ANN001 - calibrator.announce.Announcer
+        self.announcer = announcer
         self.store = store
         self.backbone = backbone
         self.base_head = load_head(base_head_path, backbone) if base_head_path else None
         self._fit_lock = threading.Lock()  # one fit at a time per process keeps CPU memory bounded
 
     # -- helpers ----------------------------------------------------------------
+    def _announce(self, product: str) -> None:
+        if self.announcer is not None:
+            try:
+                self.announcer.announce(self.store, product)
+            except Exception as exc:  # the store change stands; announcements are repeated on restart
+                log.warning("announcing %s failed: %s", product, exc)
+
     @staticmethod
     def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, msg: str) -> None:
         context.abort(code, msg)
@@ -200,6 +210,8 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
             )
             self._abort(context, code, f"fit of {product} failed: {err}")
         info = head_info(self.store, product, result["version"])
+        if h.activate:
+            self._announce(product)
         yield calibrator_pb2.FitProgress(stage="done", result=info)
 
     # -- unary calls -------------------------------------------------------------------
@@ -231,6 +243,7 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
             p = check_product_id(request.product_id)
             with self.store.lock(p):
                 v = self.store.activate(p, request.version or max(self.store.versions(p), default=0))
+            self._announce(p)
             return head_info(self.store, p, v)
 
         return self._guard(context, run)
@@ -240,6 +253,7 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
             p = check_product_id(request.product_id)
             with self.store.lock(p):
                 v = self.store.rollback(p)
+            self._announce(p)
             return head_info(self.store, p, v)
 
         return self._guard(context, run)
@@ -250,6 +264,8 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
             with self.store.lock(p):
                 info = head_info(self.store, p, request.version)
                 self.store.delete(p, info.head.version)
+            if info.active:
+                self._announce(p)
             info.active = False
             return info
 
@@ -269,6 +285,8 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
                 head = load_head(self.store.path(p, request.head.version))
                 head = replace(head.with_thresholds(image=it, pixel=pt), meta=dict(head.meta))
                 v = self.store.add(p, head, activate=request.activate)
+            if request.activate:
+                self._announce(p)
             return head_info(self.store, p, v)
 
         return self._guard(context, run)
@@ -282,13 +300,14 @@ def serve(
     port: int = 50051,
     base_head_path: str | None = None,
     workers: int = 8,
+    kafka=None,  # noqa: ANN001 - cff_inspect.kafka.KafkaConfig: announce heads on the heads topic
+    advertised_address: str | None = None,
 ) -> tuple[grpc.Server, int]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers), options=[("grpc.max_receive_message_length", 8 << 20)]
     )
-    calibrator_pb2_grpc.add_CalibratorServicer_to_server(
-        CalibratorService(store, backbone, base_head_path=base_head_path), server
-    )
+    service = CalibratorService(store, backbone, base_head_path=base_head_path)
+    calibrator_pb2_grpc.add_CalibratorServicer_to_server(service, server)
     hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     names = (
@@ -301,6 +320,13 @@ def serve(
     if bound == 0:
         raise ConfigError(f"cannot listen on {host}:{port}")
     server.start()
+    if kafka is not None:
+        from calibrator.announce import Announcer
+
+        address = advertised_address or f"{host}:{bound}"
+        service.announcer = Announcer(kafka, address)
+        n = service.announcer.announce_all(store)
+        log.info("re-announced %d active heads", n)
     hs.set("", health_pb2.HealthCheckResponse.SERVING)
     hs.set(names[0], health_pb2.HealthCheckResponse.SERVING)
     return server, bound

@@ -122,7 +122,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     quiet_kafka()
     kafka = kafka_from(args)
-    _, heads = load_file_heads(args.head or [], args.backbone, args.weights, _device(args.device))
+    bb, heads = load_file_heads(args.head or [], args.backbone, args.weights, _device(args.device))
     cfg = WorkerConfig(
         group_id=args.group_id,
         max_batch=args.max_batch,
@@ -135,6 +135,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     ensure_topics(kafka)
     w = Worker(kafka, cfg, heads)
     stop_on_signals(w.stop_event)
+    if args.follow_heads:
+        from workers.heads import HeadFollower
+
+        HeadFollower(kafka, w, bb).start()
     w.run()
     return 0
 
@@ -161,6 +165,12 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--evidence-dir", default=_env("evidence_dir"), help="archive defect JPEGs and overlays here")
     p.add_argument("--heatmap-in-result", action="store_true", help="attach an 8-bit PNG heatmap to each result")
+    p.add_argument(
+        "--no-follow-heads",
+        dest="follow_heads",
+        action="store_false",
+        help="do not take heads announced by the calibrator on the heads topic",
+    )
     add_kafka_args(p)
     _add_backbone_args(p)
     p.set_defaults(backbone=_env("backbone", None))
@@ -239,7 +249,22 @@ def cmd_calibrator(args: argparse.Namespace) -> int:
     from cff_inspect.cli import _backbone_from
 
     bb = _backbone_from(args)
-    server, port = serve(HeadStore(args.store), bb, host=args.host, port=args.port, base_head_path=args.base_head)
+    kafka = None
+    if not args.no_kafka:
+        from cff_inspect.kafka import ensure_topics
+
+        quiet_kafka()
+        kafka = kafka_from(args)
+        ensure_topics(kafka)
+    server, port = serve(
+        HeadStore(args.store),
+        bb,
+        host=args.host,
+        port=args.port,
+        base_head_path=args.base_head,
+        kafka=kafka,
+        advertised_address=args.advertised_address,
+    )
     print(f"calibrator serving {bb.spec} heads from {args.store} on {args.host}:{port}", flush=True)
     stop = threading.Event()
     stop_on_signals(stop)
@@ -256,6 +281,13 @@ def add_calibrator(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=_env("host", "127.0.0.1"))
     p.add_argument("--port", type=int, default=_env("port", 50051, kind=int))
     p.add_argument("--base-head", default=_env("base_head"), help="base head from train-base")
+    p.add_argument(
+        "--advertised-address",
+        default=_env("advertised_address"),
+        help="host:port workers download heads from (announced on the heads topic)",
+    )
+    p.add_argument("--no-kafka", action="store_true", help="do not announce heads on Kafka")
+    add_kafka_args(p)
     _add_backbone_args(p)
     p.set_defaults(func=cmd_calibrator)
 

@@ -114,6 +114,10 @@ class Worker:
         with self._lock:
             self.heads[product] = active
 
+    def remove_head(self, product: str) -> None:
+        with self._lock:
+            self.heads.pop(product, None)
+
     # -- processing -------------------------------------------------------------
     def _result(self, frame: frames_pb2.Frame, status: int, reason: str = "") -> results_pb2.InspectionResult:
         r = results_pb2.InspectionResult(

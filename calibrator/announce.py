@@ -1,0 +1,59 @@
+"""Head announcements on the compacted ``heads`` topic (key = product id).
+
+The calibrator publishes one whenever a product's active head changes and
+re-announces every active head when it starts, so a broker that lost its data
+(the embedded one) is repopulated. The announcement carries the calibrator's
+*advertised* address, where workers on other machines download the artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from calibrator.store import HeadStore, StoreError
+from cff_inspect.kafka import KafkaConfig
+from inspection_pb.v1 import common_pb2, heads_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Announcer:
+    def __init__(self, kafka: KafkaConfig, advertised_address: str) -> None:
+        self.kafka = kafka
+        self.address = advertised_address
+        self.producer = kafka.producer()
+
+    def announce(self, store: HeadStore, product: str) -> heads_pb2.HeadAnnouncement:
+        a = heads_pb2.HeadAnnouncement(calibrator_address=self.address)
+        a.activated_time.GetCurrentTime()
+        try:
+            m = store.info(product)
+        except StoreError:
+            a.head.CopyFrom(common_pb2.HeadRef(product_id=product))
+            a.active = False
+        else:
+            a.head.CopyFrom(
+                common_pb2.HeadRef(
+                    product_id=product, head_id=f"{product}-v{m['version']}", version=m["version"], sha256=m["sha256"]
+                )
+            )
+            a.backbone = m["backbone"]
+            a.weights_sha256 = m["weights_sha256"]
+            a.image_threshold = m.get("image_threshold") or 0.0
+            a.pixel_threshold = m.get("pixel_threshold") or 0.0
+            a.active = True
+        self.producer.send(self.kafka.topic("heads"), key=product.encode(), value=a.SerializeToString()).get(30)
+        log.info("announced %s v%s (active=%s) at %s", product, a.head.version, a.active, self.address)
+        return a
+
+    def announce_all(self, store: HeadStore) -> int:
+        n = 0
+        for p in store.products():
+            if store.active(p):
+                self.announce(store, p)
+                n += 1
+        return n
+
+    def close(self) -> None:
+        self.producer.flush(10)
+        self.producer.close(10)
