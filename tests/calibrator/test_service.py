@@ -123,3 +123,28 @@ def test_cancelled_fit_leaves_nothing(client, refs) -> None:
 
     time.sleep(1.0)
     assert store.versions("widget") == []
+
+
+def test_worker_refuses_tampered_or_foreign_heads(client, refs, tiny_vit, tiny_vit_seed1) -> None:
+    from cff_inspect.kafka import KafkaConfig
+    from inspection_pb.v1 import heads_pb2
+    from scorer.errors import HeadError
+    from workers.heads import HeadFollower
+    from workers.worker import Worker, WorkerConfig
+
+    stub, channel, store = client
+    info = list(stub.FitHead(_fit_stream("widget", refs)))[-1].result
+    address = channel._channel.target().decode()
+    worker = Worker(KafkaConfig(bootstrap_servers="127.0.0.1:1"), WorkerConfig())
+    ann = heads_pb2.HeadAnnouncement(backbone="tiny-vit", calibrator_address=address, active=True)
+    ann.head.CopyFrom(info.head)
+    ann.head.sha256 = "0" * 64  # not what the calibrator serves
+    with pytest.raises(HeadError, match="sha256"):
+        HeadFollower(KafkaConfig(bootstrap_servers="127.0.0.1:1"), worker, tiny_vit).apply(ann)
+    assert "widget" not in worker.heads and worker.counters["heads_bad_sha256"] == 1
+    ann.head.sha256 = info.head.sha256
+    with pytest.raises(HeadError, match="weights random:0"):  # same spec, other weights: refused on load
+        HeadFollower(KafkaConfig(bootstrap_servers="127.0.0.1:1"), worker, tiny_vit_seed1).apply(ann)
+    assert "widget" not in worker.heads
+    HeadFollower(KafkaConfig(bootstrap_servers="127.0.0.1:1"), worker, tiny_vit).apply(ann)
+    assert worker.heads["widget"].ref.version == 1
