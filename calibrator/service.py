@@ -33,6 +33,7 @@ from scorer.names import check_product_id
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 MAX_IMAGE_BYTES = 64 << 20
+MAX_SHOTS = 16
 
 
 class _Cancelled(Exception):
@@ -73,9 +74,18 @@ def head_info(store: HeadStore, product: str, version: int = 0) -> calibrator_pb
 
 class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
     def __init__(
-        self, store: HeadStore, backbone: Backbone, *, base_head_path: str | None = None, announcer=None
-    ) -> None:  # noqa: ANN001 - calibrator.announce.Announcer
+        self,
+        store: HeadStore,
+        backbone: Backbone,
+        *,
+        base_head_path: str | None = None,
+        announcer=None,  # noqa: ANN001 - calibrator.announce.Announcer
+        max_shots: int = MAX_SHOTS,
+        max_image_bytes: int = MAX_IMAGE_BYTES,
+    ) -> None:
         self.announcer = announcer
+        self.max_shots = max_shots
+        self.max_image_bytes = max_image_bytes
         self.store = store
         self.backbone = backbone
         self.base_head = load_head(base_head_path, backbone) if base_head_path else None
@@ -125,8 +135,18 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
         method = h.method or "cff"
         if method not in ("cff", "aprilgan", "knn"):
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown method {method!r}")
-        if not 1 <= h.shots <= 64:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"shots must be 1..64, got {h.shots}")
+        if h.shots < 1:
+            self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at least one reference image is needed, got shots={h.shots}",
+            )
+        if h.shots > self.max_shots:
+            self._abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{h.shots} references exceed this calibrator's limit of {self.max_shots}",
+            )
         yield calibrator_pb2.FitProgress(stage="receiving", total_steps=h.shots)
         parts: dict[int, list[bytes]] = {}
         names: dict[int, str] = {}
@@ -139,8 +159,12 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
                 self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"chunk for image {c.index} but shots={h.shots}")
             parts.setdefault(c.index, []).append(c.data)
             names[c.index] = c.name or names.get(c.index, f"image {c.index}")
-            if sum(map(len, parts[c.index])) > MAX_IMAGE_BYTES:
-                self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{names[c.index]}: larger than 64 MiB")
+            if sum(map(len, parts[c.index])) > self.max_image_bytes:
+                self._abort(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{names[c.index]}: upload larger than {self.max_image_bytes >> 20} MiB",
+                )
             if c.last:
                 done.add(c.index)
         if done != set(range(h.shots)):

@@ -250,13 +250,36 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     i.add_argument("head")
     i.set_defaults(func=cmd_heads_inspect)
     for name in ("list", "activate", "rollback", "delete"):
-        q = hs.add_parser(name, help=f"{name} heads on the calibrator (not built yet: issue 4)")
+        q = hs.add_parser(name, help=f"{name} heads on the calibrator service")
+        q.add_argument("--calibrator", default=_env("calibrator", "127.0.0.1:50051"), help="host:port")
+        q.add_argument("--product", required=name != "list", default=None)
+        q.add_argument("--version", type=int, default=0, help="0 = active (activate: newest)")
+        q.set_defaults(func=cmd_heads_remote, heads_command=name)
 
-        def pending(args: argparse.Namespace, name: str = name) -> int:
-            print(f"cff-inspect heads {name}: needs the calibrator service (not built yet: issue 4)", file=sys.stderr)
-            return 2
 
-        q.set_defaults(func=pending)
+def cmd_heads_remote(args: argparse.Namespace) -> int:
+    """Client of the calibrator: list, activate, rollback, delete."""
+    import grpc
+
+    from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc
+
+    with grpc.insecure_channel(args.calibrator) as ch:
+        stub = calibrator_pb2_grpc.CalibratorStub(ch)
+        sel = calibrator_pb2.HeadSelector(product_id=args.product or "", version=args.version)
+        try:
+            if args.heads_command == "list":
+                heads = stub.ListHeads(calibrator_pb2.ListHeadsRequest(product_id=args.product or ""), timeout=30).heads
+            else:
+                call = {"activate": stub.ActivateHead, "rollback": stub.RollbackHead, "delete": stub.DeleteHead}
+                heads = [call[args.heads_command](sel, timeout=30)]
+        except grpc.RpcError as exc:
+            raise ConfigError(f"calibrator {args.calibrator}: {exc.code().name}: {exc.details()}") from None
+    for h in heads:
+        print(
+            f"{h.head.head_id:32s} {'ACTIVE' if h.active else '      '} {h.method:8s} K={h.shots:<3d} "
+            f"image_threshold={h.image_threshold:.4g} sha256={h.head.sha256[:12]}"
+        )
+    return 0
 
 
 # -- train-base ----------------------------------------------------------------------

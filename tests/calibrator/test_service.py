@@ -148,3 +148,21 @@ def test_worker_refuses_tampered_or_foreign_heads(client, refs, tiny_vit, tiny_v
     assert "widget" not in worker.heads
     HeadFollower(KafkaConfig(bootstrap_servers="127.0.0.1:1"), worker, tiny_vit).apply(ann)
     assert worker.heads["widget"].ref.version == 1
+
+
+def test_reference_limit_and_cli_client(client, refs, capsys) -> None:
+    from cff_inspect.cli import main
+
+    stub, channel, store = client
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.FitHead(_fit_stream("widget", refs * 6)))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 16" in e.value.details()
+    list(stub.FitHead(_fit_stream("widget", refs)))
+    addr = channel._channel.target().decode()
+    assert main(["heads", "list", "--calibrator", addr]) == 0
+    out = capsys.readouterr().out
+    assert "widget-v1" in out and "ACTIVE" in out
+    assert main(["heads", "rollback", "--calibrator", addr, "--product", "widget"]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["heads", "delete", "--calibrator", addr, "--product", "widget", "--version", "1"]) == 0
+    assert store.versions("widget") == []
