@@ -8,12 +8,10 @@ active version and the activation history (for rollback).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 from pathlib import Path
 
-from scorer.artifact import file_sha256, read_manifest, save_head
+from scorer.artifact import atomic_write_bytes, file_sha256, read_manifest, save_head
 from scorer.errors import HeadError, InspectionError
 from scorer.head import Head
 from scorer.names import check_product_id
@@ -21,19 +19,6 @@ from scorer.names import check_product_id
 
 class StoreError(InspectionError):
     """A product or version is not in the store, or the store is inconsistent."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class HeadStore:
@@ -64,7 +49,7 @@ class HeadStore:
     def _save_state(self, product: str, state: dict) -> None:
         d = self._dir(product)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(d / "state.json", json.dumps(state, indent=2).encode())
+        atomic_write_bytes(d / "state.json", json.dumps(state, indent=2).encode())
 
     def products(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from cff_inspect.env import ENV_PREFIX  # noqa: F401 - ENV_PREFIX re-exported
+from cff_inspect.env import env_default as _env
 from scorer.errors import ConfigError, InspectionError
 
 log = logging.getLogger("cff_inspect")
 
-ENV_PREFIX = "CFF_INSPECT_"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,18 +26,6 @@ def default_data_root() -> Path | None:
     """``../shared/datasets`` next to the project, where the shared datasets live."""
     p = ROOT.parent / "shared" / "datasets"
     return p if p.is_dir() else None
-
-
-def _env(name: str, default: object = None, *, kind: Callable[[str], object] = str, many: bool = False) -> object:
-    raw = os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
-    if raw is None:
-        return default
-    try:
-        return [kind(v) for v in raw.split()] if many else kind(raw)
-    except ValueError:
-        raise ConfigError(
-            f"environment variable {ENV_PREFIX}{name.upper().replace('-', '_')}={raw!r} is invalid"
-        ) from None
 
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:

@@ -10,13 +10,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from cff_inspect.env import env_default as _env
 from scorer.errors import ConfigError, ImageError, InspectionError
-
-
-def _env(*a, **kw):  # noqa: ANN002, ANN003, ANN202 - re-exported helper
-    from cff_inspect.cli import _env as env
-
-    return env(*a, **kw)
 
 
 def _backbone_args(p: argparse.ArgumentParser, *, default: str | None = "dinov2-vits14") -> None:

@@ -208,7 +208,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def add_run(sub: argparse._SubParsersAction) -> None:
-    from cff_inspect.cli import _add_backbone_args, _env
+    from cff_inspect.cli import _add_backbone_args
+    from cff_inspect.env import env_default as _env
 
     p = sub.add_parser("run", help="run the whole system on the embedded broker with demo cameras")
     p.add_argument("--data", default=_env("data"), help="MVTec-layout category to stream (default: generated demo)")

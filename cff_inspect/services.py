@@ -9,15 +9,10 @@ import sys
 import threading
 import time
 
+from cff_inspect.env import env_default as _env
 from scorer.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def _env(*a, **kw):  # noqa: ANN002, ANN003, ANN202
-    from cff_inspect.cli import _env as env
-
-    return env(*a, **kw)
 
 
 def add_kafka_args(p: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from scorer.backbones.base import Backbone
+from scorer.backbones.base import Backbone, sha256_file
 from scorer.errors import HeadError
 from scorer.head import Head, ScoreOptions, check_compatible
 
@@ -90,17 +90,22 @@ def save_head(head: Head, path: str | Path, **kw: object) -> str:
     data = head_to_bytes(head, **kw)  # type: ignore[arg-type]
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    atomic_write_bytes(p, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temporary file in the same folder, fsync, rename: readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, p)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -192,9 +197,4 @@ def load_head(path: str | Path, backbone: Backbone | None = None) -> Head:
     return head
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = sha256_file  # the name services use for artifact and reference hashes

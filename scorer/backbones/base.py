@@ -9,6 +9,7 @@ the memory bank and the evaluation only ever talk to this interface.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -132,7 +133,7 @@ def preprocess_images(
     return (arr - m) / s
 
 
-def sha256_file(path: str) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
