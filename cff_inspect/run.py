@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -114,6 +115,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from workers.worker import ActiveHead, Worker, WorkerConfig, head_ref
 
     quiet_kafka()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # same clean shutdown as Ctrl-C: the broker is stopped in `finally`
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     if args.cameras < 1:
         raise ConfigError("--cameras must be >= 1")
     out = Path(args.out)
