@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import queue
+import socket
 import threading
 from concurrent import futures
 from dataclasses import replace
@@ -21,6 +22,7 @@ from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from calibrator.security import ServerSecurity
 from calibrator.store import HeadStore, StoreError
 from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc, common_pb2
 from scorer.artifact import load_head
@@ -178,13 +180,10 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
                 images.append(decode_image(data, name=names[i]))
             except ImageError as exc:
                 self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        opts = FitOptions(object_name=product.split(".")[0])
-        steps = {k: v for k, v in h.options.items()}
-        if "steps" in steps:
-            try:
-                opts = opts.with_steps(int(steps["steps"]))
-            except ValueError:
-                self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"option steps={steps['steps']!r} is not an int")
+        try:
+            opts, seed = FitOptions(object_name=product.split(".")[0]).with_strings(dict(h.options))
+        except ConfigError as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{product}: {exc}")
         total = {"stage1": opts.steps_stage1, "stage2": opts.steps_stage2}
         q: queue.Queue = queue.Queue()
         result: dict = {}
@@ -203,6 +202,7 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
                         base_head=self.base_head if method != "knn" else None,
                         options=opts,
                         method=method,
+                        seed=seed,
                         progress=progress,
                     )
                     if not context.is_active():
@@ -326,11 +326,17 @@ def serve(
     workers: int = 8,
     kafka=None,  # noqa: ANN001 - cff_inspect.kafka.KafkaConfig: announce heads on the heads topic
     advertised_address: str | None = None,
+    security: ServerSecurity | None = None,
+    max_shots: int = MAX_SHOTS,
 ) -> tuple[grpc.Server, int]:
+    """Start the service; returns (server, bound port). ``port=0`` picks a free port."""
+    security = security or ServerSecurity()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers), options=[("grpc.max_receive_message_length", 8 << 20)]
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=[("grpc.max_receive_message_length", 8 << 20)],
+        interceptors=security.interceptors(),
     )
-    service = CalibratorService(store, backbone, base_head_path=base_head_path)
+    service = CalibratorService(store, backbone, base_head_path=base_head_path, max_shots=max_shots)
     calibrator_pb2_grpc.add_CalibratorServicer_to_server(service, server)
     hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
@@ -340,14 +346,22 @@ def serve(
         health.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if not 1 <= max_shots <= 64:
+        raise ConfigError(f"max_shots must be in 1..64, got {max_shots}")
+    creds = security.credentials()
+    try:
+        bound = (
+            server.add_secure_port(f"{host}:{port}", creds) if creds else server.add_insecure_port(f"{host}:{port}")
+        )
+    except RuntimeError:
+        bound = 0
     if bound == 0:
         raise ConfigError(f"cannot listen on {host}:{port}")
     server.start()
     if kafka is not None:
         from calibrator.announce import Announcer
 
-        address = advertised_address or f"{host}:{bound}"
+        address = advertised_address or f"{socket.getfqdn() if host in ('0.0.0.0', '::', '[::]') else host}:{bound}"
         service.announcer = Announcer(kafka, address)
         n = service.announcer.announce_all(store)
         log.info("re-announced %d active heads", n)

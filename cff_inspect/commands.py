@@ -131,24 +131,85 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_score)
 
 
-# -- heads (offline) --------------------------------------------------------------
+# -- heads ------------------------------------------------------------------------------
+def _fit_option_strings(args: argparse.Namespace) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for kv in args.option or []:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise ConfigError(f"--option expects NAME=VALUE, got {kv!r}")
+        out[k.strip()] = v.strip()
+    if args.steps is not None:
+        out["steps"] = str(args.steps)
+    if args.seed is not None:
+        out["seed"] = str(args.seed)
+    return out
+
+
+def _print_info(h) -> None:  # noqa: ANN001 - calibrator_pb2.HeadInfo
+    print(
+        f"{h.head.head_id:32s} {'ACTIVE' if h.active else '      '} {h.method:8s} K={h.shots:<3d} "
+        f"image_threshold={h.image_threshold:.4g} pixel_threshold={h.pixel_threshold:.4g} sha256={h.head.sha256[:12]}"
+    )
+
+
+def _client(args: argparse.Namespace):  # noqa: ANN202
+    from calibrator.client import CalibratorClient
+    from cff_inspect.services import client_security_from
+
+    return CalibratorClient(args.calibrator, client_security_from(args))
+
+
 def cmd_heads_fit(args: argparse.Namespace) -> int:
-    from cff_inspect.cli import _backbone_from
-    from scorer.artifact import file_sha256, load_head, save_head
-    from scorer.fit import FitOptions, fit_head
-    from scorer.images import load_image
     from scorer.names import check_product_id
 
     product = check_product_id(args.product)
     paths = _expand_images(args.refs)
-    if not 1 <= len(paths) <= 64:
+    if not paths:
+        raise ConfigError("no reference images given")
+    options = _fit_option_strings(args)
+    if args.out is None:
+        return _heads_fit_remote(args, product, paths, options)
+    return _heads_fit_offline(args, product, paths, options)
+
+
+def _heads_fit_remote(args: argparse.Namespace, product: str, paths: list[Path], options: dict[str, str]) -> int:
+    t0 = time.perf_counter()
+
+    def progress(m) -> None:  # noqa: ANN001
+        if m.stage in ("stage1", "stage2") and m.total_steps and m.step % 10 and m.step != m.total_steps:
+            return
+        print(f"{m.stage} {m.step}/{m.total_steps} loss {m.loss:.4f}", file=sys.stderr, flush=True)
+
+    with _client(args) as c:
+        info = c.fit(
+            product,
+            paths,
+            backbone=args.backbone or "",
+            method=args.method,
+            activate=args.activate,
+            options=options,
+            progress=progress,
+        )
+    _print_info(info)
+    print(f"fitted {info.head.head_id} on {args.calibrator} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+def _heads_fit_offline(args: argparse.Namespace, product: str, paths: list[Path], options: dict[str, str]) -> int:
+    from cff_inspect.cli import _backbone_from
+    from scorer.artifact import file_sha256, load_head, save_head
+    from scorer.fit import FitOptions, fit_head
+    from scorer.images import load_image
+
+    if len(paths) > 64:
         raise ConfigError(f"need 1..64 reference images, got {len(paths)}")
-    bb = _backbone_from(args)
+    opts, seed = FitOptions(object_name=product.split(".")[0]).with_strings(options)
     refs = [load_image(p) for p in paths]
+    if args.backbone is None:
+        args.backbone = "dinov2-vits14"
+    bb = _backbone_from(args)
     base = load_head(args.base_head, bb) if args.base_head else None
-    opts = FitOptions(object_name=product.split(".")[0])
-    if args.steps is not None:
-        opts = opts.with_steps(args.steps)
     t0 = time.perf_counter()
     head = fit_head(
         bb,
@@ -156,11 +217,11 @@ def cmd_heads_fit(args: argparse.Namespace) -> int:
         base_head=base,
         options=opts,
         method=args.method,
-        seed=args.seed,
+        seed=seed,
         progress=lambda st, step, loss: print(f"{st} step {step} loss {loss:.4f}", file=sys.stderr),
     )
     head.meta["reference_sha256"] = [file_sha256(p) for p in paths]
-    out = Path(args.out or f"{product}-v1.safetensors")
+    out = Path(args.out)
     sha = save_head(head, out, product=product, version=args.version)
     fm = head.meta.get("fit_metrics", {})
     print(
@@ -182,15 +243,35 @@ def cmd_heads_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_heads_set_threshold(args: argparse.Namespace) -> int:
-    from scorer.artifact import load_head, read_manifest, save_head
-
+def _check_thresholds(args: argparse.Namespace) -> None:
     if args.image_threshold is None and args.pixel_threshold is None:
         raise ConfigError("give --image-threshold and/or --pixel-threshold")
     for name in ("image_threshold", "pixel_threshold"):
         v = getattr(args, name)
         if v is not None and (not math.isfinite(v) or v <= 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+
+
+def cmd_heads_set_threshold(args: argparse.Namespace) -> int:
+    _check_thresholds(args)
+    if args.head is None:
+        if not args.product:
+            raise ConfigError("give --product (calibrator) or --head FILE (offline)")
+        from scorer.names import check_product_id
+
+        with _client(args) as c:
+            info = c.set_thresholds(
+                check_product_id(args.product),
+                args.version,
+                image=args.image_threshold,
+                pixel=args.pixel_threshold,
+                activate=args.activate,
+            )
+        _print_info(info)
+        return 0
+
+    from scorer.artifact import load_head, read_manifest, save_head
+
     manifest = read_manifest(args.head)
     head = load_head(args.head).with_thresholds(image=args.image_threshold, pixel=args.pixel_threshold)
     version = manifest.get("version")
@@ -221,59 +302,87 @@ def cmd_heads_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_remote(p: argparse.ArgumentParser) -> None:
+    from cff_inspect.services import add_client_security_args
+
+    p.add_argument(
+        "--calibrator",
+        default=_env("calibrator", "127.0.0.1:50051"),
+        help="calibrator host:port (env CFF_INSPECT_CALIBRATOR; default %(default)s)",
+    )
+    add_client_security_args(p)
+
+
 def add_heads(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("heads", help="fit, inspect and re-threshold head artifacts (offline; service: issue 4)")
+    p = sub.add_parser("heads", help="fit, list, activate and re-threshold heads (calibrator, or offline files)")
     hs = p.add_subparsers(dest="heads_command", required=True)
-    f = hs.add_parser("fit", help="fit a head from a product's good images into an artifact file")
+    f = hs.add_parser(
+        "fit",
+        help="fit a head from a product's good images: on the calibrator, or offline into a file with --out",
+    )
     f.add_argument("--product", required=True, help="product id, [a-z0-9][a-z0-9._-]{0,63}")
-    f.add_argument("--refs", nargs="+", required=True, help="reference images or folders (1..16 typical)")
-    f.add_argument("--out", default=None, help="artifact path (default <product>-v1.safetensors)")
+    f.add_argument("--refs", nargs="+", required=True, help="reference images or folders (1..16)")
+    f.add_argument("--out", default=None, help="fit here, offline, into this artifact file instead of the calibrator")
     f.add_argument("--method", choices=("cff", "aprilgan", "knn"), default=_env("method", "cff"))
-    f.add_argument("--base-head", default=_env("base_head"), help="base head from train-base")
+    f.add_argument("--base-head", default=_env("base_head"), help="offline: base head from train-base")
     f.add_argument("--steps", type=int, default=_env("fit_steps", None, kind=int))
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--version", type=int, default=1)
-    _backbone_args(f)
+    f.add_argument("--seed", type=int, default=None)
+    f.add_argument(
+        "--option", action="append", metavar="NAME=VALUE", help="fit option (e.g. lr_stage2=1e-4); repeatable"
+    )
+    f.add_argument("--no-activate", dest="activate", action="store_false", help="store without activating")
+    f.add_argument("--version", type=int, default=1, help="offline: version written into the manifest")
+    _add_remote(f)
+    _backbone_args(f, default=None)
     f.set_defaults(func=cmd_heads_fit)
-    t = hs.add_parser("set-threshold", help="change a head's thresholds without refitting (new version)")
-    t.add_argument("--head", required=True)
+    t = hs.add_parser("set-threshold", help="change a head's thresholds without refitting (a new version)")
+    t.add_argument("--product", help="product on the calibrator")
+    t.add_argument("--version", type=int, default=0, help="calibrator: version to start from (0 = active)")
+    t.add_argument("--head", help="offline: artifact file to re-threshold")
     t.add_argument("--image-threshold", type=float)
     t.add_argument("--pixel-threshold", type=float)
-    t.add_argument("--out", help="write here instead of replacing the file")
+    t.add_argument("--out", help="offline: write here instead of replacing the file")
+    t.add_argument("--no-activate", dest="activate", action="store_false", help="calibrator: keep the old active")
+    _add_remote(t)
     t.set_defaults(func=cmd_heads_set_threshold)
     i = hs.add_parser("inspect", help="print a head artifact's manifest")
     i.add_argument("head")
     i.set_defaults(func=cmd_heads_inspect)
-    for name in ("list", "activate", "rollback", "delete"):
+    for name in ("list", "activate", "rollback", "delete", "download"):
         q = hs.add_parser(name, help=f"{name} heads on the calibrator service")
-        q.add_argument("--calibrator", default=_env("calibrator", "127.0.0.1:50051"), help="host:port")
         q.add_argument("--product", required=name != "list", default=None)
         q.add_argument("--version", type=int, default=0, help="0 = active (activate: newest)")
+        if name == "download":
+            q.add_argument("--out", required=True, help="artifact file to write (sha256 verified)")
+        _add_remote(q)
         q.set_defaults(func=cmd_heads_remote, heads_command=name)
 
 
 def cmd_heads_remote(args: argparse.Namespace) -> int:
-    """Client of the calibrator: list, activate, rollback, delete."""
-    import grpc
+    """Client of the calibrator: list, activate, rollback, delete, download."""
+    from scorer.names import check_product_id
 
-    from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc
+    product = check_product_id(args.product) if args.product else ""
+    with _client(args) as c:
+        if args.heads_command == "list":
+            heads = c.list(product)
+            if not heads:
+                print("no heads" + (f" for {product}" if product else ""), file=sys.stderr)
+        elif args.heads_command == "download":
+            from scorer.artifact import atomic_write_bytes
 
-    with grpc.insecure_channel(args.calibrator) as ch:
-        stub = calibrator_pb2_grpc.CalibratorStub(ch)
-        sel = calibrator_pb2.HeadSelector(product_id=args.product or "", version=args.version)
-        try:
-            if args.heads_command == "list":
-                heads = stub.ListHeads(calibrator_pb2.ListHeadsRequest(product_id=args.product or ""), timeout=30).heads
-            else:
-                call = {"activate": stub.ActivateHead, "rollback": stub.RollbackHead, "delete": stub.DeleteHead}
-                heads = [call[args.heads_command](sel, timeout=30)]
-        except grpc.RpcError as exc:
-            raise ConfigError(f"calibrator {args.calibrator}: {exc.code().name}: {exc.details()}") from None
+            data = c.download(product, args.version)
+            atomic_write_bytes(Path(args.out), data)
+            print(f"{args.out}: {len(data)} bytes, sha256 verified", file=sys.stderr)
+            return 0
+        elif args.heads_command == "activate":
+            heads = [c.activate(product, args.version)]
+        elif args.heads_command == "rollback":
+            heads = [c.rollback(product)]
+        else:
+            heads = [c.delete(product, args.version)]
     for h in heads:
-        print(
-            f"{h.head.head_id:32s} {'ACTIVE' if h.active else '      '} {h.method:8s} K={h.shots:<3d} "
-            f"image_threshold={h.image_threshold:.4g} sha256={h.head.sha256[:12]}"
-        )
+        _print_info(h)
     return 0
 
 

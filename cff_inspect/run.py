@@ -1,8 +1,10 @@
 """``cff-inspect run``: the whole system on one machine, on the embedded broker.
 
-Starts the embedded broker (or uses ``--bootstrap-servers``), fits the demo
-product's head in-process from four good images (until the calibrator service
-lands), runs a worker and the ingest of two demo cameras, and shows a live view of
+Starts the embedded broker (or uses ``--bootstrap-servers``), the calibrator
+service (gRPC on 127.0.0.1, head store under ``--out``), a worker that follows
+the heads topic, uploads four good images of the demo product to the calibrator
+like a line engineer would (the stored head is reused on the next run unless
+``--refit``), then runs the ingest of two demo cameras and shows a live view of
 what MES would see. ``--duration`` bounds the run; ``--summary-json`` writes the
 figures at the end; Ctrl-C stops everything, broker included.
 """
@@ -102,17 +104,18 @@ def _stream_folder(cat: Path, out: Path) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from calibrator.client import CalibratorClient
+    from calibrator.service import serve
+    from calibrator.store import HeadStore
     from cff_inspect.broker import EmbeddedBroker
     from cff_inspect.cli import _backbone_from
     from cff_inspect.demo import make_demo_dataset
     from cff_inspect.kafka import KafkaConfig, ensure_topics
-    from cff_inspect.services import quiet_kafka
+    from cff_inspect.services import quiet_kafka, wait_for
     from ingest.cameras import CameraConfig, Ingest
-    from scorer.artifact import file_sha256, save_head
     from scorer.data import discover, draw_references
-    from scorer.fit import FitOptions, fit_head
-    from scorer.images import load_image
-    from workers.worker import ActiveHead, Worker, WorkerConfig, head_ref
+    from workers.heads import HeadFollower
+    from workers.worker import Worker, WorkerConfig
 
     quiet_kafka()
 
@@ -125,6 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     stop = threading.Event()
     broker = None
+    server = None
     summary: dict = {}
     try:
         if args.bootstrap_servers:
@@ -141,29 +145,43 @@ def cmd_run(args: argparse.Namespace) -> int:
         product = cat.name.replace("_", "-")
         bb = _backbone_from(args)
         refs = draw_references(cat.train, args.shots, 0)
-        print(f"fitting the {product} head ({bb.spec}) from {len(refs)} good images ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        opts = (
-            FitOptions(object_name=product)
-            if args.steps is None
-            else FitOptions(object_name=product).with_steps(args.steps)
-        )
-        head = fit_head(bb, [load_image(p) for p in refs], options=opts, method=args.method)
-        art = out / "heads" / f"{product}-v1.safetensors"
-        save_head(head, art, product=product, version=1)
-        head.meta.update({"product": product, "version": 1})
-        print(f"fitted in {time.perf_counter() - t0:.1f}s -> {art}", file=sys.stderr, flush=True)
-
+        store = HeadStore(out / "heads")
+        server, cal_port = serve(store, bb, port=args.calibrator_port, kafka=kafka)
+        calibrator = f"127.0.0.1:{cal_port}"
+        print(f"calibrator on {calibrator} (store {out / 'heads'})", file=sys.stderr, flush=True)
         worker = Worker(
             kafka,
             WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, evidence_dir=str(out / "evidence")),
-            {product: ActiveHead(head, head_ref(product, head, file_sha256(art), 1))},
         )
         worker.stop_event = stop
+        HeadFollower(kafka, worker, bb).start()
         ready = threading.Event()
         wt = threading.Thread(target=worker.run, kwargs={"ready": ready}, name="worker", daemon=True)
         wt.start()
+        active = store.active(product) if product in store.products() else None
+        if active is not None and not args.refit and store.info(product)["backbone"] == bb.spec:
+            print(f"using the stored {product}-v{active} (--refit fits a new version)", file=sys.stderr, flush=True)
+        else:
+            print(
+                f"uploading {len(refs)} good images of {product} to the calibrator ({bb.spec}) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            t0 = time.perf_counter()
+            options = {"steps": str(args.steps)} if args.steps is not None else {}
+            with CalibratorClient(calibrator) as client:
+                info = client.fit(product, refs, method=args.method, activate=True, options=options)
+            summary["fit_seconds"] = round(time.perf_counter() - t0, 2)
+            print(
+                f"fitted {info.head.head_id} in {summary['fit_seconds']:.1f}s "
+                f"(image threshold {info.image_threshold:.4g}); announced on {kafka.topic('heads')}",
+                file=sys.stderr,
+                flush=True,
+            )
         ready.wait(30)
+        if not wait_for(lambda: product in worker.heads, 60):
+            raise ConfigError(f"the worker did not take the {product} head from the calibrator within 60 s")
+        summary["head"] = worker.heads[product].ref.head_id
         watcher = ResultWatcher(kafka, stop)
         watcher.start()
         stream = _stream_folder(cat.root, out / "stream")
@@ -192,7 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         wt.join(30)
         watcher.join(10)
         lats = [x for xs in watcher.latency.values() for x in xs]
-        summary = {
+        summary |= {
             "frames_published": published,
             "results_received": watcher.results,
             "distinct_frame_ids": len(watcher.frame_ids),
@@ -208,6 +226,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             Path(args.summary_json).write_text(json.dumps(summary, indent=2))
     finally:
         stop.set()
+        if server is not None:
+            server.stop(2)
         if broker is not None:
             broker.stop()
     return 0
@@ -234,6 +254,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--method", choices=("cff", "aprilgan", "knn"), default="cff")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--refit", action="store_true", help="fit a new head version even if the store has one")
+    p.add_argument(
+        "--calibrator-port", type=int, default=_env("calibrator_port", 0, kind=int), help="0 = a free port"
+    )
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=int, default=100)
     p.add_argument("--bootstrap-servers", default=None, help="use this Kafka instead of the embedded broker")

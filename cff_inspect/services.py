@@ -40,6 +40,25 @@ def kafka_from(args: argparse.Namespace):  # noqa: ANN201
     )
 
 
+def add_client_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--token",
+        default=_env("token"),
+        help="bearer token for the calibrator (env CFF_INSPECT_TOKEN; prefer --token-file, flags show in ps)",
+    )
+    p.add_argument("--token-file", default=_env("token_file"), help="file whose first line is the token")
+    p.add_argument("--tls-ca", default=_env("tls_ca"), help="PEM root certificate: talk TLS to the calibrator")
+    p.add_argument("--tls-server-name", default=_env("tls_server_name"), help="name to check the certificate for")
+
+
+def client_security_from(args: argparse.Namespace):  # noqa: ANN201
+    from calibrator.security import ClientSecurity, read_token
+
+    return ClientSecurity(
+        token=read_token(args.token, args.token_file), tls_ca=args.tls_ca, tls_server_name=args.tls_server_name
+    )
+
+
 def quiet_kafka() -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
 
@@ -133,7 +152,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.follow_heads:
         from workers.heads import HeadFollower
 
-        HeadFollower(kafka, w, bb).start()
+        HeadFollower(kafka, w, bb, client_security_from(args)).start()
     w.run()
     return 0
 
@@ -167,6 +186,7 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
         help="do not take heads announced by the calibrator on the heads topic",
     )
     add_kafka_args(p)
+    add_client_security_args(p)
     _add_backbone_args(p)
     p.set_defaults(backbone=_env("backbone", None))
     p.set_defaults(func=cmd_worker)
@@ -239,10 +259,14 @@ def add_ingest(sub: argparse._SubParsersAction) -> None:
 
 # -- calibrator ------------------------------------------------------------------------
 def cmd_calibrator(args: argparse.Namespace) -> int:
+    from calibrator.security import ServerSecurity, read_token
     from calibrator.service import serve
     from calibrator.store import HeadStore
     from cff_inspect.cli import _backbone_from
 
+    security = ServerSecurity(
+        token=read_token(args.token, args.token_file), tls_cert=args.tls_cert, tls_key=args.tls_key
+    )
     bb = _backbone_from(args)
     kafka = None
     if not args.no_kafka:
@@ -259,8 +283,14 @@ def cmd_calibrator(args: argparse.Namespace) -> int:
         base_head_path=args.base_head,
         kafka=kafka,
         advertised_address=args.advertised_address,
+        security=security,
+        max_shots=args.max_shots,
     )
-    print(f"calibrator serving {bb.spec} heads from {args.store} on {args.host}:{port}", flush=True)
+    print(
+        f"calibrator serving {bb.spec} heads from {args.store} on {args.host}:{port} "
+        f"(TLS {'on' if security.tls else 'off'}, token {'required' if security.token else 'not required'})",
+        flush=True,
+    )
     stop = threading.Event()
     stop_on_signals(stop)
     stop.wait()
@@ -282,6 +312,17 @@ def add_calibrator(sub: argparse._SubParsersAction) -> None:
         help="host:port workers download heads from (announced on the heads topic)",
     )
     p.add_argument("--no-kafka", action="store_true", help="do not announce heads on Kafka")
+    p.add_argument(
+        "--max-shots", type=int, default=_env("max_shots", 16, kind=int), help="reference images per fit (limit)"
+    )
+    p.add_argument(
+        "--token",
+        default=_env("token"),
+        help="require this bearer token on every call (env CFF_INSPECT_TOKEN; prefer --token-file)",
+    )
+    p.add_argument("--token-file", default=_env("token_file"), help="file whose first line is the token")
+    p.add_argument("--tls-cert", default=_env("tls_cert"), help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", default=_env("tls_key"), help="PEM private key for --tls-cert")
     add_kafka_args(p)
     _add_backbone_args(p)
     p.set_defaults(func=cmd_calibrator)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from statistics import NormalDist
 
@@ -81,6 +81,52 @@ class FitOptions:
 
     def with_steps(self, steps: int) -> FitOptions:
         return replace(self, steps_stage1=steps, steps_stage2=max(1, steps // 2))
+
+    def with_strings(self, options: Mapping[str, str]) -> tuple[FitOptions, int]:
+        """Apply ``name=value`` options from a request or a CLI; returns (options, seed).
+
+        Only the options in ``STRING_OPTIONS`` are settable this way, each within its range, so a
+        remote caller cannot ask for a fit that runs for hours or allocates without bound.
+        """
+        out, seed = self, 0
+        for key, raw in options.items():
+            if key == "bank_features":
+                out = replace(out, bank_features=str(raw))  # validated by __post_init__, naming the choices
+                continue
+            if key not in STRING_OPTIONS:
+                known = ", ".join(sorted([*STRING_OPTIONS, "bank_features"]))
+                raise ConfigError(f"unknown fit option {key!r}; known: {known}")
+            kind, lo, hi = STRING_OPTIONS[key]
+            try:
+                value = kind(raw)
+            except (TypeError, ValueError):
+                what = "an integer" if kind is int else "a number"
+                raise ConfigError(f"fit option {key}={raw!r} is not {what}") from None
+            if not (math.isfinite(value) and lo <= value <= hi):
+                raise ConfigError(f"fit option {key}={raw} is out of range [{lo}, {hi}]")
+            if key == "seed":
+                seed = int(value)
+            elif key == "steps":
+                out = out.with_steps(int(value))
+            else:
+                out = replace(out, **{key: value})
+        return out, seed
+
+
+# name -> (type, min, max) for options settable from strings (FitHead requests, `heads fit --option`).
+STRING_OPTIONS: dict[str, tuple[type, float, float]] = {
+    "steps": (int, 0, 5000),
+    "steps_stage1": (int, 0, 5000),
+    "steps_stage2": (int, 0, 5000),
+    "n_synthetic": (int, 1, 256),
+    "lr_stage1": (float, 1e-7, 1.0),
+    "lr_stage2": (float, 1e-7, 1.0),
+    "lambda_align": (float, 0.0, 10.0),
+    "loss_resolution": (int, 8, 512),
+    "image_far": (float, 1e-6, 0.49),
+    "pixel_far": (float, 1e-6, 0.49),
+    "seed": (int, 0, 2**31 - 1),
+}
 
 
 Progress = Callable[[str, int, float], None]

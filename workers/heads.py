@@ -14,10 +14,10 @@ import tempfile
 import threading
 from pathlib import Path
 
-import grpc
-
+from calibrator.client import CalibratorClient, CalibratorError
+from calibrator.security import ClientSecurity
 from cff_inspect.kafka import KafkaConfig
-from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc, heads_pb2
+from inspection_pb.v1 import heads_pb2
 from scorer.artifact import load_head
 from scorer.backbones.base import Backbone
 from scorer.errors import HeadError
@@ -26,16 +26,17 @@ from workers.worker import ActiveHead, Worker
 log = logging.getLogger(__name__)
 
 
-def download(address: str, product: str, version: int, timeout: float = 60.0) -> bytes:
-    with grpc.insecure_channel(address) as ch:
-        stub = calibrator_pb2_grpc.CalibratorStub(ch)
-        chunks = stub.DownloadHead(calibrator_pb2.HeadSelector(product_id=product, version=version), timeout=timeout)
-        return b"".join(c.data for c in chunks)
+def download(address: str, product: str, version: int, security: ClientSecurity | None = None) -> bytes:
+    with CalibratorClient(address, security) as c:
+        return c.download(product, version)
 
 
 class HeadFollower(threading.Thread):
-    def __init__(self, kafka: KafkaConfig, worker: Worker, backbone: Backbone) -> None:
+    def __init__(
+        self, kafka: KafkaConfig, worker: Worker, backbone: Backbone, security: ClientSecurity | None = None
+    ) -> None:
         super().__init__(name="head-follower", daemon=True)
+        self.security = security
         self.kafka = kafka
         self.worker = worker
         self.backbone = backbone
@@ -56,7 +57,7 @@ class HeadFollower(threading.Thread):
         current = self.worker.heads.get(product)
         if current is not None and current.ref.sha256 == a.head.sha256:
             return
-        data = download(a.calibrator_address, product, a.head.version)
+        data = download(a.calibrator_address, product, a.head.version, self.security)
         sha = hashlib.sha256(data).hexdigest()
         if sha != a.head.sha256:
             self.worker.counters["heads_bad_sha256"] += 1
@@ -79,7 +80,7 @@ class HeadFollower(threading.Thread):
                     for m in msgs:
                         try:
                             self.apply(heads_pb2.HeadAnnouncement.FromString(m.value))
-                        except (HeadError, grpc.RpcError, ValueError) as exc:
+                        except (HeadError, CalibratorError, ValueError) as exc:
                             log.warning("head announcement not applied: %s", exc)
         finally:
             c.close()

@@ -123,3 +123,50 @@ def test_worker_takes_announced_heads_and_swaps_between_batches(tmp_path, tiny_v
                 worker.kill()
                 out, _ = worker.communicate()
         assert worker.returncode == 0, out.decode()[-2000:]
+
+
+def _announcements(kafka: KafkaConfig, timeout: float = 15) -> dict:
+    from inspection_pb.v1 import heads_pb2
+
+    c = kafka.consumer(kafka.topic("heads"), group_id=None)
+    out: dict = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not out:
+            for msgs in c.poll(timeout_ms=500).values():
+                for m in msgs:
+                    out[m.key.decode()] = heads_pb2.HeadAnnouncement.FromString(m.value)
+    finally:
+        c.close()
+    return out
+
+
+def test_restarted_calibrator_keeps_heads_and_repopulates_a_fresh_broker(tmp_path, tiny_vit) -> None:
+    from calibrator.client import CalibratorClient
+
+    cat = make_demo_dataset(tmp_path / "d", n_train=2, n_good=0, n_bad=0)
+    refs = sorted((cat / "train" / "good").glob("*.png"))
+    store_dir = tmp_path / "store"
+    with EmbeddedBroker() as b:
+        kafka = KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix="r1.", partitions=1)
+        ensure_topics(kafka)
+        server, port = serve(HeadStore(store_dir), tiny_vit, port=0, kafka=kafka, advertised_address="cal.plant:50051")
+        with CalibratorClient(f"127.0.0.1:{port}") as c:
+            info = c.fit("widget", refs, method="knn")
+        server.stop(0)
+        first = _announcements(kafka)["widget"]
+        assert first.head.sha256 == info.head.sha256 and first.calibrator_address == "cal.plant:50051"
+    # the embedded broker lost everything; a restarted calibrator on the same store announces again
+    with EmbeddedBroker() as b:
+        kafka = KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix="r1.", partitions=1)
+        ensure_topics(kafka)
+        assert _announcements(kafka, timeout=2) == {}
+        server, port = serve(HeadStore(store_dir), tiny_vit, port=0, kafka=kafka, advertised_address="cal.plant:50051")
+        try:
+            again = _announcements(kafka)["widget"]
+            assert again.active and again.head.version == 1 and again.head.sha256 == info.head.sha256
+            with CalibratorClient(f"127.0.0.1:{port}") as c:
+                assert [(h.head.version, h.active) for h in c.list()] == [(1, True)]
+                assert len(c.download("widget", expected_sha256=info.head.sha256)) > 0
+        finally:
+            server.stop(0)

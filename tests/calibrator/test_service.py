@@ -111,7 +111,7 @@ def test_cancelled_fit_leaves_nothing(client, refs) -> None:
     def stream():
         for m in _fit_stream("widget", refs):
             if m.WhichOneof("part") == "header":
-                m.header.options["steps"] = "100000"
+                m.header.options["steps"] = "5000"
             yield m
 
     call = stub.FitHead(stream())
@@ -166,3 +166,57 @@ def test_reference_limit_and_cli_client(client, refs, capsys) -> None:
     assert "NOT_FOUND" in capsys.readouterr().err
     assert main(["heads", "delete", "--calibrator", addr, "--product", "widget", "--version", "1"]) == 0
     assert store.versions("widget") == []
+
+
+def test_fit_options_out_of_range_are_named(client, refs) -> None:
+    stub, _, store = client
+    for opts, needle in (
+        ({"steps": "999999"}, "steps=999999 is out of range"),
+        ({"lr_stage2": "nan"}, "lr_stage2=nan is out of range"),
+        ({"steps": "many"}, "steps='many' is not an integer"),
+        ({"warp": "9"}, "unknown fit option 'warp'"),
+        ({"bank_features": "pixels"}, "bank_features must be one of"),
+    ):
+
+        def stream(opts=opts):  # noqa: ANN202
+            for m in _fit_stream("widget", refs):
+                if m.WhichOneof("part") == "header":
+                    m.header.options.clear()
+                    m.header.options.update(opts)
+                yield m
+
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.FitHead(stream()))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, opts
+        assert needle in e.value.details() and "widget" in e.value.details()
+    assert store.products() == []
+
+
+def test_cli_fit_and_set_threshold_through_the_service(client, refs, tmp_path, capsys) -> None:
+    from cff_inspect.cli import main
+
+    stub, channel, store = client
+    addr = channel._channel.target().decode()
+    d = tmp_path / "refs"
+    d.mkdir()
+    for i, data in enumerate(refs):
+        (d / f"good{i}.png").write_bytes(data)
+    rc = main(["heads", "fit", "--calibrator", addr, "--product", "gear", "--refs", str(d), "--steps", "3",
+               "--option", "n_synthetic=4", "--seed", "7"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "gear-v1" in out and "ACTIVE" in out and "stage1" in err
+    assert store.info("gear")["shots"] == len(refs)
+    assert len(store.info("gear")["reference_sha256"]) == len(refs)
+    assert main(["heads", "set-threshold", "--calibrator", addr, "--product", "gear", "--image-threshold", "0.25"]) == 0
+    assert "gear-v2" in capsys.readouterr().out
+    assert store.active("gear") == 2
+    assert load_head(store.path("gear", 2)).image_threshold == pytest.approx(0.25)
+    art = tmp_path / "gear.safetensors"
+    assert main(["heads", "download", "--calibrator", addr, "--product", "gear", "--out", str(art)]) == 0
+    assert hashlib.sha256(art.read_bytes()).hexdigest() == store.info("gear")["sha256"]
+    assert main(["heads", "fit", "--calibrator", addr, "--product", "gear", "--refs", str(d), "--option", "steps"]) == 2
+    assert "--option expects NAME=VALUE" in capsys.readouterr().err
+    assert main(["heads", "fit", "--calibrator", addr, "--product", "gear", "--refs", str(d),
+                 "--option", "lr_stage1=5"]) == 2  # fmt: skip
+    assert "lr_stage1=5 is out of range" in capsys.readouterr().err

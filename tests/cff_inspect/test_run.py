@@ -1,4 +1,4 @@
-"""``cff-inspect run`` end to end: embedded broker, in-process head fit, worker, two demo cameras."""
+"""``cff-inspect run`` end to end: embedded broker, calibrator fit over gRPC, worker, two demo cameras."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bounded_run_summary(tmp_path) -> None:
-    summary = tmp_path / "summary.json"
-    proc = subprocess.run(
+def _run(tmp_path: Path, summary: Path, duration: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -26,7 +25,7 @@ def test_bounded_run_summary(tmp_path) -> None:
             "--method",
             "knn",
             "--duration",
-            "8",
+            duration,
             "--fps",
             "2",
             "--out",
@@ -41,8 +40,15 @@ def test_bounded_run_summary(tmp_path) -> None:
         text=True,
         timeout=240,
     )
+
+def test_bounded_run_summary(tmp_path) -> None:
+    summary = tmp_path / "summary.json"
+    proc = _run(tmp_path, summary, "8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads(summary.read_text())
+    # the head was fitted by the calibrator service and reached the worker through the heads topic
+    assert s["head"].endswith("-v1") and s["fit_seconds"] > 0
+    assert "uploading 4 good images" in proc.stderr
     assert s["frames_published"] >= 8
     assert s["results_received"] >= s["frames_published"] - s["dropped"]
     assert s["distinct_frame_ids"] == s["frames_published"] - s["dropped"]
@@ -51,3 +57,10 @@ def test_bounded_run_summary(tmp_path) -> None:
     assert list((tmp_path / "out" / "evidence").glob("*_overlay.png"))
     # nothing left running: the embedded broker's port is free again
     assert "embedded broker on" in proc.stderr
+
+    # a second run on the same --out reuses the stored, still active head instead of fitting again
+    again = _run(tmp_path, summary, "3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    s2 = json.loads(summary.read_text())
+    assert s2["head"] == s["head"] and "fit_seconds" not in s2
+    assert "using the stored" in again.stderr
