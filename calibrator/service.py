@@ -14,6 +14,7 @@ import math
 import queue
 import socket
 import threading
+import time
 from concurrent import futures
 from dataclasses import replace
 
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from calibrator.security import ServerSecurity
 from calibrator.store import HeadStore, StoreError
 from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc, common_pb2
+from monitoring import metrics
 from scorer.artifact import load_head
 from scorer.backbones.base import Backbone
 from scorer.errors import ConfigError, HeadError, ImageError
@@ -40,6 +42,55 @@ MAX_SHOTS = 16
 
 class _Cancelled(Exception):
     pass
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every call by method and final status code (outermost, so refused calls count too)."""
+
+    def intercept_service(self, continuation, details):  # noqa: ANN001, ANN201
+        handler = continuation(details)
+        if handler is None:
+            return None
+        rpc = details.method.rsplit("/", 1)[-1]
+
+        def record(ctx, default: grpc.StatusCode) -> None:  # noqa: ANN001
+            code = ctx.code() or default
+            metrics.CALIBRATOR_CALLS.labels(rpc=rpc, code=code.name).inc()
+
+        def unary(behavior):  # noqa: ANN001, ANN202
+            def run(req, ctx):  # noqa: ANN001, ANN202
+                try:
+                    out = behavior(req, ctx)
+                except BaseException:
+                    record(ctx, grpc.StatusCode.UNKNOWN)
+                    raise
+                record(ctx, grpc.StatusCode.OK)
+                return out
+
+            return run
+
+        def streaming(behavior):  # noqa: ANN001, ANN202
+            def run(req, ctx):  # noqa: ANN001, ANN202
+                try:
+                    yield from behavior(req, ctx)
+                except GeneratorExit:
+                    record(ctx, grpc.StatusCode.CANCELLED)
+                    raise
+                except BaseException:
+                    record(ctx, grpc.StatusCode.UNKNOWN)
+                    raise
+                record(ctx, grpc.StatusCode.OK)
+
+            return run
+
+        kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kw)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kw)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kw)
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
 
 
 def _num(x: float | None) -> float:
@@ -194,6 +245,8 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
             q.put(calibrator_pb2.FitProgress(stage=stage, step=step, total_steps=total.get(stage, 0), loss=loss))
 
         def work() -> None:
+            t_fit = time.perf_counter()
+            status = "failed"
             try:
                 with self._fit_lock, self.store.lock(product):
                     head = fit_head(
@@ -209,9 +262,14 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
                         raise _Cancelled()
                     head.meta["reference_sha256"] = shas
                     result["version"] = self.store.add(product, head, activate=h.activate)
+                    status = "ok"
+            except _Cancelled as exc:
+                status = "cancelled"
+                result["error"] = exc
             except BaseException as exc:  # reported to the stream below
                 result["error"] = exc
             finally:
+                metrics.FIT_DURATION.labels(method=method, status=status).observe(time.perf_counter() - t_fit)
                 q.put(None)
 
         t = threading.Thread(target=work, name=f"fit-{product}", daemon=True)
@@ -334,9 +392,10 @@ def serve(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
         options=[("grpc.max_receive_message_length", 8 << 20)],
-        interceptors=security.interceptors(),
+        interceptors=[MetricsInterceptor(), *security.interceptors()],
     )
     service = CalibratorService(store, backbone, base_head_path=base_head_path, max_shots=max_shots)
+    metrics.CALIBRATOR_HEADS.set_function(lambda: sum(1 for p in store.products() if store.active(p)))
     calibrator_pb2_grpc.add_CalibratorServicer_to_server(service, server)
     hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)

@@ -111,8 +111,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cff_inspect.cli import _backbone_from
     from cff_inspect.demo import make_demo_dataset
     from cff_inspect.kafka import KafkaConfig, ensure_topics
-    from cff_inspect.services import quiet_kafka, wait_for
+    from cff_inspect.services import ingest_checks, quiet_kafka, wait_for, worker_checks
     from ingest.cameras import CameraConfig, Ingest
+    from monitoring.http import MetricsServer
+    from monitoring.prom import Prometheus, find_prometheus
     from scorer.data import discover, draw_references
     from workers.heads import HeadFollower
     from workers.worker import Worker, WorkerConfig
@@ -129,6 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     broker = None
     server = None
+    ms = prom = None
     summary: dict = {}
     try:
         if args.bootstrap_servers:
@@ -154,6 +157,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, evidence_dir=str(out / "evidence")),
         )
         worker.stop_event = stop
+        checks = {f"worker_{k}": v for k, v in worker_checks(kafka, worker).items()}
+        ms = MetricsServer("ingest+worker+calibrator", host=args.metrics_host, port=args.metrics_port)
+        ms.add_checks(**checks).start()
+        print(f"metrics on {ms.url}/metrics, health on /healthz and /readyz", file=sys.stderr, flush=True)
+        if args.prometheus:
+            if find_prometheus() is None:
+                print("--prometheus: prometheus is not installed (apt-get install -y prometheus)", file=sys.stderr)
+            else:
+                prom = Prometheus(
+                    {"cff-inspect-run": [f"127.0.0.1:{ms.port}"]},
+                    out / "prometheus",
+                    port=args.prometheus_port,
+                    scrape_interval=args.scrape_interval,
+                ).start()
+                summary["prometheus"] = prom.url
+                print(f"prometheus on {prom.url} (rules and alerts loaded)", file=sys.stderr, flush=True)
         HeadFollower(kafka, worker, bb).start()
         ready = threading.Event()
         wt = threading.Thread(target=worker.run, kwargs={"ready": ready}, name="worker", daemon=True)
@@ -189,7 +208,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             CameraConfig(id=f"cam-{i + 1}", product=product, source=str(stream), fps=args.fps)
             for i in range(args.cameras)
         ]
-        ing = Ingest(kafka, cams, buffer_size=32).start()
+        ing = Ingest(kafka, cams, buffer_size=32)
+        ms.add_checks(**{f"ingest_{k}": v for k, v in ingest_checks(kafka, ing).items()})
+        ing.start()
         deadline = time.monotonic() + args.duration if args.duration else None
         try:
             while deadline is None or time.monotonic() < deadline:
@@ -226,6 +247,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             Path(args.summary_json).write_text(json.dumps(summary, indent=2))
     finally:
         stop.set()
+        if prom is not None and not args.keep_prometheus:
+            prom.stop()
+        if ms is not None:
+            ms.stop()
         if server is not None:
             server.stop(2)
         if broker is not None:
@@ -255,6 +280,21 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("cff", "aprilgan", "knn"), default="cff")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--refit", action="store_true", help="fit a new head version even if the store has one")
+    p.add_argument(
+        "--metrics-port", type=int, default=_env("metrics_port", 9100, kind=int), help="/metrics of all components"
+    )
+    p.add_argument("--metrics-host", default=_env("metrics_host", "127.0.0.1"))
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        default=bool(_env("prometheus", False)),
+        help="also start a local Prometheus (if installed) with the project's rules, scraping this run",
+    )
+    p.add_argument("--prometheus-port", type=int, default=_env("prometheus_port", 9090, kind=int))
+    p.add_argument("--scrape-interval", default=_env("scrape_interval", "5s"), help="for --prometheus")
+    p.add_argument(
+        "--keep-prometheus", action="store_true", help="leave Prometheus running after the run (its URL is printed)"
+    )
     p.add_argument(
         "--calibrator-port", type=int, default=_env("calibrator_port", 0, kind=int), help="0 = a free port"
     )

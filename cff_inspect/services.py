@@ -59,6 +59,49 @@ def client_security_from(args: argparse.Namespace):  # noqa: ANN201
     )
 
 
+def add_metrics_args(p: argparse.ArgumentParser, service: str) -> None:
+    from monitoring.metrics import DEFAULT_PORTS
+
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env("metrics_port", DEFAULT_PORTS[service], kind=int),
+        help="serve /metrics, /healthz and /readyz here (0 = a free port; default %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-host", default=_env("metrics_host", "0.0.0.0"), help="address for /metrics (default %(default)s)"
+    )
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics, /healthz, /readyz")
+
+
+def start_metrics(args: argparse.Namespace, service: str, **checks):  # noqa: ANN003, ANN201
+    if args.no_metrics:
+        return None
+    from monitoring.http import MetricsServer
+
+    m = MetricsServer(service, host=args.metrics_host, port=args.metrics_port).add_checks(**checks).start()
+    print(f"{service}: metrics on {m.url}/metrics, health on /healthz and /readyz", file=sys.stderr, flush=True)
+    return m
+
+
+def worker_checks(kafka, worker) -> dict:  # noqa: ANN001
+    """Ready = the broker answers and the worker holds at least one head."""
+    from monitoring.http import broker_check
+
+    def heads() -> tuple[bool, str]:
+        names = sorted(worker.heads)
+        return (bool(names), ", ".join(f"{p} v{worker.heads[p].ref.version}" for p in names) or "no head loaded")
+
+    def consuming() -> tuple[bool, str]:
+        t = worker.last_poll_ok
+        if t is None:
+            return False, "not polling yet (joining the consumer group)"
+        age = time.monotonic() - t
+        return age < 30, f"last poll {age:.1f}s ago"
+
+    return {"broker": broker_check(kafka.bootstrap_servers), "heads": heads, "consuming": consuming}
+
+
 def quiet_kafka() -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
 
@@ -148,12 +191,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     ensure_topics(kafka)
     w = Worker(kafka, cfg, heads)
+    ms = start_metrics(args, "worker", **worker_checks(kafka, w))
     stop_on_signals(w.stop_event)
     if args.follow_heads:
         from workers.heads import HeadFollower
 
         HeadFollower(kafka, w, bb, client_security_from(args)).start()
-    w.run()
+    try:
+        w.run()
+    finally:
+        if ms is not None:
+            ms.stop()
     return 0
 
 
@@ -187,6 +235,7 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
     )
     add_kafka_args(p)
     add_client_security_args(p)
+    add_metrics_args(p, "worker")
     _add_backbone_args(p)
     p.set_defaults(backbone=_env("backbone", None))
     p.set_defaults(func=cmd_worker)
@@ -214,6 +263,17 @@ def parse_camera(spec: str):  # noqa: ANN201
     return CameraConfig(id=cid, product=product, source=source, **kw)
 
 
+def ingest_checks(kafka, ing) -> dict:  # noqa: ANN001
+    """Ready = the broker answers and at least one camera delivers frames."""
+    from monitoring.http import broker_check
+
+    def cameras() -> tuple[bool, str]:
+        up = [c for c, ok in ing.stats.camera_up.items() if ok]
+        return bool(up), f"{len(up)}/{len(ing.cameras)} cameras up"
+
+    return {"broker": broker_check(kafka.bootstrap_servers), "cameras": cameras}
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from cff_inspect.kafka import ensure_topics
     from ingest.cameras import Ingest, load_cameras
@@ -225,7 +285,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         raise ConfigError("no cameras: give --cameras FILE.toml or --camera ID=PRODUCT@SOURCE")
     kafka = kafka_from(args)
     ensure_topics(kafka)
-    ing = Ingest(kafka, cams, buffer_size=args.buffer_size, max_frames=args.max_frames).start()
+    ing = Ingest(kafka, cams, buffer_size=args.buffer_size, max_frames=args.max_frames)
+    ms = start_metrics(args, "ingest", **ingest_checks(kafka, ing))
+    ing.start()
     stop_on_signals(ing.stop_event)
     deadline = time.monotonic() + args.duration if args.duration else None
     while not ing.stop_event.is_set() and ing._threads[-1].is_alive():
@@ -233,6 +295,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             break
         ing.stop_event.wait(0.5)
     ing.stop()
+    if ms is not None:
+        ms.stop()
     st = ing.stats
     print(
         f"captured {sum(st.captured.values())}, published {sum(st.published.values())}, "
@@ -254,6 +318,7 @@ def add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-frames", type=int, default=None, help="per camera, then stop")
     p.add_argument("--duration", type=float, default=None, help="seconds, then stop")
     add_kafka_args(p)
+    add_metrics_args(p, "ingest")
     p.set_defaults(func=cmd_ingest)
 
 
@@ -286,6 +351,12 @@ def cmd_calibrator(args: argparse.Namespace) -> int:
         security=security,
         max_shots=args.max_shots,
     )
+    checks = {"backbone": lambda: (True, bb.spec)}
+    if kafka is not None:
+        from monitoring.http import broker_check
+
+        checks["broker"] = broker_check(kafka.bootstrap_servers)
+    ms = start_metrics(args, "calibrator", **checks)
     print(
         f"calibrator serving {bb.spec} heads from {args.store} on {args.host}:{port} "
         f"(TLS {'on' if security.tls else 'off'}, token {'required' if security.token else 'not required'})",
@@ -295,6 +366,8 @@ def cmd_calibrator(args: argparse.Namespace) -> int:
     stop_on_signals(stop)
     stop.wait()
     server.stop(grace=10).wait()
+    if ms is not None:
+        ms.stop()
     return 0
 
 
@@ -324,6 +397,7 @@ def add_calibrator(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", default=_env("tls_cert"), help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", default=_env("tls_key"), help="PEM private key for --tls-cert")
     add_kafka_args(p)
+    add_metrics_args(p, "calibrator")
     _add_backbone_args(p)
     p.set_defaults(func=cmd_calibrator)
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from cff_inspect.kafka import KafkaConfig
 from inspection_pb.v1 import frames_pb2
+from monitoring import metrics
 from scorer.errors import ConfigError, InspectionError
 from scorer.images import IMAGE_SUFFIXES, list_images, load_image
 from scorer.names import check_product_id
@@ -127,6 +128,27 @@ class IngestStats:
     reconnects: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     camera_up: dict[str, bool] = field(default_factory=dict)
 
+    # Each count also goes to the Prometheus metric of the same meaning (monitoring.metrics).
+    def capture(self, camera: str) -> None:
+        self.captured[camera] += 1
+        metrics.FRAMES_CAPTURED.labels(camera=camera).inc()
+
+    def publish(self, camera: str) -> None:
+        self.published[camera] += 1
+        metrics.FRAMES_PUBLISHED.labels(camera=camera).inc()
+
+    def drop(self, camera: str, reason: str) -> None:
+        self.dropped[(camera, reason)] += 1
+        metrics.FRAMES_DROPPED.labels(camera=camera, reason=reason).inc()
+
+    def up(self, camera: str, is_up: bool) -> None:
+        self.camera_up[camera] = is_up
+        metrics.CAMERA_UP.labels(camera=camera).set(1 if is_up else 0)
+
+    def reconnect(self, camera: str) -> None:
+        self.reconnects[camera] += 1
+        metrics.CAMERA_RECONNECTS.labels(camera=camera).inc()
+
 
 class Ingest:
     """Camera threads feed one bounded buffer; one sender thread publishes to Kafka."""
@@ -149,6 +171,7 @@ class Ingest:
         self.max_frames = max_frames
         self.backoff_max_s = backoff_max_s
         self.stats = IngestStats()
+        metrics.init_zero_series(cameras=tuple(c.id for c in cameras))
         self.stop_event = threading.Event()
         self._cv = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -158,8 +181,9 @@ class Ingest:
         with self._cv:
             if len(self.buffer) >= self.buffer_size:
                 old = self.buffer.popleft()
-                self.stats.dropped[(old.camera_id, "buffer_full")] += 1
+                self.stats.drop(old.camera_id, "buffer_full")
             self.buffer.append(frame)
+            metrics.INGEST_BUFFER.set(len(self.buffer))
             self._cv.notify()
 
     def _make_frame(self, cam: CameraConfig, img: np.ndarray) -> frames_pb2.Frame:
@@ -185,14 +209,14 @@ class Ingest:
         while not self.stop_event.is_set():
             try:
                 frames = open_source(cam)
-                self.stats.camera_up[cam.id] = True
+                self.stats.up(cam.id, True)
                 next_t = time.monotonic()
                 for img in frames:
                     if self.stop_event.is_set():
                         return
                     if self.max_frames is not None and self.stats.captured[cam.id] >= self.max_frames:
                         return
-                    self.stats.captured[cam.id] += 1
+                    self.stats.capture(cam.id)
                     self._enqueue(self._make_frame(cam, img))
                     backoff = 0.5
                     next_t += period
@@ -203,8 +227,8 @@ class Ingest:
                         next_t = time.monotonic()
                 return  # a non-looping source ended
             except (CameraError, InspectionError, OSError) as exc:
-                self.stats.camera_up[cam.id] = False
-                self.stats.reconnects[cam.id] += 1
+                self.stats.up(cam.id, False)
+                self.stats.reconnect(cam.id)
                 log.warning("%s; retrying in %.1fs", exc, backoff)
                 self.stop_event.wait(backoff)
                 backoff = min(self.backoff_max_s, backoff * 2)
@@ -232,7 +256,8 @@ class Ingest:
             with self._cv:
                 if self.buffer and self.buffer[0] is frame:
                     self.buffer.popleft()
-                self.stats.published[frame.camera_id] += 1
+                self.stats.publish(frame.camera_id)
+                metrics.INGEST_BUFFER.set(len(self.buffer))
         if producer is not None:
             producer.flush(10)
             producer.close(10)
@@ -241,7 +266,8 @@ class Ingest:
     def _drop_remaining(self) -> None:
         with self._cv:
             while self.buffer:
-                self.stats.dropped[(self.buffer.popleft().camera_id, "shutdown")] += 1
+                self.stats.drop(self.buffer.popleft().camera_id, "shutdown")
+            metrics.INGEST_BUFFER.set(0)
 
     def _cameras_done(self) -> bool:
         cams = [t for t in self._threads if t.name.startswith("camera-")]

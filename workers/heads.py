@@ -18,6 +18,7 @@ from calibrator.client import CalibratorClient, CalibratorError
 from calibrator.security import ClientSecurity
 from cff_inspect.kafka import KafkaConfig
 from inspection_pb.v1 import heads_pb2
+from monitoring import metrics
 from scorer.artifact import load_head
 from scorer.backbones.base import Backbone
 from scorer.errors import HeadError
@@ -50,6 +51,7 @@ class HeadFollower(threading.Thread):
             return
         if a.backbone != self.backbone.spec:
             self.worker.counters["heads_ignored_backbone"] += 1
+            metrics.HEADS_REFUSED.labels(reason="backbone").inc()
             log.info(
                 "ignoring head %s: built for %s, this worker serves %s", a.head.head_id, a.backbone, self.backbone.spec
             )
@@ -57,17 +59,26 @@ class HeadFollower(threading.Thread):
         current = self.worker.heads.get(product)
         if current is not None and current.ref.sha256 == a.head.sha256:
             return
-        data = download(a.calibrator_address, product, a.head.version, self.security)
+        try:
+            data = download(a.calibrator_address, product, a.head.version, self.security)
+        except CalibratorError:
+            metrics.HEADS_REFUSED.labels(reason="download").inc()
+            raise
         sha = hashlib.sha256(data).hexdigest()
         if sha != a.head.sha256:
             self.worker.counters["heads_bad_sha256"] += 1
+            metrics.HEADS_REFUSED.labels(reason="sha256").inc()
             raise HeadError(
                 f"head {a.head.head_id} from {a.calibrator_address}: sha256 {sha[:12]} != announced "
                 f"{a.head.sha256[:12]}"
             )
         path = self.dir / f"{a.head.head_id}.safetensors"
         path.write_bytes(data)
-        head = load_head(path, self.backbone)  # checks backbone, weights, taps, size
+        try:
+            head = load_head(path, self.backbone)  # checks backbone, weights, taps, size
+        except HeadError:
+            metrics.HEADS_REFUSED.labels(reason="invalid").inc()
+            raise
         self.worker.set_head(product, ActiveHead(head, a.head))
         self.worker.counters["heads_applied"] += 1
         log.info("worker %s now scores %s with %s", self.worker.cfg.worker_id, product, a.head.head_id)

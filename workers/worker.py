@@ -27,6 +27,7 @@ from PIL import Image
 
 from cff_inspect.kafka import KafkaConfig, KafkaError
 from inspection_pb.v1 import common_pb2, frames_pb2, results_pb2
+from monitoring import metrics
 from scorer.errors import ConfigError, ImageError
 from scorer.head import Head, Scores
 from scorer.images import to_rgb_uint8
@@ -107,16 +108,25 @@ class Worker:
         self.counters: dict[str, int] = defaultdict(int)
         self.consumer = None
         self.producer = None
+        self.last_poll_ok: float | None = None  # monotonic time of the last poll that reached the broker
+        self._lag_t = 0.0
+        self._lag_partitions: set[int] = set()
+        metrics.init_zero_series(worker=True)
+        for product, active in self.heads.items():
+            metrics.set_active_head(product, active.ref.version)
 
     # -- heads ------------------------------------------------------------------
     def set_head(self, product: str, active: ActiveHead) -> None:
         """Swap takes effect between batches (the batch loop reads the dict once per batch)."""
         with self._lock:
             self.heads[product] = active
+        metrics.set_active_head(product, active.ref.version)
+        metrics.HEAD_SWAPS.labels(product=product).inc()
 
     def remove_head(self, product: str) -> None:
         with self._lock:
             self.heads.pop(product, None)
+        metrics.set_active_head(product, None)
 
     # -- processing -------------------------------------------------------------
     def _result(self, frame: frames_pb2.Frame, status: int, reason: str = "") -> results_pb2.InspectionResult:
@@ -280,6 +290,7 @@ class Worker:
             else:
                 timeout = int(max(0.0, self.cfg.max_wait_ms - (time.monotonic() - first) * 1000))
             polled = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_batch - len(batch))
+            self.last_poll_ok = time.monotonic()
             for recs in polled.values():
                 batch.extend(recs)
             if batch and first is None:
@@ -313,6 +324,55 @@ class Worker:
             f.get(timeout=30)  # raises if the broker did not acknowledge
         self.counters["published"] += len(futures)
         self.last_publish_s = time.perf_counter() - t0
+        self._observe(results, defects, dlq, self.last_publish_s)
+
+    def _observe(self, results: list, defects: list, dlq: list, publish_s: float) -> None:
+        """Metrics for an acknowledged batch: what was published is what is counted."""
+        now = time.time()
+        for r in results:
+            cam, prod = metrics.bounded("camera", r.camera_id), metrics.bounded("product", r.product_id)
+            status = metrics.status_label(results_pb2.Status.Name(r.status))
+            metrics.FRAMES_SCORED.labels(camera=cam, product=prod, status=status).inc()
+            if r.status != results_pb2.STATUS_OK:
+                continue
+            if r.HasField("capture_time"):
+                e2e = now - _ts_seconds(r.capture_time)
+                metrics.E2E_LATENCY.labels(camera=cam, product=prod).observe(max(0.0, e2e))
+            metrics.STAGE_LATENCY.labels(stage="queue_wait").observe(r.timings.queue_wait_s)
+            metrics.STAGE_LATENCY.labels(stage="decode").observe(r.timings.decode_s)
+            metrics.STAGE_LATENCY.labels(stage="inference").observe(r.timings.inference_s)
+            metrics.STAGE_LATENCY.labels(stage="publish").observe(publish_s)
+            if r.image_threshold > 0 and np.isfinite(r.image_threshold):
+                metrics.ANOMALY_SCORE.labels(product=prod).observe(r.normalized_score)
+        for d in defects:
+            metrics.DEFECTS.labels(product=metrics.bounded("product", d.product_id)).inc()
+        for _key, _value, reason in dlq:
+            metrics.DEAD_LETTERED.labels(reason=metrics.dead_letter_reason(reason)).inc()
+
+    def _update_lag(self, force: bool = False) -> None:
+        """Lag per assigned partition from the fetch high-water mark (Tansu's end_offsets is not reliable)."""
+        if self.consumer is None or (not force and time.monotonic() - self._lag_t < 2.0):
+            return
+        self._lag_t = time.monotonic()
+        current: set[int] = set()
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)
+            if hw is None:
+                continue
+            try:
+                pos = self.consumer.position(tp, timeout_ms=1000)
+            except Exception:  # noqa: BLE001 - mid-rebalance: try again next time
+                continue
+            if pos is None:
+                continue
+            metrics.CONSUMER_LAG.labels(partition=str(tp.partition)).set(max(0, hw - pos))
+            current.add(tp.partition)
+        for p in self._lag_partitions - current:  # revoked by a rebalance: not ours to report
+            try:
+                metrics.CONSUMER_LAG.remove(str(p))
+            except KeyError:
+                pass
+        self._lag_partitions = current
 
     def run(self, *, ready: threading.Event | None = None) -> None:
         from kafka import OffsetAndMetadata
@@ -330,8 +390,10 @@ class Worker:
         try:
             while not self.stop_event.is_set():
                 records = self._collect()
+                self._update_lag(force=bool(records))  # local figures: cheap after every batch
                 if not records:
                     continue
+                metrics.BATCH_SIZE.observe(len(records))
                 results, defects, dlq = self.process(records)
                 self._publish(results, defects, dlq)
                 offsets: dict = {}

@@ -37,6 +37,8 @@ def test_worker_takes_announced_heads_and_swaps_between_batches(tmp_path, tiny_v
                 "-m",
                 "cff_inspect",
                 "worker",
+                "--metrics-port",
+                "0",
                 "--backbone",
                 "tiny-vit",
                 "--bootstrap-servers",

@@ -79,6 +79,8 @@ def _start_worker(cfg: KafkaConfig, head: Path, worker_id: str) -> subprocess.Po
         "-m",
         "cff_inspect",
         "worker",
+        "--metrics-port",
+        "0",
         "--head",
         f"demo={head}",
         "--bootstrap-servers",

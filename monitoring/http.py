@@ -1,0 +1,149 @@
+"""``/metrics``, ``/healthz`` and ``/readyz`` for every process, on one small HTTP server.
+
+``/healthz`` answers 200 while the process can serve HTTP at all (alive). ``/readyz``
+runs the process's readiness checks (broker reachable, head loaded, ...) and answers
+200 or 503 with a JSON body naming each check, so an orchestrator's log says *why* a
+worker is not taking traffic. GPU gauges are refreshed on every scrape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from monitoring import metrics
+from scorer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+Check = Callable[[], tuple[bool, str]]
+
+
+def update_gpu_metrics() -> None:
+    """GPU memory (always, via torch) and utilisation (where NVML answers) — only if torch is already in use."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return
+    for i in range(torch.cuda.device_count()):
+        dev = f"cuda:{i}"
+        metrics.GPU_MEMORY.labels(device=dev).set(torch.cuda.memory_allocated(i))
+        try:
+            metrics.GPU_UTILIZATION.labels(device=dev).set(torch.cuda.utilization(i) / 100.0)
+        except Exception:  # noqa: BLE001 - pynvml missing or NVML refused: memory is still reported
+            pass
+
+
+def broker_check(bootstrap_servers: str, *, cache_s: float = 5.0, timeout_s: float = 1.0) -> Check:
+    """Ready when a TCP connection to one bootstrap server opens (cached for ``cache_s``)."""
+    servers = [s.strip() for s in bootstrap_servers.split(",") if s.strip()]
+    state = {"t": 0.0, "result": (False, "not checked yet")}
+    lock = threading.Lock()
+
+    def check() -> tuple[bool, str]:
+        with lock:
+            if time.monotonic() - state["t"] < cache_s:
+                return state["result"]
+            result: tuple[bool, str] = (False, f"no bootstrap server of {bootstrap_servers} accepts connections")
+            for s in servers:
+                host, _, port = s.rpartition(":")
+                try:
+                    with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+                        result = (True, f"{s} reachable")
+                        break
+                except (OSError, ValueError):
+                    continue
+            state.update(t=time.monotonic(), result=result)
+            return result
+
+    return check
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes every 15 s are not news
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            update_gpu_metrics()
+            self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._send(
+                200, json.dumps({"status": "alive", "service": self.server.service}).encode(), "application/json"
+            )
+        elif path == "/readyz":
+            ready, report = self.server.readiness()
+            body = json.dumps({"ready": ready, "service": self.server.service, "checks": report}).encode()
+            self._send(200 if ready else 503, body, "application/json")
+        else:
+            self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    service = ""
+    checks: dict[str, Check] = {}
+
+    def readiness(self) -> tuple[bool, dict]:
+        report, ready = {}, True
+        for name, fn in self.checks.items():
+            try:
+                ok, detail = fn()
+            except Exception as exc:  # noqa: BLE001 - a failing check is a not-ready answer, never a 500
+                ok, detail = False, f"check failed: {exc}"
+            report[name] = {"ok": bool(ok), "detail": detail}
+            ready = ready and bool(ok)
+        return ready, report
+
+
+class MetricsServer:
+    """One per process; ``cff-inspect run`` shares one among its components (``add_checks``)."""
+
+    def __init__(self, service: str, *, host: str = "0.0.0.0", port: int = 0) -> None:
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"metrics port must be in 0..65535, got {port}")
+        try:
+            self._httpd = _Server((host, port), _Handler)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+        self._httpd.service = service
+        self._httpd.checks = {}
+        self.host = host
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
+        for s in service.split("+"):
+            metrics.SERVICE_INFO.labels(service=s).set(1)
+
+    def add_checks(self, **checks: Check) -> MetricsServer:
+        self._httpd.checks.update(checks)
+        return self
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        log.info("metrics, /healthz and /readyz on http://%s:%d", self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
