@@ -43,6 +43,19 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=_env("device", "auto"), help="cpu | cuda | auto (default: %(default)s)")
     p.add_argument("--threads", type=int, default=_env("threads", None, kind=int), help="torch CPU threads")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default=_env("precision", "auto"),
+        help="backbone autocast: auto = bf16 on a GPU, fp32 on the CPU (default: %(default)s)",
+    )
+
+
+def _precision(args: argparse.Namespace, device: str) -> str:
+    p = getattr(args, "precision", "auto")
+    if p == "auto":
+        return "bf16" if str(device).startswith("cuda") else "fp32"
+    return p
 
 
 def _device(name: str) -> str:
@@ -60,7 +73,9 @@ def _backbone_from(args: argparse.Namespace):  # noqa: ANN202 - lazy torch impor
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_backbone(args.backbone, weights=args.weights, image_size=args.image_size, device=_device(args.device))
+    dev = _device(args.device)
+    bb = load_backbone(args.backbone, weights=args.weights, image_size=args.image_size, device=dev)
+    return bb.set_precision(_precision(args, dev))
 
 
 # -- eval ----------------------------------------------------------------------
@@ -201,23 +216,18 @@ def _add_pending(sub: argparse._SubParsersAction, name: str, text: str, issue: i
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: pipeline (end to end vs bare scorer)")
+    p = sub.add_parser("bench", help="benchmarks: scorer (batched vs reference flow), pipeline (end to end)")
     bs = p.add_subparsers(dest="bench_command", required=True)
     from benchmarks import pipeline
 
     q = bs.add_parser("pipeline", help="end-to-end frames/s and latency beside the bare scorer, one run")
     pipeline.add_args(q)
     q.set_defaults(func=pipeline.main)
-    s = bs.add_parser("scorer", help="batched GPU scorer benchmark (not built yet: issue 6)")
-    s.set_defaults(
-        func=lambda a: (
-            print(
-                "cff-inspect bench scorer: not built yet (issue 6); python -m benchmarks.cpu_cost gives the CPU cost",
-                file=sys.stderr,
-            ),
-            2,
-        )[1]
-    )
+    from benchmarks import scorer_bench
+
+    s = bs.add_parser("scorer", help="scorer images/s and latency per batch, K, precision vs the reference")
+    scorer_bench.add_arguments(s)
+    s.set_defaults(func=scorer_bench.main)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,14 +45,15 @@ def _expand_images(items: list[str]) -> list[Path]:
 
 
 def _load_head_and_backbone(args: argparse.Namespace):  # noqa: ANN202
-    from cff_inspect.cli import _device
+    from cff_inspect.cli import _device, _precision
     from scorer.artifact import load_head, read_manifest
     from scorer.backbones import load_backbone
 
     manifest = read_manifest(args.head)
     spec = args.backbone or manifest["backbone"]
-    bb = load_backbone(spec, weights=args.weights, image_size=manifest["image_size"], device=_device(args.device))
-    return load_head(args.head, bb), manifest
+    dev = _device(args.device)
+    bb = load_backbone(spec, weights=args.weights, image_size=manifest["image_size"], device=dev)
+    return load_head(args.head, bb.set_precision(_precision(args, dev))), manifest
 
 
 # -- score ----------------------------------------------------------------------

@@ -142,7 +142,9 @@ def add_broker(sub: argparse._SubParsersAction) -> None:
 
 
 # -- worker ----------------------------------------------------------------------------
-def load_file_heads(specs: list[str], backbone_override: str | None, weights: str | None, device: str):  # noqa: ANN201
+def load_file_heads(  # noqa: ANN201
+    specs: list[str], backbone_override: str | None, weights: str | None, device: str, precision: str = "fp32"
+):
     """``PRODUCT=PATH`` pairs -> (backbone, {product: ActiveHead}); heads for another backbone are skipped."""
     from scorer.artifact import file_sha256, load_head, read_manifest
     from scorer.backbones import load_backbone
@@ -160,7 +162,7 @@ def load_file_heads(specs: list[str], backbone_override: str | None, weights: st
         raise ConfigError("a worker needs --head PRODUCT=PATH (or --backbone to start without heads)")
     spec = backbone_override or pairs[0][2]["backbone"]
     size = next((m["image_size"] for _, _, m in pairs if m["backbone"] == spec), None)
-    bb = load_backbone(spec, weights=weights, image_size=size, device=device)
+    bb = load_backbone(spec, weights=weights, image_size=size, device=device).set_precision(precision)
     heads = {}
     for product, path, _m in pairs:
         try:
@@ -173,13 +175,14 @@ def load_file_heads(specs: list[str], backbone_override: str | None, weights: st
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from cff_inspect.cli import _device
+    from cff_inspect.cli import _device, _precision
     from cff_inspect.kafka import ensure_topics
     from workers.worker import Worker, WorkerConfig
 
     quiet_kafka()
     kafka = kafka_from(args)
-    bb, heads = load_file_heads(args.head or [], args.backbone, args.weights, _device(args.device))
+    dev = _device(args.device)
+    bb, heads = load_file_heads(args.head or [], args.backbone, args.weights, dev, _precision(args, dev))
     cfg = WorkerConfig(
         group_id=args.group_id,
         max_batch=args.max_batch,
@@ -187,6 +190,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_age_s=args.max_age_s,
         evidence_dir=args.evidence_dir,
         heatmap_in_result=args.heatmap_in_result,
+        device_decode=args.device_decode,
         **({"worker_id": args.worker_id} if args.worker_id else {}),
     )
     ensure_topics(kafka)
@@ -227,6 +231,12 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--evidence-dir", default=_env("evidence_dir"), help="archive defect JPEGs and overlays here")
     p.add_argument("--heatmap-in-result", action="store_true", help="attach an 8-bit PNG heatmap to each result")
+    p.add_argument(
+        "--device-decode",
+        choices=("auto", "always", "never"),
+        default=_env("device_decode", "auto"),
+        help="decode JPEGs with torchvision on the scoring device (auto: when it is a GPU)",
+    )
     p.add_argument(
         "--no-follow-heads",
         dest="follow_heads",

@@ -87,6 +87,9 @@ class Head:
     options: ScoreOptions = field(default_factory=ScoreOptions)
     meta: dict = field(default_factory=dict)
     backbone: Backbone | None = field(default=None, repr=False, compare=False)
+    # Inference tensors per (device, bank dtype): folded weights, bank, prototypes are copied to the
+    # device once, not per batch (for K = 16 on ViT-L the banks alone are ~180 MB). New per replace().
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -116,6 +119,27 @@ class Head:
             out.append((w, b))
         return out
 
+    def on_device(self, device: torch.device, bank_dtype: str | None = None) -> dict:
+        """Folded weights, bank (in ``bank_dtype``) and prototypes on ``device``, cached when not training."""
+        bank_dtype = bank_dtype or self.options.bank_dtype
+        key = (str(device), bank_dtype)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        dt = getattr(torch, bank_dtype)
+        out = {
+            "bank": [b.to(device=device, dtype=dt) for b in self.bank],
+            "folded": (
+                [(w.to(device).float(), b.to(device).float()) for w, b in self.folded()]
+                if self.proj_w is not None
+                else None
+            ),
+            "prototypes": self.prototypes.to(device).float() if self.prototypes is not None else None,
+        }
+        if not torch.is_grad_enabled():
+            self._cache[key] = out
+        return out
+
     def stage_features(
         self, tokens: Sequence[torch.Tensor], *, fold: bool = True
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -134,9 +158,8 @@ class Head:
             else []
         )
         if fold:
-            calibrated = [
-                F.linear(t.float(), w.to(dev), b.to(dev)) for t, (w, b) in zip(tokens, self.folded(), strict=True)
-            ]
+            folded = self.on_device(dev)["folded"]
+            calibrated = [F.linear(t.float(), w, b) for t, (w, b) in zip(tokens, folded, strict=True)]
         elif self.calib_w is not None and self.calib_b is not None:
             calibrated = [
                 F.linear(p, self.calib_w[i].to(dev), self.calib_b[i].to(dev)) for i, p in enumerate(projected)
@@ -173,9 +196,11 @@ class Head:
         gh, gw = self.grid
         calibrated, projected = self.stage_features(tokens, fold=fold)
         bank_q = self.bank_view(tokens, calibrated, projected)
+        bank = self.on_device(tokens[0].device)["bank"]
         grid_maps = []  # per stage (B, G, G) in "anomaly" units
         for i in range(self.n_stages):
-            dist = nn_distance(bank_q[i], self.bank[i], chunk=opts.bank_chunk, dtype=opts.bank_dtype)  # (B, N)
+            # one matmul per stage (chunked over bank rows) and top-1 where the tokens are
+            dist = nn_distance(bank_q[i], bank[i], chunk=opts.bank_chunk, dtype=opts.bank_dtype)  # (B, N)
             stage = dist
             if self.prototypes is not None and calibrated:
                 stage = stage + opts.proto_weight * self._proto_map(calibrated[i], i)
@@ -197,7 +222,8 @@ class Head:
         """Anomalous-class probability per token (softmax over the normal/anomalous pair)."""
         assert self.prototypes is not None
         f = F.normalize(feats.float(), dim=-1)
-        logits = self.options.temperature * (f @ self.prototypes[i].to(f.device).float())  # (B, N, 2)
+        protos = self.on_device(f.device)["prototypes"]
+        logits = self.options.temperature * (f @ protos[i])  # (B, N, 2)
         return torch.sigmoid(logits[..., 1] - logits[..., 0])
 
     def score(self, images: Sequence[np.ndarray], *, batch_size: int = 8) -> Scores:
@@ -240,6 +266,8 @@ def nn_distance(query: torch.Tensor, bank: torch.Tensor, *, chunk: int = 4096, d
     dt = getattr(torch, dtype)
     q = F.normalize(query.float(), dim=-1).to(dt)
     bk = bank.to(q.device)
+    if q.is_cuda and q.shape[0] * q.shape[1] * bk.shape[0] * q.element_size() <= 1 << 31:
+        chunk = bk.shape[0]  # the whole bank in one matmul when the similarity block fits in 2 GiB
     best = None
     for s in range(0, bk.shape[0], chunk):
         sims = q @ bk[s : s + chunk].to(dt).T  # (B, N, m)
@@ -364,6 +392,11 @@ def find_regions(amap: np.ndarray, threshold: float, src_hw: tuple[int, int], *,
     return out
 
 
+def _hw(img: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """Source height and width of an H x W x 3 array or a 3 x H x W tensor."""
+    return (int(img.shape[1]), int(img.shape[2])) if isinstance(img, torch.Tensor) else img.shape[:2]
+
+
 def _score_images(self: Head, images: Sequence[np.ndarray], *, batch_size: int = 8) -> Scores:
     """Score decoded RGB images (any size) with this head's backbone."""
     if self.backbone is None:
@@ -380,7 +413,7 @@ def _score_images(self: Head, images: Sequence[np.ndarray], *, batch_size: int =
     with torch.inference_mode():
         for s in range(0, len(images), batch_size):
             chunk = images[s : s + batch_size]
-            out = self.backbone.extract(self.backbone.preprocess(chunk))
+            out = self.backbone.forward_images(chunk)  # one forward pass, autocast per backbone.precision
             r = self.score_tokens(out)
             scores.append(r.image_scores.float().cpu().numpy())
             maps.append(r.maps.float().cpu().numpy())
@@ -388,7 +421,7 @@ def _score_images(self: Head, images: Sequence[np.ndarray], *, batch_size: int =
     mp = np.concatenate(maps)
     thr = self.image_threshold
     norm = sc / thr if np.isfinite(thr) and thr > 0 else np.full_like(sc, np.nan)
-    regions = [find_regions(mp[i], self.pixel_threshold, images[i].shape[:2]) for i in range(len(images))]
+    regions = [find_regions(mp[i], self.pixel_threshold, _hw(images[i])) for i in range(len(images))]
     return Scores(
         sc, norm, (sc >= thr) if np.isfinite(thr) else np.zeros(len(sc), bool), mp.astype(np.float16), regions
     )

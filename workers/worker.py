@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from google.protobuf.message import DecodeError
 from PIL import Image
 
@@ -48,6 +49,9 @@ class WorkerConfig:
     heatmap_in_result: bool = False
     evidence_dir: str | None = None
     evidence_max_bytes: int = 1 << 30
+    # JPEG decode with torchvision on the scoring device: "auto" = when the head's backbone is on a GPU
+    # (decode and resize then never leave it), "always" (also on the CPU), "never" (PIL).
+    device_decode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -56,6 +60,8 @@ class WorkerConfig:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.max_age_s <= 0:
             raise ConfigError(f"max_age_s must be > 0, got {self.max_age_s}")
+        if self.device_decode not in ("auto", "always", "never"):
+            raise ConfigError(f"device_decode must be auto, always or never, got {self.device_decode!r}")
 
 
 @dataclass
@@ -68,7 +74,10 @@ class BadFrame(Exception):
     """A frame whose image cannot be used; the message is the reason."""
 
 
-def decode_frame_image(frame: frames_pb2.Frame, cfg: WorkerConfig) -> np.ndarray:
+def decode_frame_image(
+    frame: frames_pb2.Frame, cfg: WorkerConfig, device: torch.device | None = None
+) -> np.ndarray | torch.Tensor:
+    """H x W x 3 uint8 array; with ``device``, JPEGs become 3 x H x W uint8 tensors decoded there."""
     if not frame.image:
         raise BadFrame("empty image")
     enc = frame.encoding
@@ -86,11 +95,22 @@ def decode_frame_image(frame: frames_pb2.Frame, cfg: WorkerConfig) -> np.ndarray
             w, h = im.size
             if w == 0 or h == 0 or w * h > cfg.max_pixels or max(w, h) > cfg.max_side:
                 raise BadFrame(f"image size {w}x{h} is zero or exceeds the limit ({cfg.max_pixels} pixels)")
+            if device is not None and enc == frames_pb2.ENCODING_JPEG and im.format == "JPEG":
+                return _decode_jpeg_on(frame.image, device)
             im.load()
             return to_rgb_uint8(im, name=f"frame {frame.frame_id}")
     except BadFrame:
         raise
     except (ImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadFrame(f"cannot decode image: {exc}") from None
+
+
+def _decode_jpeg_on(data: bytes, device: torch.device) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as exc:
         raise BadFrame(f"cannot decode image: {exc}") from None
 
 
@@ -129,6 +149,13 @@ class Worker:
         metrics.set_active_head(product, None)
 
     # -- processing -------------------------------------------------------------
+    def _decode_device(self, active: ActiveHead) -> torch.device | None:
+        bb = active.head.backbone
+        if bb is None or self.cfg.device_decode == "never":
+            return None
+        dev = bb.device
+        return dev if self.cfg.device_decode == "always" or dev.type == "cuda" else None
+
     def _result(self, frame: frames_pb2.Frame, status: int, reason: str = "") -> results_pb2.InspectionResult:
         r = results_pb2.InspectionResult(
             frame_id=frame.frame_id,
@@ -183,7 +210,7 @@ class Worker:
                 continue
             t0 = time.perf_counter()
             try:
-                img = decode_frame_image(frame, self.cfg)
+                img = decode_frame_image(frame, self.cfg, self._decode_device(active))
             except BadFrame as exc:
                 results.append(self._result(frame, results_pb2.STATUS_BAD_FRAME, str(exc)))
                 dlq.append((rec.key, rec.value, str(exc)))
@@ -261,6 +288,8 @@ class Worker:
 
         root = Path(self.cfg.evidence_dir or ".")
         root.mkdir(parents=True, exist_ok=True)
+        if isinstance(img, torch.Tensor):
+            img = img.permute(1, 2, 0).cpu().numpy()
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in frame.frame_id)[:120]
         jpg, png = root / f"{safe}.jpg", root / f"{safe}_overlay.png"
         Image.fromarray(img).save(jpg, quality=90)

@@ -8,13 +8,15 @@ the memory bank and the evaluation only ever talk to this interface.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from scorer.errors import ConfigError, ImageError
@@ -23,6 +25,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Backbone(nn.Module):
     std: tuple[float, float, float]
     weights_id: str  # sha256 of the weights file, or "random:<seed>"
     has_text: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for the forward pass (set_precision)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -71,22 +75,60 @@ class Backbone(nn.Module):
     def forward(self, pixels: torch.Tensor) -> BackboneOutput:
         return self.extract(pixels)
 
+    # -- precision -----------------------------------------------------------
+    def set_precision(self, precision: str) -> Backbone:
+        """Autocast dtype for :meth:`run`: bf16 on GPUs (and CPUs with bf16 units), fp16, or fp32."""
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        return self
+
+    @contextlib.contextmanager
+    def precision_scope(self, precision: str) -> Iterator[Backbone]:
+        old = self.precision
+        self.set_precision(precision)
+        try:
+            yield self
+        finally:
+            self.precision = old
+
+    def run(self, pixels: torch.Tensor) -> BackboneOutput:
+        """One forward pass in inference mode under the backbone's precision (attention uses fused SDPA)."""
+        with torch.inference_mode():
+            if self.precision == "fp32":
+                return self.extract(pixels)
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            with torch.autocast(device_type=self.device.type, dtype=dtype):
+                return self.extract(pixels)
+
+    def forward_images(self, images: Sequence[np.ndarray | torch.Tensor], *, letterbox: bool = False) -> BackboneOutput:
+        return self.run(self.preprocess(images, letterbox=letterbox))
+
     def encode_text_prompts(self, object_name: str) -> torch.Tensor:
         """Normal/anomalous text matrix ``(E, 2)``; only CLIP backbones have one."""
         raise ConfigError(f"backbone {self.spec!r} has no text encoder")
 
     # -- preprocessing -------------------------------------------------------
-    def preprocess(self, images: Sequence[np.ndarray], *, letterbox: bool = False) -> torch.Tensor:
-        """Resize (squash, or letterbox) and normalise decoded RGB uint8 images."""
-        return preprocess_images(images, self.image_size, self.mean, self.std, letterbox=letterbox).to(self.device)
+    def preprocess(self, images: Sequence[np.ndarray | torch.Tensor], *, letterbox: bool = False) -> torch.Tensor:
+        """Resize (squash, or letterbox) and normalise decoded RGB uint8 images.
+
+        NumPy images (H x W x 3) are resized on the CPU and copied through pinned memory without
+        blocking; uint8 tensors (3 x H x W, e.g. from ``torchvision.io.decode_jpeg(device="cuda")``)
+        are resized where they are, so JPEG decode and resize can both stay on the GPU.
+        """
+        if len(images) and isinstance(images[0], torch.Tensor):
+            return preprocess_tensors(images, self.image_size, self.mean, self.std, device=self.device)  # type: ignore[arg-type]
+        px = preprocess_images(images, self.image_size, self.mean, self.std, letterbox=letterbox)  # type: ignore[arg-type]
+        if self.device.type == "cuda":
+            return px.pin_memory().to(self.device, non_blocking=True)
+        return px.to(self.device)
 
     @torch.inference_mode()
     def embed(self, images: Sequence[np.ndarray], *, batch_size: int = 8, letterbox: bool = False) -> BackboneOutput:
         """Extract tokens for many images in batches, results on the CPU in float32."""
         outs: list[BackboneOutput] = []
         for start in range(0, len(images), batch_size):
-            px = self.preprocess(images[start : start + batch_size], letterbox=letterbox)
-            outs.append(self.extract(px))
+            outs.append(self.forward_images(images[start : start + batch_size], letterbox=letterbox))
         return concat_outputs(outs)
 
 
@@ -130,6 +172,29 @@ def preprocess_images(
     arr = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
+    return (arr - m) / s
+
+
+def preprocess_tensors(
+    images: Sequence[torch.Tensor],
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Like :func:`preprocess_images` for uint8 ``(3, H, W)`` tensors, on their device (antialiased bicubic)."""
+    out = []
+    for i, img in enumerate(images):
+        if not isinstance(img, torch.Tensor) or img.ndim != 3 or img.shape[0] != 3 or img.dtype != torch.uint8:
+            desc = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+            raise ImageError(f"image {i}: expected a 3 x H x W uint8 tensor, got {desc}")
+        x = img.to(device) if device is not None else img
+        x = F.interpolate(x[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        out.append(x.clamp_(0, 255).round_())
+    arr = torch.cat(out).div_(255.0)
+    m = torch.tensor(mean, device=arr.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=arr.device).view(1, 3, 1, 1)
     return (arr - m) / s
 
 

@@ -413,7 +413,12 @@ def build_clip(
         "pretrained_image": False,  # never fetch timm / HF tower weights behind the user's back
         "pretrained_text": False,
     }
-    if path.is_file():
+    if weights == "random":  # speed benchmarks only: the architecture with seeded random weights
+        with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
+            torch.manual_seed(0)
+            model = open_clip.create_model(model_name, pretrained=None, **common)
+        weights_id = "random:0"
+    elif path.is_file():
         try:
             with _quiet_random_init_warning():
                 model = open_clip.create_model(model_name, pretrained=None, **common)

@@ -121,11 +121,39 @@ def test_invalid_product_id(demo, capsys) -> None:
     assert "invalid product id 'Bad Name'" in capsys.readouterr().err
 
 
-def test_pending_subcommands_say_so(capsys) -> None:
-    assert main(["bench", "scorer"]) == 2
-    assert "issue 6" in capsys.readouterr().err
+def test_bench_scorer_reports_side_by_side_ratios(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["bench", "scorer", "--backbone", "tiny-vit", "--device", "cpu", "--batch-sizes", "1", "4",
+            "--shots", "1", "--precision", "fp32", "bf16", "--repeats", "2", "--reference-images", "2",
+            "--frame-size", "48", "64", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rep = json.loads(out.read_text())
+    (bb,) = rep["backbones"]
+    assert bb["model_gflops_per_image"] > 0
+    grid = {(p, b) for p in ("fp32", "bf16") for b in (1, 4)}
+    assert {(r["precision"], r["batch"]) for r in bb["backbone_rows"]} == grid
+    assert {h["method"] for h in bb["heads"]} == {"knn", "cff"}
+    for h in bb["heads"]:
+        assert h["speedup_vs_reference"] == pytest.approx(h["best"]["images_per_s"] / h["reference_images_per_s"])
+        assert all(r["latency_p99_ms"] >= r["latency_p50_ms"] > 0 for r in h["rows"])
+    assert "speed-up x" in capsys.readouterr().out
+    assert main(["bench", "scorer", "--backbone", "tiny-vit", "--precision", "int4"]) == 2
 
 
 def test_worker_without_heads_is_refused(capsys) -> None:
     assert main(["worker"]) == 2
     assert "--head PRODUCT=PATH" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_bench_pipeline_sweeps_batch_and_wait(tmp_path) -> None:
+    out = tmp_path / "p.json"
+    argv = ["bench", "pipeline", "--backbone", "tiny-vit", "--method", "knn", "--frames", "12",
+            "--sweep-batch", "1", "4", "--sweep-wait", "5", "--offered-fps", "40", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rep = json.loads(out.read_text())
+    assert [(r["max_batch"], r["max_wait_ms"]) for r in rep["curve"]] == [(1, 5), (4, 5)]
+    assert all(r["results"] == 12 for r in rep["curve"])  # every frame scored once in each configuration
+    assert rep["curve"][0]["mean_batch"] == pytest.approx(1.0)
+    assert rep["pipeline_over_bare"] == pytest.approx(rep["pipeline_fps"] / rep["bare_scorer_fps"])
+    assert all(r["latency_p99_s"] >= r["latency_p50_s"] > 0 for r in rep["curve"])

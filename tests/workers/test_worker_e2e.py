@@ -245,3 +245,36 @@ def test_two_workers_share_partitions_and_a_killed_one_loses_nothing(broker, dem
                 w.communicate(timeout=30)
             except subprocess.TimeoutExpired:
                 w.kill()
+
+
+def test_device_decode_scores_like_pil(tiny_vit, references) -> None:
+    """The torchvision decode path (on the GPU in production; forced here on the CPU) gives the same verdicts."""
+    from types import SimpleNamespace
+
+    from scorer.fit import fit_head
+    from workers.worker import ActiveHead, Worker, WorkerConfig, head_ref
+
+    head = fit_head(tiny_vit, references, method="knn")
+    recs = []
+    for i, ref in enumerate(references):
+        buf = io.BytesIO()
+        Image.fromarray(ref).save(buf, format="JPEG", quality=95)
+        f = _frame("cam", i, buf.getvalue(), encoding=frames_pb2.ENCODING_JPEG)
+        recs.append(SimpleNamespace(key=b"cam", value=f.SerializeToString(), timestamp=0, topic="t", partition=0,
+                                    offset=i))  # fmt: skip
+    broken = _frame("cam", 9, b"\xff\xd8\xff\xe0 not a jpeg", encoding=frames_pb2.ENCODING_JPEG)
+    recs.append(SimpleNamespace(key=b"cam", value=broken.SerializeToString(), timestamp=0, topic="t", partition=0,
+                                offset=9))  # fmt: skip
+    out = {}
+    for mode in ("never", "always"):
+        w = Worker(KafkaConfig(bootstrap_servers="127.0.0.1:1"), WorkerConfig(device_decode=mode),
+                   {"demo": ActiveHead(head, head_ref("demo", head, "ab"))})  # fmt: skip
+        results, _defects, dlq = w.process(recs)
+        by_seq = {r.sequence: r for r in results}
+        assert by_seq.pop(9).status == results_pb2.STATUS_BAD_FRAME and len(dlq) == 1
+        assert all(r.status == results_pb2.STATUS_OK for r in by_seq.values()) and len(by_seq) == len(references)
+        out[mode] = [by_seq[i] for i in sorted(by_seq)]
+    a = np.array([r.image_score for r in out["never"]])
+    b = np.array([r.image_score for r in out["always"]])
+    np.testing.assert_allclose(b, a, rtol=0.02)  # libjpeg-turbo in both; resize differs slightly (PIL vs torch)
+    assert [r.verdict for r in out["never"]] == [r.verdict for r in out["always"]]

@@ -1,0 +1,100 @@
+"""The fast scoring path computes what the slow reference protocol computes, within stated tolerances."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from scorer.reference import reference_score
+
+# fp32 fast path vs the reference: same math, different order (batched matmuls, folded weights).
+FP32_MAP_ATOL = 2e-4
+# bf16 autocast / bf16 bank search vs the fp32 path: relative to the map's range.
+BF16_MAP_RTOL = 0.03
+
+
+@pytest.mark.parametrize("method", ["knn", "aprilgan", "cff"])
+def test_fast_path_matches_the_reference_protocol(method, fitted_heads, tiny_vit, references, make_refs) -> None:  # noqa: ANN001
+    from scorer.head import knn_head
+
+    imgs = make_refs(5, seed=7)
+    head = knn_head(tiny_vit, tiny_vit.embed(references)) if method == "knn" else fitted_heads[method]
+    head = replace(head, backbone=tiny_vit)
+    fast = head.score(imgs, batch_size=4)
+    ref_scores, ref_maps = reference_score(head, imgs)
+    np.testing.assert_allclose(fast.image_scores, ref_scores, atol=FP32_MAP_ATOL, rtol=1e-4)
+    # fast maps are stored as float16: compare within half precision of the map's scale
+    scale = float(np.abs(ref_maps).max())
+    np.testing.assert_allclose(fast.maps.astype(np.float32), ref_maps, atol=FP32_MAP_ATOL + 1e-3 * scale)
+
+
+def test_batched_equals_one_at_a_time(fitted_heads, tiny_vit, make_refs) -> None:
+
+    head = replace(fitted_heads["cff"], backbone=tiny_vit)
+    imgs = make_refs(6, seed=3)
+    batched = head.score(imgs, batch_size=6)
+    single = [head.score([im], batch_size=1) for im in imgs]
+    np.testing.assert_allclose(batched.image_scores, [s.image_scores[0] for s in single], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_path_is_close_to_fp32(fitted_heads, tiny_vit, make_refs) -> None:
+
+    head = replace(fitted_heads["cff"], backbone=tiny_vit)
+    imgs = make_refs(4, seed=11)
+    ref = head.score(imgs)
+    fast = head.with_options(bank_dtype="bfloat16")
+    with tiny_vit.precision_scope("bf16"):
+        got = fast.score(imgs)
+    rng = float(ref.maps.max() - ref.maps.min())
+    assert np.abs(got.maps.astype(np.float32) - ref.maps.astype(np.float32)).max() <= BF16_MAP_RTOL * rng
+    assert np.abs(got.image_scores - ref.image_scores).max() <= BF16_MAP_RTOL * max(rng, 1e-6)
+
+
+def test_tensor_preprocessing_matches_pil(fitted_heads, tiny_vit, make_refs) -> None:
+    """uint8 CHW tensors (what decode_jpeg on a GPU gives) are resized where they are, close to PIL."""
+    import torch
+
+    head = replace(fitted_heads["cff"], backbone=tiny_vit)
+    imgs = [np.ascontiguousarray(np.pad(im, ((0, 13), (0, 5), (0, 0)), mode="edge")) for im in make_refs(3, seed=5)]
+    tensors = [torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in imgs]
+    px_pil = tiny_vit.preprocess(imgs)
+    px_t = tiny_vit.preprocess(tensors)
+    assert px_t.shape == px_pil.shape
+    assert float((px_t - px_pil).abs().mean()) < 0.02  # antialiased bicubic vs PIL bicubic, normalised units
+    a, b = head.score(imgs), head.score(tensors)
+    rng = float(a.maps.max() - a.maps.min())
+    # a random tiny model is sensitive to resampling at the borders: judge the map on average, the score exactly
+    assert np.abs(a.maps.astype(np.float32) - b.maps.astype(np.float32)).mean() <= 0.02 * rng
+    np.testing.assert_allclose(b.image_scores, a.image_scores, rtol=0.01)
+    from scorer.errors import ImageError
+
+    with pytest.raises(ImageError, match="3 x H x W uint8"):
+        tiny_vit.preprocess([torch.zeros(4, 8, 8, dtype=torch.uint8)])
+
+
+def test_inference_tensors_are_cached_per_device_and_dtype(fitted_heads) -> None:
+    import torch
+
+    head = replace(fitted_heads["cff"])
+    with torch.inference_mode():
+        a = head.on_device(torch.device("cpu"), "bfloat16")
+        assert head.on_device(torch.device("cpu"), "bfloat16") is a  # copied once, not per batch
+        assert a["bank"][0].dtype == torch.bfloat16
+        assert head.on_device(torch.device("cpu"), "float32")["bank"][0].dtype == torch.float32
+    assert head.with_thresholds(image=1.0)._cache == {}  # a changed head never sees stale tensors
+
+
+def test_attention_is_fused(tiny_vit) -> None:
+    """timm's ViT blocks use F.scaled_dot_product_attention (the GPU path relies on it)."""
+    flags = [m.fused_attn for m in tiny_vit.modules() if hasattr(m, "fused_attn")]
+    assert flags and all(flags)
+
+
+def test_bad_precision_is_named(tiny_vit) -> None:
+    from scorer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, fp16"):
+        tiny_vit.set_precision("int4")
+    assert tiny_vit.precision == "fp32"
