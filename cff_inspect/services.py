@@ -40,13 +40,15 @@ def kafka_from(args: argparse.Namespace):  # noqa: ANN201
     )
 
 
-def add_client_security_args(p: argparse.ArgumentParser) -> None:
+def _add_token_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
-        "--token",
-        default=_env("token"),
-        help="bearer token for the calibrator (env CFF_INSPECT_TOKEN; prefer --token-file, flags show in ps)",
+        "--token", default=_env("token"), help=f"{what} (env CFF_INSPECT_TOKEN; prefer --token-file: flags show in ps)"
     )
     p.add_argument("--token-file", default=_env("token_file"), help="file whose first line is the token")
+
+
+def add_client_security_args(p: argparse.ArgumentParser) -> None:
+    _add_token_args(p, "bearer token for the calibrator")
     p.add_argument("--tls-ca", default=_env("tls_ca"), help="PEM root certificate: talk TLS to the calibrator")
     p.add_argument("--tls-server-name", default=_env("tls_server_name"), help="name to check the certificate for")
 
@@ -191,6 +193,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         evidence_dir=args.evidence_dir,
         heatmap_in_result=args.heatmap_in_result,
         device_decode=args.device_decode,
+        bank_dtype=args.bank_dtype,
         **({"worker_id": args.worker_id} if args.worker_id else {}),
     )
     ensure_topics(kafka)
@@ -236,6 +239,12 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
         choices=("auto", "always", "never"),
         default=_env("device_decode", "auto"),
         help="decode JPEGs with torchvision on the scoring device (auto: when it is a GPU)",
+    )
+    p.add_argument(
+        "--bank-dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default=_env("bank_dtype", "auto"),
+        help="memory-bank search dtype (auto: bfloat16 on a GPU, the head's own on the CPU)",
     )
     p.add_argument(
         "--no-follow-heads",
@@ -398,12 +407,7 @@ def add_calibrator(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-shots", type=int, default=_env("max_shots", 16, kind=int), help="reference images per fit (limit)"
     )
-    p.add_argument(
-        "--token",
-        default=_env("token"),
-        help="require this bearer token on every call (env CFF_INSPECT_TOKEN; prefer --token-file)",
-    )
-    p.add_argument("--token-file", default=_env("token_file"), help="file whose first line is the token")
+    _add_token_args(p, "require this bearer token on every call")
     p.add_argument("--tls-cert", default=_env("tls_cert"), help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", default=_env("tls_key"), help="PEM private key for --tls-cert")
     add_kafka_args(p)

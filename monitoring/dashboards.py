@@ -84,6 +84,27 @@ def panel(
     return p
 
 
+def _score_heatmap(selector: str) -> dict[str, Any]:
+    """Targets and options of a normalised-score heatmap (overview: all products; drill-down: selected)."""
+    return {
+        "targets": [
+            target(
+                f"sum by (le) (increase(inspection_anomaly_score_normalized_bucket{selector}[{RI}]))",
+                "{{le}}",
+                fmt="heatmap",
+            )
+        ],
+        "kind": "heatmap",
+        "options": {
+            "calculate": False,
+            "yAxis": {"axisLabel": "normalised score (le)"},
+            "cellGap": 1,
+            "color": {"mode": "scheme", "scheme": "Oranges"},
+            "tooltip": {"show": True, "yHistogram": True},
+        },
+    }
+
+
 def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
@@ -372,21 +393,7 @@ def overview() -> dict[str, Any]:
             "Anomaly score distribution",
             "Normalised image scores of all products per score bucket (1.0 = verdict threshold): mass that moves "
             "towards 1.0 means drift or a head that no longer fits the product.",
-            [
-                target(
-                    f"sum by (le) (increase(inspection_anomaly_score_normalized_bucket[{RI}]))",
-                    "{{le}}",
-                    fmt="heatmap",
-                )
-            ],
-            kind="heatmap",
-            options={
-                "calculate": False,
-                "yAxis": {"axisLabel": "normalised score (le)"},
-                "cellGap": 1,
-                "color": {"mode": "scheme", "scheme": "Oranges"},
-                "tooltip": {"show": True, "yHistogram": True},
-            },
+            **_score_heatmap(""),
         ),
         panel(
             20,
@@ -694,21 +701,7 @@ def drilldown() -> dict[str, Any]:
             "Anomaly score distribution",
             "Normalised scores of the selected products per bucket (1.0 = verdict threshold): the share above 1.0 "
             "is the defect rate, mass close below 1.0 are borderline frames.",
-            [
-                target(
-                    f"sum by (le) (increase(inspection_anomaly_score_normalized_bucket{{{prod}}}[{RI}]))",
-                    "{{le}}",
-                    fmt="heatmap",
-                )
-            ],
-            kind="heatmap",
-            options={
-                "calculate": False,
-                "yAxis": {"axisLabel": "normalised score (le)"},
-                "cellGap": 1,
-                "color": {"mode": "scheme", "scheme": "Oranges"},
-                "tooltip": {"show": True, "yHistogram": True},
-            },
+            **_score_heatmap(f"{{{prod}}}"),
         ),
         panel(
             112,

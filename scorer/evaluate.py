@@ -101,26 +101,6 @@ def _half(out: BackboneOutput) -> BackboneOutput:
     return BackboneOutput([t.half() for t in out.tokens], out.grid, out.global_embedding)
 
 
-def _score_all(
-    head: Head, feats: BackboneOutput, batch: int, per_stage: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    scores, maps, stages = [], [], []
-    n = feats.tokens[0].shape[0]
-    with torch.inference_mode():
-        for s in range(0, n, batch):
-            sl = BackboneOutput(
-                [t[s : s + batch].float() for t in feats.tokens],
-                feats.grid,
-                None if feats.global_embedding is None else feats.global_embedding[s : s + batch],
-            )
-            r = head.score_tokens(sl, per_stage=per_stage)
-            scores.append(r.image_scores.numpy())
-            maps.append(r.maps.numpy().astype(np.float32))
-            if per_stage and r.stage_maps is not None:
-                stages.append(r.stage_maps.numpy().astype(np.float16))
-    return np.concatenate(scores), np.concatenate(maps), (np.concatenate(stages) if stages else None)
-
-
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     im = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
     return np.asarray(im) > 127
@@ -182,7 +162,7 @@ def evaluate_category(
                 head = factory(method, backbone, imgs, feats, seed)
                 slot["fit_s"].append(time.perf_counter() - tf)
                 head = head.with_options(**{f: getattr(cfg.score, f) for f in keep})
-                scores, maps, stages = _score_all(head, test_feats, cfg.batch_size, cfg.per_stage)
+                scores, maps, stages = head.score_features(test_feats, batch=cfg.batch_size, per_stage=cfg.per_stage)
                 m = {**image_metrics(scores, labels), **pixel_metrics(maps, masks)}
                 slot["per_seed"].append(
                     {

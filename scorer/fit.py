@@ -514,16 +514,6 @@ def _augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(f, 0, 255).astype(np.uint8)
 
 
-def _batched(head: Head, feats: BackboneOutput, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    scores, maps = [], []
-    n = feats.tokens[0].shape[0]
-    for s in range(0, n, batch):
-        r = head.score_tokens(BackboneOutput([t[s : s + batch].float() for t in feats.tokens], feats.grid))
-        scores.append(r.image_scores.numpy())
-        maps.append(r.maps.numpy())
-    return np.concatenate(scores), np.concatenate(maps)
-
-
 def calibrate_thresholds(
     head: Head,
     backbone: Backbone,
@@ -550,7 +540,7 @@ def calibrate_thresholds(
         else:
             rng = np.random.default_rng(seed + 101)
             views = [_augment(refs[0], rng) for _ in range(max(1, opts.n_augment_k1))]
-            n_scores, n_maps = _batched(head, backbone.embed(views))
+            n_scores, n_maps, _ = head.score_features(backbone.embed(views))
             held_out = "augmented views"
         z = NormalDist().inv_cdf(1 - opts.image_far)
         mu, sd = float(n_scores.mean()), float(n_scores.std())
@@ -564,7 +554,7 @@ def calibrate_thresholds(
         }
         pixel_t = normal_q
         if synth_feats is not None and synth_masks is not None:
-            a_scores, a_maps = _batched(head, synth_feats)
+            a_scores, a_maps, _ = head.score_features(synth_feats)
             tgt = _mask_targets(synth_masks, head.options.map_size).numpy() > 0.5
             flat, lab = a_maps.ravel(), tgt.ravel()
             qs = np.quantile(flat, np.linspace(0.5, 0.9995, 120))

@@ -218,6 +218,26 @@ class Head:
                 stage_maps = gaussian_blur(stage_maps.flatten(0, 1), opts.smooth_sigma).view_as(stage_maps)
         return TokenScores(image_scores=image_scores, maps=maps, stage_maps=stage_maps)
 
+    def score_features(
+        self, feats: BackboneOutput, *, batch: int = 8, per_stage: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Precomputed tokens -> (image scores, float32 maps, float16 stage maps or None), in batches."""
+        scores, maps, stages = [], [], []
+        n = feats.tokens[0].shape[0]
+        with torch.inference_mode():
+            for s in range(0, n, batch):
+                sl = BackboneOutput(
+                    [t[s : s + batch].float() for t in feats.tokens],
+                    feats.grid,
+                    None if feats.global_embedding is None else feats.global_embedding[s : s + batch],
+                )
+                r = self.score_tokens(sl, per_stage=per_stage)
+                scores.append(r.image_scores.float().cpu().numpy())
+                maps.append(r.maps.float().cpu().numpy())
+                if per_stage and r.stage_maps is not None:
+                    stages.append(r.stage_maps.cpu().numpy().astype(np.float16))
+        return np.concatenate(scores), np.concatenate(maps), (np.concatenate(stages) if stages else None)
+
     def _proto_map(self, feats: torch.Tensor, i: int) -> torch.Tensor:
         """Anomalous-class probability per token (softmax over the normal/anomalous pair)."""
         assert self.prototypes is not None

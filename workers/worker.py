@@ -52,6 +52,9 @@ class WorkerConfig:
     # JPEG decode with torchvision on the scoring device: "auto" = when the head's backbone is on a GPU
     # (decode and resize then never leave it), "always" (also on the CPU), "never" (PIL).
     device_decode: str = "auto"
+    # Memory-bank search dtype: "auto" = bfloat16 when the head's backbone is on a GPU (scores within ~0.2 %
+    # of fp32, see BENCHMARKS.md), otherwise what the head was saved with.
+    bank_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -60,6 +63,8 @@ class WorkerConfig:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.max_age_s <= 0:
             raise ConfigError(f"max_age_s must be > 0, got {self.max_age_s}")
+        if self.bank_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"bank_dtype must be auto, float32, bfloat16 or float16, got {self.bank_dtype!r}")
         if self.device_decode not in ("auto", "always", "never"):
             raise ConfigError(f"device_decode must be auto, always or never, got {self.device_decode!r}")
 
@@ -122,7 +127,7 @@ class Worker:
     def __init__(self, kafka: KafkaConfig, cfg: WorkerConfig, heads: dict[str, ActiveHead] | None = None) -> None:
         self.kafka = kafka
         self.cfg = cfg
-        self.heads: dict[str, ActiveHead] = dict(heads or {})
+        self.heads: dict[str, ActiveHead] = {p: self._prepared(a) for p, a in (heads or {}).items()}
         self._lock = threading.Lock()
         self.stop_event = threading.Event()
         self.counters: dict[str, int] = defaultdict(int)
@@ -138,10 +143,20 @@ class Worker:
     # -- heads ------------------------------------------------------------------
     def set_head(self, product: str, active: ActiveHead) -> None:
         """Swap takes effect between batches (the batch loop reads the dict once per batch)."""
+        active = self._prepared(active)
         with self._lock:
             self.heads[product] = active
         metrics.set_active_head(product, active.ref.version)
         metrics.HEAD_SWAPS.labels(product=product).inc()
+
+    def _prepared(self, active: ActiveHead) -> ActiveHead:
+        want = self.cfg.bank_dtype
+        bb = active.head.backbone
+        if want == "auto":
+            want = "bfloat16" if bb is not None and bb.device.type == "cuda" else active.head.options.bank_dtype
+        if want == active.head.options.bank_dtype:
+            return active
+        return ActiveHead(active.head.with_options(bank_dtype=want), active.ref)
 
     def remove_head(self, product: str) -> None:
         with self._lock:

@@ -278,3 +278,20 @@ def test_device_decode_scores_like_pil(tiny_vit, references) -> None:
     b = np.array([r.image_score for r in out["always"]])
     np.testing.assert_allclose(b, a, rtol=0.02)  # libjpeg-turbo in both; resize differs slightly (PIL vs torch)
     assert [r.verdict for r in out["never"]] == [r.verdict for r in out["always"]]
+
+
+def test_bank_dtype_is_applied_to_every_head(tiny_vit, references) -> None:
+    from scorer.errors import ConfigError
+    from scorer.fit import fit_head
+    from workers.worker import ActiveHead, Worker, WorkerConfig, head_ref
+
+    head = fit_head(tiny_vit, references, method="knn")
+    kafka = KafkaConfig(bootstrap_servers="127.0.0.1:1")
+    auto = Worker(kafka, WorkerConfig(), {"a": ActiveHead(head, head_ref("a", head))})
+    assert auto.heads["a"].head.options.bank_dtype == "float32"  # CPU backbone: the head's own
+    w = Worker(kafka, WorkerConfig(bank_dtype="bfloat16"), {"a": ActiveHead(head, head_ref("a", head))})
+    w.set_head("b", ActiveHead(head, head_ref("b", head, version=2)))
+    assert {p: a.head.options.bank_dtype for p, a in w.heads.items()} == {"a": "bfloat16", "b": "bfloat16"}
+    assert w.heads["b"].ref.version == 2 and head.options.bank_dtype == "float32"  # the caller's head untouched
+    with pytest.raises(ConfigError, match="bank_dtype must be"):
+        WorkerConfig(bank_dtype="int8")
