@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="cff-bench-"))
     cat = make_demo_dataset(tmp, n_train=4, n_good=12, n_bad=4)
     bb = load_backbone(args.backbone, device=args.device)
-    prec = args.precision if args.precision != "auto" else ("bf16" if bb.device.type == "cuda" else "fp32")
+    from scorer.backbones.base import auto_precision
+
+    prec = args.precision if args.precision != "auto" else auto_precision(bb.device)
     bb.set_precision(prec)
     refs = [load_image(p) for p in sorted((cat / "train" / "good").glob("*.png"))]
     head = fit_head(bb, refs, method=args.method, options=FitOptions(steps_stage1=5, steps_stage2=5, n_synthetic=2))
@@ -178,7 +180,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=int, default=50)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on a GPU)")
+    p.add_argument("--precision", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 with bf16 units)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--offered-fps", type=float, default=0.0, help="pace the frames (0 = one burst)")
     p.add_argument("--sweep-batch", type=int, nargs="+", default=None, help="max batch sizes to sweep")

@@ -47,14 +47,16 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
         default=_env("precision", "auto"),
-        help="backbone autocast: auto = bf16 on a GPU, fp32 on the CPU (default: %(default)s)",
+        help="backbone autocast: auto = bf16 on a GPU or a CPU with bf16 units, else fp32 (default: %(default)s)",
     )
 
 
 def _precision(args: argparse.Namespace, device: str) -> str:
     p = getattr(args, "precision", "auto")
     if p == "auto":
-        return "bf16" if str(device).startswith("cuda") else "fp32"
+        from scorer.backbones.base import auto_precision
+
+        return auto_precision(device)
     return p
 
 

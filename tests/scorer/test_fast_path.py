@@ -98,3 +98,14 @@ def test_bad_precision_is_named(tiny_vit) -> None:
     with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, fp16"):
         tiny_vit.set_precision("int4")
     assert tiny_vit.precision == "fp32"
+
+
+def test_auto_precision_follows_the_hardware() -> None:
+    from pathlib import Path
+
+    from scorer.backbones.base import auto_precision
+
+    assert auto_precision("cuda") == "bf16"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    want = "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+    assert auto_precision("cpu") == want
