@@ -180,7 +180,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=int, default=50)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 with bf16 units)")
+    p.add_argument("--precision", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on a GPU)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--offered-fps", type=float, default=0.0, help="pace the frames (0 = one burst)")
     p.add_argument("--sweep-batch", type=int, nargs="+", default=None, help="max batch sizes to sweep")

@@ -47,7 +47,7 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
         default=_env("precision", "auto"),
-        help="backbone autocast: auto = bf16 on a GPU or a CPU with bf16 units, else fp32 (default: %(default)s)",
+        help="backbone autocast: auto = bf16 on a GPU, fp32 on a CPU (default: %(default)s)",
     )
 
 
