@@ -135,7 +135,9 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
         announcer=None,  # noqa: ANN001 - calibrator.announce.Announcer
         max_shots: int = MAX_SHOTS,
         max_image_bytes: int = MAX_IMAGE_BYTES,
+        fit_precision: str = "fp32",
     ) -> None:
+        self.fit_precision = fit_precision  # fits in fp32 by default: bf16 fits shifted thresholds (BENCHMARKS.md)
         self.announcer = announcer
         self.max_shots = max_shots
         self.max_image_bytes = max_image_bytes
@@ -232,7 +234,9 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
             except ImageError as exc:
                 self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            opts, seed = FitOptions(object_name=product.split(".")[0]).with_strings(dict(h.options))
+            opts, seed = FitOptions(object_name=product.split(".")[0], precision=self.fit_precision).with_strings(
+                dict(h.options)
+            )
         except ConfigError as exc:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{product}: {exc}")
         total = {"stage1": opts.steps_stage1, "stage2": opts.steps_stage2}
@@ -386,6 +390,7 @@ def serve(
     advertised_address: str | None = None,
     security: ServerSecurity | None = None,
     max_shots: int = MAX_SHOTS,
+    fit_precision: str = "fp32",
 ) -> tuple[grpc.Server, int]:
     """Start the service; returns (server, bound port). ``port=0`` picks a free port."""
     security = security or ServerSecurity()
@@ -394,7 +399,9 @@ def serve(
         options=[("grpc.max_receive_message_length", 8 << 20)],
         interceptors=[MetricsInterceptor(), *security.interceptors()],
     )
-    service = CalibratorService(store, backbone, base_head_path=base_head_path, max_shots=max_shots)
+    service = CalibratorService(
+        store, backbone, base_head_path=base_head_path, max_shots=max_shots, fit_precision=fit_precision
+    )
     metrics.CALIBRATOR_HEADS.set_function(lambda: sum(1 for p in store.products() if store.active(p)))
     calibrator_pb2_grpc.add_CalibratorServicer_to_server(service, server)
     hs = health.HealthServicer()

@@ -47,7 +47,7 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
         default=_env("precision", "auto"),
-        help="backbone autocast: auto = bf16 on a GPU, fp32 on a CPU (default: %(default)s)",
+        help="backbone autocast for scoring: auto = bf16 on a GPU or a CPU with bf16 units, else fp32",
     )
 
 
@@ -101,6 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sampling=args.sampling,
         per_stage=args.per_stage,
         batch_size=args.batch_size,
+        fit_precision=args.fit_precision,
         max_test=args.max_test,
         cache_dir=args.cache_dir,
         score=ScoreOptions(
@@ -171,6 +172,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="evaluate on a deterministic stratified subset of the test split",
     )
     p.add_argument("--batch-size", type=int, default=_env("batch_size", 8, kind=int))
+    p.add_argument(
+        "--fit-precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=_env("fit_precision", "fp32"),
+        help="fit heads at this precision while test images run at --precision (default: %(default)s)",
+    )
     p.add_argument("--cache-dir", default=_env("cache_dir"), help="on-disk token cache (reused across runs)")
     p.add_argument("--map-size", type=int, default=_env("map_size", 256, kind=int))
     p.add_argument(

@@ -369,6 +369,7 @@ def cmd_calibrator(args: argparse.Namespace) -> int:
         advertised_address=args.advertised_address,
         security=security,
         max_shots=args.max_shots,
+        fit_precision=args.fit_precision,
     )
     checks = {"backbone": lambda: (True, bb.spec)}
     if kafka is not None:
@@ -406,6 +407,12 @@ def add_calibrator(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-kafka", action="store_true", help="do not announce heads on Kafka")
     p.add_argument(
         "--max-shots", type=int, default=_env("max_shots", 16, kind=int), help="reference images per fit (limit)"
+    )
+    p.add_argument(
+        "--fit-precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=_env("fit_precision", "fp32"),
+        help="precision of head fits, whatever --precision scoring uses (default %(default)s)",
     )
     _add_token_args(p, "require this bearer token on every call")
     p.add_argument("--tls-cert", default=_env("tls_cert"), help="PEM certificate chain: serve TLS")

@@ -7,6 +7,7 @@ resolution. Image scores and thresholds are never normalised with test data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ class EvalConfig:
     batch_size: int = 8
     max_test: int | None = None  # subsample the test split (stratified, deterministic) for quick runs
     cache_dir: str | None = None  # on-disk token cache shared by eval and train-base runs
+    fit_precision: str | None = "fp32"  # refs and fits at this precision; test images at the backbone's
     score: ScoreOptions = field(default_factory=ScoreOptions)
 
     def __post_init__(self) -> None:
@@ -101,6 +103,10 @@ def _half(out: BackboneOutput) -> BackboneOutput:
     return BackboneOutput([t.half() for t in out.tokens], out.grid, out.global_embedding)
 
 
+def _fit_scope(backbone: Backbone, precision: str | None):  # noqa: ANN202
+    return backbone.precision_scope(precision) if precision else contextlib.nullcontext()
+
+
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     im = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
     return np.asarray(im) > 127
@@ -155,11 +161,13 @@ def evaluate_category(
     for k in cfg.shots:
         for seed in cfg.seeds:
             paths = draw_references(cat.train, k, seed, mode=cfg.sampling)
-            imgs, feats = refs_for(paths)
+            with _fit_scope(backbone, cfg.fit_precision):
+                imgs, feats = refs_for(paths)
             for method in cfg.methods:
                 slot = acc[(method, k)]
                 tf = time.perf_counter()
-                head = factory(method, backbone, imgs, feats, seed)
+                with _fit_scope(backbone, cfg.fit_precision):
+                    head = factory(method, backbone, imgs, feats, seed)
                 slot["fit_s"].append(time.perf_counter() - tf)
                 head = head.with_options(**{f: getattr(cfg.score, f) for f in keep})
                 scores, maps, stages = head.score_features(test_feats, batch=cfg.batch_size, per_stage=cfg.per_stage)

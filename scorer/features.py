@@ -29,8 +29,8 @@ class FeatureCache:
     def _key(self, backbone: Backbone, path: Path) -> str:
         h = hashlib.sha256()
         h.update(f"{backbone.spec}|{backbone.weights_id}|{backbone.image_size}|{tuple(backbone.taps)}|".encode())
-        if backbone.precision != "fp32":  # fp32 keys stay as they were, so existing caches remain valid
-            h.update(f"precision={backbone.precision}|".encode())
+        if backbone.active_precision != "fp32":  # fp32 keys stay as they were: existing caches remain valid
+            h.update(f"precision={backbone.active_precision}|".encode())
         h.update(path.read_bytes())
         return h.hexdigest()
 

@@ -66,6 +66,9 @@ class FitOptions:
     n_augment_k1: int = 4
     object_name: str = "object"
     score: ScoreOptions = ScoreOptions()
+    # Fits run at this precision whatever the backbone scores at: a CFF head fitted on bf16 tokens lost up to
+    # 2.7 image-AUROC points and moved its thresholds 15 %; fp32 fits scored in bf16 match fp32 (BENCHMARKS.md).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.n_synthetic < 1:
@@ -76,6 +79,8 @@ class FitOptions:
             raise ConfigError(f"bank_features must be one of {BANK_FEATURES}, got {self.bank_features!r}")
         if not 0 < self.image_far < 0.5 or not 0 < self.pixel_far < 0.5:
             raise ConfigError("image_far and pixel_far must be in (0, 0.5)")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.batch_size < 1 or self.loss_resolution < 8:
             raise ConfigError("batch_size must be >= 1 and loss_resolution >= 8")
 
@@ -325,7 +330,24 @@ def fit_heads_from_features(
     seed: int = 0,
     progress: Progress = _noop,
 ) -> dict[str, Head]:
-    """Fit once, return ``{"aprilgan": ..., "cff": ...}`` on the same references."""
+    """Fit once, return ``{"aprilgan": ..., "cff": ...}`` on the same references (at ``options.precision``)."""
+    opts = options or FitOptions()
+    with backbone.precision_scope(opts.precision):
+        return _fit_heads(
+            backbone, references, ref_feats, base_head=base_head, options=opts, seed=seed, progress=progress
+        )
+
+
+def _fit_heads(
+    backbone: Backbone,
+    references: Sequence[np.ndarray],
+    ref_feats: BackboneOutput,
+    *,
+    base_head: Head | None = None,
+    options: FitOptions | None = None,
+    seed: int = 0,
+    progress: Progress = _noop,
+) -> dict[str, Head]:
     opts = options or FitOptions()
     refs = check_references(references)
     t_start = time.perf_counter()
@@ -472,20 +494,20 @@ def fit_head(
 ) -> Head:
     """The scorer API: a head for a new product from its K normal reference images."""
     refs = check_references(references)
-    if method == "knn":
-        from scorer.head import knn_head
+    opts = options or FitOptions()
+    with backbone.precision_scope(opts.precision):
+        if method == "knn":
+            from scorer.head import knn_head
 
-        if base_head is not None:
-            raise ConfigError("method knn is training-free and takes no base head")
+            if base_head is not None:
+                raise ConfigError("method knn is training-free and takes no base head")
+            feats = backbone.embed(refs)
+            head = knn_head(backbone, feats, opts.score)
+            return calibrate_thresholds(head, backbone, refs, feats, None, None, opts, seed, meta={"shots": len(refs)})
         feats = backbone.embed(refs)
-        head = knn_head(backbone, feats, (options or FitOptions()).score)
-        return calibrate_thresholds(
-            head, backbone, refs, feats, None, None, options or FitOptions(), seed, meta={"shots": len(refs)}
+        return fit_head_from_features(
+            backbone, refs, feats, method=method, base_head=base_head, options=opts, seed=seed, progress=progress
         )
-    feats = backbone.embed(refs)
-    return fit_head_from_features(
-        backbone, refs, feats, method=method, base_head=base_head, options=options, seed=seed, progress=progress
-    )
 
 
 def _loo_scores(head: Head, ref_feats: BackboneOutput) -> tuple[np.ndarray, np.ndarray]:

@@ -76,6 +76,18 @@ def train_base(
     progress: Callable[[str], None] = lambda s: None,
 ) -> Head:
     opts = options or TrainOptions()
+    with backbone.precision_scope(opts.fit.precision):  # train on fp32 tokens unless asked otherwise
+        return _train_base(backbone, data, opts, cache_dir=cache_dir, progress=progress)
+
+
+def _train_base(
+    backbone: Backbone,
+    data: Sequence[str | Path],
+    opts: TrainOptions,
+    *,
+    cache_dir: str | Path | None,
+    progress: Callable[[str], None],
+) -> Head:
     fo = opts.fit
     t0 = time.perf_counter()
     paths, mask_paths = _collect(data, opts)

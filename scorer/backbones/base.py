@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,16 +28,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PRECISIONS = ("fp32", "bf16", "fp16")
+_SCOPES = threading.local()  # per-thread precision overrides: a calibrator fit next to a scoring worker
 
 
 def auto_precision(device: torch.device | str) -> str:
-    """bf16 on GPUs; fp32 on CPUs.
+    """bf16 on GPUs and on CPUs with bf16 units (avx512_bf16 / AMX: 1.8x on ViT-S here), else fp32.
 
-    bf16 is 1.8x faster on CPUs with bf16 units (avx512_bf16 / AMX) and keeps image scores within 0.2 %, but it
-    moved verdicts on the demo product (28 vs 16 defects in 42 frames with dinov2-vits14: BENCHMARKS.md), so on
-    a CPU it is opt-in (``--precision bf16``) until a real-data check says otherwise.
+    Scoring in bf16 matches fp32 on real data; fitting does not, so fits run in fp32 whatever this says
+    (``FitOptions.precision``; BENCHMARKS.md).
     """
-    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if torch.device(device).type == "cuda":
+        return "bf16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
 @dataclass(frozen=True)
@@ -95,19 +103,32 @@ class Backbone(nn.Module):
 
     @contextlib.contextmanager
     def precision_scope(self, precision: str) -> Iterator[Backbone]:
-        old = self.precision
-        self.set_precision(precision)
+        """Run this backbone at ``precision`` in the calling thread only (others keep theirs)."""
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        scopes = _SCOPES.__dict__.setdefault("by_id", {})
+        had, old = id(self) in scopes, scopes.get(id(self))
+        scopes[id(self)] = precision
         try:
             yield self
         finally:
-            self.precision = old
+            if had:
+                scopes[id(self)] = old
+            else:
+                scopes.pop(id(self), None)
+
+    @property
+    def active_precision(self) -> str:
+        """The precision a forward pass in this thread uses: a scope's, else the backbone's."""
+        return _SCOPES.__dict__.get("by_id", {}).get(id(self), self.precision)
 
     def run(self, pixels: torch.Tensor) -> BackboneOutput:
-        """One forward pass in inference mode under the backbone's precision (attention uses fused SDPA)."""
+        """One forward pass in inference mode under the active precision (attention uses fused SDPA)."""
+        prec = self.active_precision
         with torch.inference_mode():
-            if self.precision == "fp32":
+            if prec == "fp32":
                 return self.extract(pixels)
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            dtype = torch.bfloat16 if prec == "bf16" else torch.float16
             with torch.autocast(device_type=self.device.type, dtype=dtype):
                 return self.extract(pixels)
 
