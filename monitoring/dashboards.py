@@ -230,6 +230,22 @@ UP_DOWN_MAPPINGS = [
     }
 ]
 
+# A state timeline of a 0/1 "up" gauge: red while down, green while up.
+UP_DOWN_TIMELINE: dict[str, Any] = {
+    "kind": "state-timeline",
+    "fieldConfig": {
+        "defaults": {
+            "mappings": UP_DOWN_MAPPINGS,
+            "color": {"mode": "thresholds"},
+            "thresholds": {
+                "mode": "absolute",
+                "steps": [{"color": "red", "value": None}, {"color": "green", "value": 1}],
+            },
+        }
+    },
+    "options": {"showValue": "never", "mergeValues": True},
+}
+
 
 # -- overview -----------------------------------------------------------------------------------------------
 
@@ -408,19 +424,8 @@ def overview() -> dict[str, Any]:
             "inspection_camera_up per camera over time: green while the source delivers frames, red while it "
             "reconnects (CameraDown after 2 minutes).",
             [target("max by (camera) (inspection_camera_up)", "{{camera}}")],
-            kind="state-timeline",
             h=8,
-            fieldConfig={
-                "defaults": {
-                    "mappings": UP_DOWN_MAPPINGS,
-                    "color": {"mode": "thresholds"},
-                    "thresholds": {
-                        "mode": "absolute",
-                        "steps": [{"color": "red", "value": None}, {"color": "green", "value": 1}],
-                    },
-                }
-            },
-            options={"showValue": "never", "mergeValues": True},
+            **UP_DOWN_TIMELINE,
         ),
         panel(
             22,
@@ -610,18 +615,7 @@ def drilldown() -> dict[str, Any]:
             "Camera up",
             "Source state of each selected camera: green while it delivers frames, red while it reconnects.",
             [target(f"max by (camera) (inspection_camera_up{{{cam}}})", "{{camera}}")],
-            kind="state-timeline",
-            fieldConfig={
-                "defaults": {
-                    "mappings": UP_DOWN_MAPPINGS,
-                    "color": {"mode": "thresholds"},
-                    "thresholds": {
-                        "mode": "absolute",
-                        "steps": [{"color": "red", "value": None}, {"color": "green", "value": 1}],
-                    },
-                }
-            },
-            options={"showValue": "never", "mergeValues": True},
+            **UP_DOWN_TIMELINE,
         ),
         panel(
             104,
