@@ -99,8 +99,10 @@ def run(args: argparse.Namespace) -> dict:
     for spec in args.backbone:
         weights = args.weights if args.weights != "random" or spec.startswith("clip:") else None
         bb = load_backbone(spec, weights=weights, device=device)
+        if args.compile != "off":
+            bb.enable_compile(args.compile)
         size = bb.image_size
-        entry: dict = {"backbone": spec, "image_size": size, "grid": list(bb.grid)}
+        entry: dict = {"backbone": spec, "image_size": size, "grid": list(bb.grid), "compile": args.compile}
         flops = model_flops_per_image(bb, size)
         entry["model_gflops_per_image"] = flops / 1e9
         print(f"\n## {spec} at {size} px on {report['machine']['device']}: {flops / 1e9:.1f} GFLOP per image")
@@ -198,6 +200,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-images", type=int, default=4, help="images through the slow reference flow")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--frame-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
+    p.add_argument("--compile", default="off", help="off | default | reduce-overhead (CUDA graphs) | max-autotune")
     p.add_argument("--out", default=None, help="JSON report")
 
 

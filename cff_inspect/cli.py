@@ -49,6 +49,12 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
         default=_env("precision", "auto"),
         help="backbone autocast for scoring: auto = bf16 on a GPU or a CPU with bf16 units, else fp32",
     )
+    p.add_argument(
+        "--compile",
+        choices=("off", "default", "reduce-overhead", "max-autotune"),
+        default=_env("compile", "off"),
+        help="torch.compile the backbone (reduce-overhead adds CUDA graphs); first batches compile (default: off)",
+    )
 
 
 def _precision(args: argparse.Namespace, device: str) -> str:
@@ -77,6 +83,8 @@ def _backbone_from(args: argparse.Namespace):  # noqa: ANN202 - lazy torch impor
         torch.set_num_threads(args.threads)
     dev = _device(args.device)
     bb = load_backbone(args.backbone, weights=args.weights, image_size=args.image_size, device=dev)
+    if getattr(args, "compile", "off") != "off":
+        bb.enable_compile(args.compile)
     return bb.set_precision(_precision(args, dev))
 
 

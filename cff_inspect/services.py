@@ -185,6 +185,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     kafka = kafka_from(args)
     dev = _device(args.device)
     bb, heads = load_file_heads(args.head or [], args.backbone, args.weights, dev, _precision(args, dev))
+    if args.compile != "off":
+        bb.enable_compile(args.compile)
     cfg = WorkerConfig(
         group_id=args.group_id,
         max_batch=args.max_batch,

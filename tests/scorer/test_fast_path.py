@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from scorer.reference import reference_score
 
@@ -171,3 +172,25 @@ def test_precision_scope_is_per_thread(tiny_vit) -> None:
         assert tiny_vit.active_precision == "bf16"
     assert seen == {"fit": "fp32", "worker": "bf16"}
     assert tiny_vit.active_precision == tiny_vit.precision == "fp32"
+
+
+def test_bad_compile_mode_is_named(tiny_vit) -> None:
+    from scorer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="compile mode must be one of off, default"):
+        tiny_vit.enable_compile("turbo")
+
+
+@pytest.mark.slow
+def test_compiled_backbone_equals_eager(make_refs) -> None:
+    """torch.compile (inductor; ~20 s to compile the tiny model on a CPU) gives the eager tokens."""
+    from scorer.backbones import load_backbone
+
+    bb = load_backbone("tiny-vit")
+    px = bb.preprocess(make_refs(2, seed=4))
+    eager = bb.run(px)
+    compiled = bb.enable_compile("default").run(px)
+    for a, b in zip(eager.tokens, compiled.tokens, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    bb.enable_compile("off")
+    assert bb.__dict__.get("_compiled") is None
