@@ -9,6 +9,9 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python -m pytest -q -m gpu tests/scorer/test_gpu.py > "$OUT/gpu-tests.txt" 2>&1
 python -m cff_inspect bench scorer --backbone dinov2-vits14 clip:ViT-L-14-336 --weights random --device cuda \
   --shots 1 4 16 --precision bf16 fp16 fp32 --repeats 10 --out "$OUT/scorer-gpu.json" > "$OUT/scorer-gpu.txt" 2>&1
+python -m cff_inspect bench scorer --backbone clip:ViT-L-14-336 --weights random --device cuda --shots 4 \
+  --precision bf16 --batch-sizes 16 32 64 --compile reduce-overhead --no-reference --out "$OUT/scorer-gpu-compiled.json" \
+  > "$OUT/scorer-gpu-compiled.txt" 2>&1
 python -m cff_inspect bench pipeline --backbone dinov2-vits14 --device cuda --frames 2400 --offered-fps 240 \
   --max-batch 64 --sweep-batch 8 16 32 64 --sweep-wait 2 5 10 20 --json "$OUT/pipeline-gpu.json" \
   > "$OUT/pipeline-gpu.txt" 2>&1

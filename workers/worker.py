@@ -80,8 +80,8 @@ class BadFrame(Exception):
 
 
 def decode_frame_image(
-    frame: frames_pb2.Frame, cfg: WorkerConfig, device: torch.device | None = None
-) -> np.ndarray | torch.Tensor:
+    frame: frames_pb2.Frame, cfg: WorkerConfig, device: torch.device | None = None, *, defer: bool = False
+) -> np.ndarray | torch.Tensor | DeferredJpeg:
     """H x W x 3 uint8 array; with ``device``, JPEGs become 3 x H x W uint8 tensors decoded there."""
     if not frame.image:
         raise BadFrame("empty image")
@@ -101,7 +101,13 @@ def decode_frame_image(
             if w == 0 or h == 0 or w * h > cfg.max_pixels or max(w, h) > cfg.max_side:
                 raise BadFrame(f"image size {w}x{h} is zero or exceeds the limit ({cfg.max_pixels} pixels)")
             if device is not None and enc == frames_pb2.ENCODING_JPEG and im.format == "JPEG":
-                return _decode_jpeg_on(frame.image, device)
+                job = DeferredJpeg(frame.image, device)  # header checked: size within the limits
+                if defer:
+                    return job
+                got = decode_jpegs([job])[0]
+                if isinstance(got, BadFrame):
+                    raise got
+                return got
             im.load()
             return to_rgb_uint8(im, name=f"frame {frame.frame_id}")
     except BadFrame:
@@ -110,13 +116,36 @@ def decode_frame_image(
         raise BadFrame(f"cannot decode image: {exc}") from None
 
 
-def _decode_jpeg_on(data: bytes, device: torch.device) -> torch.Tensor:
+@dataclass(frozen=True)
+class DeferredJpeg:
+    """A JPEG whose header passed the checks, to be decoded with the rest of its batch on ``device``."""
+
+    data: bytes
+    device: torch.device
+
+
+def decode_jpegs(jobs: list[DeferredJpeg]) -> list[torch.Tensor | BadFrame]:
+    """One batched torchvision decode per device (nvJPEG on a GPU); a failing batch is retried image by image."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    try:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device)
-    except RuntimeError as exc:
-        raise BadFrame(f"cannot decode image: {exc}") from None
+    out: list[torch.Tensor | BadFrame | None] = [None] * len(jobs)
+    by_dev: dict[str, list[int]] = defaultdict(list)
+    for i, j in enumerate(jobs):
+        by_dev[str(j.device)].append(i)
+    for dev, idx in by_dev.items():
+        data = [torch.frombuffer(bytearray(jobs[i].data), dtype=torch.uint8) for i in idx]
+        try:
+            imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+        except RuntimeError:
+            imgs = []
+            for t in data:
+                try:
+                    imgs.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=dev))
+                except RuntimeError as exc:
+                    imgs.append(BadFrame(f"cannot decode image: {exc}"))
+        for i, img in zip(idx, imgs, strict=True):
+            out[i] = img
+    return out  # type: ignore[return-value]
 
 
 def _ts_seconds(ts) -> float:  # noqa: ANN001 - protobuf Timestamp
@@ -193,6 +222,7 @@ class Worker:
         with self._lock:
             heads = dict(self.heads)
         to_score: dict[str, list[tuple[frames_pb2.Frame, np.ndarray, float]]] = defaultdict(list)
+        deferred: list = []
         now = time.time()
         for rec in records:
             t_take = time.time()
@@ -224,16 +254,25 @@ class Worker:
                 self.counters["no_head"] += 1
                 continue
             t0 = time.perf_counter()
-            try:
-                img = decode_frame_image(frame, self.cfg, self._decode_device(active))
-            except BadFrame as exc:
-                results.append(self._result(frame, results_pb2.STATUS_BAD_FRAME, str(exc)))
-                dlq.append((rec.key, rec.value, str(exc)))
-                self.counters["bad_frame"] += 1
-                continue
-            decode_s = time.perf_counter() - t0
             queue_wait = max(0.0, t_take - rec.timestamp / 1000.0) if rec.timestamp and rec.timestamp > 0 else 0.0
-            to_score[frame.product_id].append((frame, img, decode_s, queue_wait))  # type: ignore[arg-type]
+            try:
+                img = decode_frame_image(frame, self.cfg, self._decode_device(active), defer=True)
+            except BadFrame as exc:
+                self._bad_frame(rec, frame, str(exc), results, dlq)
+                continue
+            if isinstance(img, DeferredJpeg):  # decoded below, all of the batch's JPEGs in one call
+                deferred.append((rec, frame, img, queue_wait))
+                continue
+            to_score[frame.product_id].append((frame, img, time.perf_counter() - t0, queue_wait))  # type: ignore[arg-type]
+        if deferred:
+            t0 = time.perf_counter()
+            decoded = decode_jpegs([d[2] for d in deferred])
+            per = (time.perf_counter() - t0) / len(deferred)
+            for (rec, frame, _, queue_wait), img in zip(deferred, decoded, strict=True):
+                if isinstance(img, BadFrame):
+                    self._bad_frame(rec, frame, str(img), results, dlq)
+                else:
+                    to_score[frame.product_id].append((frame, img, per, queue_wait))  # type: ignore[arg-type]
         for product, items in to_score.items():
             active = heads[product]
             t0 = time.perf_counter()
@@ -245,6 +284,11 @@ class Worker:
                 if d is not None:
                     defects.append(d)
         return results, defects, dlq
+
+    def _bad_frame(self, rec, frame: frames_pb2.Frame, reason: str, results: list, dlq: list) -> None:  # noqa: ANN001
+        results.append(self._result(frame, results_pb2.STATUS_BAD_FRAME, reason))
+        dlq.append((rec.key, rec.value, reason))
+        self.counters["bad_frame"] += 1
 
     def _scored(
         self,

@@ -137,13 +137,23 @@ class Backbone(nn.Module):
     def run(self, pixels: torch.Tensor) -> BackboneOutput:
         """One forward pass in inference mode under the active precision (attention uses fused SDPA)."""
         prec = self.active_precision
-        fn = self.__dict__.get("_compiled") or self.extract
+        compiled = self.__dict__.get("_compiled")
+        fn = compiled or self.extract
+        b = pixels.shape[0]
+        if compiled is not None and b & (b - 1):  # pad to a power of two: a few compiled shapes, not one per size
+            pad = (1 << b.bit_length()) - b
+            pixels = torch.cat([pixels, pixels[-1:].expand(pad, *pixels.shape[1:])])
         with torch.inference_mode():
             if prec == "fp32":
-                return fn(pixels)
-            dtype = torch.bfloat16 if prec == "bf16" else torch.float16
-            with torch.autocast(device_type=self.device.type, dtype=dtype):
-                return fn(pixels)
+                out = fn(pixels)
+            else:
+                dtype = torch.bfloat16 if prec == "bf16" else torch.float16
+                with torch.autocast(device_type=self.device.type, dtype=dtype):
+                    out = fn(pixels)
+        if out.tokens[0].shape[0] != b:
+            glob = out.global_embedding
+            out = BackboneOutput([t[:b] for t in out.tokens], out.grid, None if glob is None else glob[:b])
+        return out
 
     def forward_images(self, images: Sequence[np.ndarray | torch.Tensor], *, letterbox: bool = False) -> BackboneOutput:
         return self.run(self.preprocess(images, letterbox=letterbox))

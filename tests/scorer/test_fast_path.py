@@ -192,5 +192,10 @@ def test_compiled_backbone_equals_eager(make_refs) -> None:
     compiled = bb.enable_compile("default").run(px)
     for a, b in zip(eager.tokens, compiled.tokens, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    three = bb.preprocess(make_refs(3, seed=5))  # padded to 4 inside, sliced back to 3
+    got = bb.run(three)
+    assert got.tokens[0].shape[0] == 3
     bb.enable_compile("off")
+    for a, b in zip(bb.run(three).tokens, got.tokens, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert bb.__dict__.get("_compiled") is None

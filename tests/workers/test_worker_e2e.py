@@ -295,3 +295,19 @@ def test_bank_dtype_is_applied_to_every_head(tiny_vit, references) -> None:
     assert w.heads["b"].ref.version == 2 and head.options.bank_dtype == "float32"  # the caller's head untouched
     with pytest.raises(ConfigError, match="bank_dtype must be"):
         WorkerConfig(bank_dtype="int8")
+
+
+def test_batched_device_decode_isolates_a_truncated_jpeg() -> None:
+    """One bad JPEG in a batch fails alone: the batch is retried image by image."""
+    import torch
+
+    from workers.worker import BadFrame, DeferredJpeg, decode_jpegs
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    good = buf.getvalue()
+    cpu = torch.device("cpu")
+    out = decode_jpegs([DeferredJpeg(good, cpu), DeferredJpeg(good[:300], cpu), DeferredJpeg(good, cpu)])
+    assert isinstance(out[1], BadFrame) and "truncated" in str(out[1])
+    assert [tuple(o.shape) for o in (out[0], out[2])] == [(3, 64, 48), (3, 64, 48)]
+    assert all(o.dtype == torch.uint8 for o in (out[0], out[2]))
