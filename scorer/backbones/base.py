@@ -172,9 +172,18 @@ class Backbone(nn.Module):
         """
         if len(images) and isinstance(images[0], torch.Tensor):
             return preprocess_tensors(images, self.image_size, self.mean, self.std, device=self.device)  # type: ignore[arg-type]
+        if self.device.type == "cuda" and not letterbox:
+            # uint8 to the GPU (4x less than float32, pinned, non-blocking) and resize there: a CPU thread
+            # resizing with PIL would cap a GPU worker at a few hundred frames/s
+            up = []
+            for i, img in enumerate(images):
+                if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                    desc = getattr(img, "shape", type(img).__name__)
+                    raise ImageError(f"image {i}: expected an H x W x 3 uint8 RGB array, got {desc}")
+                t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).pin_memory()
+                up.append(t.to(self.device, non_blocking=True))
+            return preprocess_tensors(up, self.image_size, self.mean, self.std)
         px = preprocess_images(images, self.image_size, self.mean, self.std, letterbox=letterbox)  # type: ignore[arg-type]
-        if self.device.type == "cuda":
-            return px.pin_memory().to(self.device, non_blocking=True)
         return px.to(self.device)
 
     @torch.inference_mode()

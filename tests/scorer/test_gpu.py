@@ -57,3 +57,13 @@ def test_bank_is_copied_to_the_gpu_once(fitted_heads) -> None:
     with torch.inference_mode():
         a = head.on_device(torch.device("cuda"), "bfloat16")
         assert head.on_device(torch.device("cuda"), "bfloat16") is a and a["bank"][0].is_cuda
+
+
+def test_numpy_frames_are_resized_on_the_gpu_like_pil(make_refs) -> None:
+    from scorer.backbones import load_backbone
+
+    cpu, gpu = load_backbone("tiny-vit"), load_backbone("tiny-vit", device="cuda")
+    imgs = [np.pad(im, ((0, 7), (0, 3), (0, 0)), mode="edge") for im in make_refs(3, seed=9)]
+    a, b = cpu.preprocess(imgs), gpu.preprocess(imgs)
+    assert b.is_cuda and b.shape == a.shape
+    assert float((b.cpu() - a).abs().mean()) < 0.02
