@@ -333,22 +333,18 @@ def fit_heads_from_features(
     """Fit once, return ``{"aprilgan": ..., "cff": ...}`` on the same references (at ``options.precision``)."""
     opts = options or FitOptions()
     with backbone.precision_scope(opts.precision):
-        return _fit_heads(
-            backbone, references, ref_feats, base_head=base_head, options=opts, seed=seed, progress=progress
-        )
+        return _fit_heads(backbone, references, ref_feats, base_head, opts, seed, progress)
 
 
 def _fit_heads(
     backbone: Backbone,
     references: Sequence[np.ndarray],
     ref_feats: BackboneOutput,
-    *,
-    base_head: Head | None = None,
-    options: FitOptions | None = None,
-    seed: int = 0,
-    progress: Progress = _noop,
+    base_head: Head | None,
+    opts: FitOptions,
+    seed: int,
+    progress: Progress,
 ) -> dict[str, Head]:
-    opts = options or FitOptions()
     refs = check_references(references)
     t_start = time.perf_counter()
     if base_head is not None:

@@ -7,6 +7,8 @@ variants with ``dataclasses.replace`` / ``Head.with_thresholds`` instead.
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -135,3 +137,21 @@ def fitted_heads(tiny_vit, references, fit_options) -> dict:
         return fit_heads_from_features(tiny_vit, references, tiny_vit.embed(references), options=fit_options, seed=0)
     finally:
         torch.set_num_threads(before)
+
+
+def _stop_gracefully(proc: subprocess.Popen, timeout: float = 30) -> bytes | str:
+    """SIGTERM a service process, wait for it to drain, SIGKILL it if it does not; returns its output."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+@pytest.fixture(scope="session")
+def stop_gracefully() -> Callable[..., bytes | str]:
+    """The :func:`_stop_gracefully` helper, for tests that run services as subprocesses."""
+    return _stop_gracefully

@@ -80,9 +80,9 @@ class BadFrame(Exception):
 
 
 def decode_frame_image(
-    frame: frames_pb2.Frame, cfg: WorkerConfig, device: torch.device | None = None, *, defer: bool = False
-) -> np.ndarray | torch.Tensor | DeferredJpeg:
-    """H x W x 3 uint8 array; with ``device``, JPEGs become 3 x H x W uint8 tensors decoded there."""
+    frame: frames_pb2.Frame, cfg: WorkerConfig, device: torch.device | None = None
+) -> np.ndarray | DeferredJpeg:
+    """H x W x 3 uint8 array; with ``device``, a checked JPEG is returned for :func:`decode_jpegs` there."""
     if not frame.image:
         raise BadFrame("empty image")
     enc = frame.encoding
@@ -101,13 +101,7 @@ def decode_frame_image(
             if w == 0 or h == 0 or w * h > cfg.max_pixels or max(w, h) > cfg.max_side:
                 raise BadFrame(f"image size {w}x{h} is zero or exceeds the limit ({cfg.max_pixels} pixels)")
             if device is not None and enc == frames_pb2.ENCODING_JPEG and im.format == "JPEG":
-                job = DeferredJpeg(frame.image, device)  # header checked: size within the limits
-                if defer:
-                    return job
-                got = decode_jpegs([job])[0]
-                if isinstance(got, BadFrame):
-                    raise got
-                return got
+                return DeferredJpeg(frame.image, device)  # header checked: size within the limits
             im.load()
             return to_rgb_uint8(im, name=f"frame {frame.frame_id}")
     except BadFrame:
@@ -237,10 +231,7 @@ class Worker:
                 self.counters["dlq_unparseable"] += 1
                 continue
             if not PRODUCT_ID.fullmatch(frame.product_id):
-                results.append(
-                    self._result(frame, results_pb2.STATUS_BAD_FRAME, f"invalid product id {frame.product_id!r}")
-                )
-                dlq.append((rec.key, rec.value, "invalid product id"))
+                self._bad_frame(rec, frame, f"invalid product id {frame.product_id!r}", results, dlq)
                 continue
             if frame.HasField("capture_time") and now - _ts_seconds(frame.capture_time) > self.cfg.max_age_s:
                 results.append(self._result(frame, results_pb2.STATUS_STALE, f"older than {self.cfg.max_age_s:.0f}s"))
@@ -256,7 +247,7 @@ class Worker:
             t0 = time.perf_counter()
             queue_wait = max(0.0, t_take - rec.timestamp / 1000.0) if rec.timestamp and rec.timestamp > 0 else 0.0
             try:
-                img = decode_frame_image(frame, self.cfg, self._decode_device(active), defer=True)
+                img = decode_frame_image(frame, self.cfg, self._decode_device(active))
             except BadFrame as exc:
                 self._bad_frame(rec, frame, str(exc), results, dlq)
                 continue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_worker_takes_announced_heads_and_swaps_between_batches(tmp_path, tiny_vit) -> None:
+def test_worker_takes_announced_heads_and_swaps_between_batches(tmp_path, tiny_vit, stop_gracefully) -> None:
     cat = make_demo_dataset(tmp_path / "d", n_train=3, n_good=2, n_bad=0)
     refs = [p.read_bytes() for p in sorted((cat / "train" / "good").glob("*.png"))]
     frame_png = next((cat / "test" / "good").glob("*.png")).read_bytes()
@@ -118,12 +117,7 @@ def test_worker_takes_announced_heads_and_swaps_between_batches(tmp_path, tiny_v
             prod.close()
             ch.close()
             server.stop(0)
-            worker.send_signal(signal.SIGTERM)
-            try:
-                out, _ = worker.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                out, _ = worker.communicate()
+            out = stop_gracefully(worker)
         assert worker.returncode == 0, out.decode()[-2000:]
 
 

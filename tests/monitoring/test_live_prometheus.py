@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -70,7 +69,7 @@ def _wait(pred, timeout: float, what: str) -> None:  # noqa: ANN001
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def test_every_dashboard_panel_has_data_from_a_live_run(tmp_path) -> None:
+def test_every_dashboard_panel_has_data_from_a_live_run(tmp_path, stop_gracefully) -> None:
     """`run --prometheus` starts Prometheus with the project's rules; every panel query must find data."""
     _need_prometheus()
     mport, pport = free_port(), free_port()
@@ -123,12 +122,7 @@ def test_every_dashboard_panel_has_data_from_a_live_run(tmp_path) -> None:
         assert {"CameraDown", "NoWorkerAlive"} <= names
         assert all(r.get("health") == "ok" for g in rules["groups"] for r in g["rules"]), rules
     finally:
-        run.send_signal(signal.SIGTERM)
-        try:
-            out, _ = run.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            out, _ = run.communicate()
+        out = stop_gracefully(run, timeout=60)
     assert run.returncode == 0, out[-3000:]
     assert "prometheus on" in out
     assert _get(f"http://127.0.0.1:{pport}/-/ready")[0] == 0  # stopped with the run

@@ -116,7 +116,7 @@ def _collect(cfg: KafkaConfig, topic: str, want: int, timeout: float) -> list:
     return out
 
 
-def test_every_frame_gets_one_result_and_bad_ones_are_dead_lettered(broker, demo_head) -> None:
+def test_every_frame_gets_one_result_and_bad_ones_are_dead_lettered(broker, demo_head, stop_gracefully) -> None:
     cat, head_path = demo_head
     worker = _start_worker(broker, head_path, "w1")
     try:
@@ -165,12 +165,7 @@ def test_every_frame_gets_one_result_and_bad_ones_are_dead_lettered(broker, demo
         assert len(dlq) == 3 and any(r.startswith("not a Frame") for r in reasons)
         assert sum("decode" in r or "empty" in r for r in reasons) == 2
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            out, _ = worker.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            out, _ = worker.communicate()
+        out = stop_gracefully(worker)
     assert worker.returncode == 0, out.decode()[-3000:]
 
 
