@@ -18,12 +18,31 @@ log = logging.getLogger(__name__)
 
 
 class Announcer:
+    """Announcements are rare (an activation, a start), so each send opens and closes its own producer:
+    no client outlives the service or keeps reconnecting to a broker that has gone."""
+
     def __init__(self, kafka: KafkaConfig, advertised_address: str) -> None:
         self.kafka = kafka
         self.address = advertised_address
-        self.producer = kafka.producer()
+
+    def _send(self, announcements: list[heads_pb2.HeadAnnouncement]) -> None:
+        producer = self.kafka.producer()
+        try:
+            for a in announcements:
+                key = a.head.product_id.encode()
+                producer.send(self.kafka.topic("heads"), key=key, value=a.SerializeToString()).get(30)
+                log.info(
+                    "announced %s v%s (active=%s) at %s", a.head.product_id, a.head.version, a.active, self.address
+                )
+        finally:
+            producer.close(10)
 
     def announce(self, store: HeadStore, product: str) -> heads_pb2.HeadAnnouncement:
+        a = self._announcement(store, product)
+        self._send([a])
+        return a
+
+    def _announcement(self, store: HeadStore, product: str) -> heads_pb2.HeadAnnouncement:
         a = heads_pb2.HeadAnnouncement(calibrator_address=self.address)
         a.activated_time.GetCurrentTime()
         try:
@@ -42,18 +61,10 @@ class Announcer:
             a.image_threshold = m.get("image_threshold") or 0.0
             a.pixel_threshold = m.get("pixel_threshold") or 0.0
             a.active = True
-        self.producer.send(self.kafka.topic("heads"), key=product.encode(), value=a.SerializeToString()).get(30)
-        log.info("announced %s v%s (active=%s) at %s", product, a.head.version, a.active, self.address)
         return a
 
     def announce_all(self, store: HeadStore) -> int:
-        n = 0
-        for p in store.products():
-            if store.active(p):
-                self.announce(store, p)
-                n += 1
-        return n
-
-    def close(self) -> None:
-        self.producer.flush(10)
-        self.producer.close(10)
+        batch = [self._announcement(store, p) for p in store.products() if store.active(p)]
+        if batch:
+            self._send(batch)
+        return len(batch)
