@@ -30,7 +30,7 @@ from monitoring import metrics
 from scorer.artifact import load_head
 from scorer.backbones.base import Backbone
 from scorer.errors import ConfigError, HeadError, ImageError
-from scorer.fit import FitOptions, fit_head
+from scorer.fit import DEFAULT_METHOD, FIT_METHODS, FitOptions, fit_head
 from scorer.images import decode_image
 from scorer.names import check_product_id
 
@@ -112,6 +112,9 @@ def head_info(store: HeadStore, product: str, version: int = 0) -> calibrator_pb
         active=bool(m["active"]),
         reference_sha256=m.get("reference_sha256") or [],
     )
+    guard = (m.get("meta") or {}).get("guard") or {}
+    info.requested_method = str(guard.get("requested") or m["method"])
+    info.selection = str(guard.get("reason") or "")
     for k, v in (m.get("fit_metrics") or {}).items():
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
             info.fit_metrics[k] = float(v)
@@ -187,9 +190,10 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"this calibrator serves backbone {self.backbone.spec!r}, not {h.backbone!r}",
             )
-        method = h.method or "cff"
-        if method not in ("cff", "aprilgan", "knn"):
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown method {method!r}")
+        method = h.method or DEFAULT_METHOD
+        if method not in FIT_METHODS:
+            known = ", ".join(FIT_METHODS)
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown method {method!r}; known: {known}")
         if h.shots < 1:
             self._abort(
                 context,
@@ -264,6 +268,9 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
                     )
                     if not context.is_active():
                         raise _Cancelled()
+                    g = head.meta.get("guard")
+                    detail = f"{g['chosen']}: {g['reason']}" if g else f"{head.method}"
+                    q.put(calibrator_pb2.FitProgress(stage="selected", detail=detail))
                     head.meta["reference_sha256"] = shas
                     result["version"] = self.store.add(product, head, activate=h.activate)
                     status = "ok"

@@ -117,6 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             smooth_sigma=args.smooth_sigma,
             image_score=args.image_score,
             bank_dtype=args.bank_dtype,
+            letterbox=args.letterbox,
         ),
     )
     fit_options = None
@@ -161,8 +162,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         nargs="+",
-        choices=("cff", "aprilgan", "knn"),
-        default=_env("method", ["cff", "aprilgan", "knn"], many=True),
+        choices=("knn", "knn-mean", "knn-auto", "aprilgan", "cff", "cff-unguarded"),
+        default=_env("method", ["knn", "knn-mean", "aprilgan", "cff", "cff-unguarded"], many=True),
+        help="knn: the default head (taps chosen on held-out data); knn-mean: all taps averaged; cff: guarded",
+    )
+    p.add_argument(
+        "--letterbox",
+        action="store_true",
+        default=_env("letterbox", "0") not in ("0", "false", "no", ""),
+        help="aspect-preserving resize (pad to square) instead of squashing; maps cover the source only",
     )
     p.add_argument("--base-head", default=_env("base_head"), help="base head from train-base (cross-dataset protocol)")
     p.add_argument("--out", default=_env("out"), help="JSON report path")

@@ -152,6 +152,8 @@ def _print_info(h) -> None:  # noqa: ANN001 - calibrator_pb2.HeadInfo
         f"{h.head.head_id:32s} {'ACTIVE' if h.active else '      '} {h.method:8s} K={h.shots:<3d} "
         f"image_threshold={h.image_threshold:.4g} pixel_threshold={h.pixel_threshold:.4g} sha256={h.head.sha256[:12]}"
     )
+    if h.selection:  # the cff guard kept another head than asked for, or says why it kept cff
+        print(f"    asked for {h.requested_method}, kept {h.method}: {h.selection}")
 
 
 def _client(args: argparse.Namespace):  # noqa: ANN202
@@ -180,7 +182,10 @@ def _heads_fit_remote(args: argparse.Namespace, product: str, paths: list[Path],
     def progress(m) -> None:  # noqa: ANN001
         if m.stage in ("stage1", "stage2") and m.total_steps and m.step % 10 and m.step != m.total_steps:
             return
-        print(f"{m.stage} {m.step}/{m.total_steps} loss {m.loss:.4f}", file=sys.stderr, flush=True)
+        if m.stage in ("stage1", "stage2"):
+            print(f"{m.stage} {m.step}/{m.total_steps} loss {m.loss:.4f}", file=sys.stderr, flush=True)
+        else:
+            print(f"{m.stage}{': ' + m.detail if m.detail else ''}", file=sys.stderr, flush=True)
 
     with _client(args) as c:
         info = c.fit(
@@ -231,7 +236,9 @@ def _heads_fit_offline(args: argparse.Namespace, product: str, paths: list[Path]
                 "path": str(out),
                 "sha256": sha,
                 "product": product,
-                "method": args.method,
+                "method": head.method,
+                "requested_method": args.method,
+                "selection": (head.meta.get("guard") or {}).get("reason"),
                 "shots": len(refs),
                 "image_threshold": _num(head.image_threshold),
                 "pixel_threshold": _num(head.pixel_threshold),
@@ -324,7 +331,7 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--product", required=True, help="product id, [a-z0-9][a-z0-9._-]{0,63}")
     f.add_argument("--refs", nargs="+", required=True, help="reference images or folders (1..16)")
     f.add_argument("--out", default=None, help="fit here, offline, into this artifact file instead of the calibrator")
-    f.add_argument("--method", choices=("cff", "aprilgan", "knn"), default=_env("method", "cff"))
+    f.add_argument("--method", choices=("knn", "aprilgan", "cff"), default=_env("method", "knn"))
     f.add_argument("--base-head", default=_env("base_head"), help="offline: base head from train-base")
     f.add_argument("--steps", type=int, default=_env("fit_steps", None, kind=int))
     f.add_argument("--seed", type=int, default=None)

@@ -277,7 +277,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         help="per camera; dinov2-vits14 scores about 3 (fp32) to 5 (bf16) images/s on 2 CPU cores",
     )
     p.add_argument("--shots", type=int, default=4)
-    p.add_argument("--method", choices=("cff", "aprilgan", "knn"), default="cff")
+    p.add_argument("--method", choices=("knn", "aprilgan", "cff"), default="knn")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--refit", action="store_true", help="fit a new head version even if the store has one")
     p.add_argument(

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scorer.backbones.base import Backbone, BackboneOutput
+from scorer.backbones.base import Backbone, BackboneOutput, concat_outputs
 from scorer.data import Category, discover, draw_references
 from scorer.errors import ConfigError
 from scorer.features import FeatureCache
-from scorer.head import METHODS, Head, ScoreOptions, knn_head
+from scorer.head import Head, ScoreOptions, knn_head
 from scorer.images import load_image, load_mask
 from scorer.metrics import image_metrics, pixel_metrics, summarise
 
@@ -39,7 +39,7 @@ METRIC_KEYS = ("i_auroc", "i_ap", "i_f1", "p_auroc", "p_ap", "p_f1", "aupro")
 class EvalConfig:
     shots: tuple[int, ...] = (1, 2, 4)
     seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] = ("cff", "aprilgan", "knn")
+    methods: tuple[str, ...] = ("knn", "knn-mean", "aprilgan", "cff", "cff-unguarded")
     sampling: str = "random"
     per_stage: bool = False
     batch_size: int = 8
@@ -50,8 +50,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         for m in self.methods:
-            if m not in METHODS:
-                raise ConfigError(f"unknown method {m!r}; known: {', '.join(METHODS)}")
+            if m not in EVAL_METHODS:
+                raise ConfigError(f"unknown method {m!r}; known: {', '.join(EVAL_METHODS)}")
         if not self.shots or min(self.shots) < 1:
             raise ConfigError(f"shots must be >= 1, got {self.shots}")
         if not self.seeds:
@@ -61,21 +61,47 @@ class EvalConfig:
 # A factory builds a head for a method from reference images and their features.
 HeadFactory = Callable[[str, Backbone, list[np.ndarray], BackboneOutput, int], Head]
 
+# What the table compares. knn / aprilgan / cff are what `heads fit --method` deploys (cff guarded);
+# knn-mean is the plain training-free mean over every tap (AnomalyDINO-style, the earlier baseline),
+# knn-auto the knn head with its taps chosen on the held-out set (FitOptions.knn_taps="auto") and
+# cff-unguarded the calibrated head before the guard, so the table shows what each step changes.
+EVAL_METHODS = ("knn", "knn-mean", "knn-auto", "aprilgan", "cff", "cff-unguarded")
+
 
 def default_head_factory(base_head: Head | None = None, fit_options: object | None = None) -> HeadFactory:
-    """Build heads per method; one fit serves both ``aprilgan`` and ``cff`` for the same references."""
+    """Build heads per method; one fit serves every method for the same references."""
     cache: dict[tuple, dict[str, Head]] = {}
 
     def make(method: str, backbone: Backbone, images: list[np.ndarray], feats: BackboneOutput, seed: int) -> Head:
-        if method == "knn":
-            return knn_head(backbone, feats)
-        from scorer.fit import FitOptions, fit_heads_from_features
+        from scorer.fit import FitOptions, fit_heads_from_features, guard
 
         opts = fit_options if isinstance(fit_options, FitOptions) else FitOptions()
+        if method == "knn-mean":
+            return knn_head(backbone, feats, opts.score)
+        if method == "knn-auto":
+            auto = fit_heads_from_features(
+                backbone, images, feats, options=replace(opts, knn_taps="auto"), seed=seed, methods=("knn",)
+            )
+            return auto["knn"]
         key = (seed, tuple(hashlib.sha256(im.tobytes()).hexdigest() for im in images))
         if key not in cache:
             cache.clear()
-            cache[key] = fit_heads_from_features(backbone, images, feats, base_head=base_head, options=opts, seed=seed)
+            wanted = ("aprilgan", "cff") if base_head is not None else ("knn", "aprilgan", "cff")
+            heads = fit_heads_from_features(
+                backbone,
+                images,
+                feats,
+                base_head=base_head,
+                options=replace(opts, guard=False),
+                seed=seed,
+                methods=wanted,
+            )
+            heads["cff-unguarded"] = heads["cff"]
+            if "knn" in heads:
+                heads["cff"] = guard(heads["cff"], heads["knn"])
+            cache[key] = heads
+        if method not in cache[key]:
+            raise ConfigError(f"method {method} is not available with a base head")
         return cache[key][method]
 
     return make
@@ -92,15 +118,8 @@ def _subsample(tests: Sequence, max_test: int | None) -> list:
     return pick(normal, n_norm) + pick(bad, n_bad)
 
 
-def _slice(out: BackboneOutput, idx: Sequence[int]) -> BackboneOutput:
-    ii = torch.as_tensor(list(idx), dtype=torch.long)
-    return BackboneOutput(
-        [t[ii] for t in out.tokens], out.grid, None if out.global_embedding is None else out.global_embedding[ii]
-    )
-
-
 def _half(out: BackboneOutput) -> BackboneOutput:
-    return BackboneOutput([t.half() for t in out.tokens], out.grid, out.global_embedding)
+    return BackboneOutput([t.half() for t in out.tokens], out.grid, out.global_embedding, out.content)
 
 
 def _fit_scope(backbone: Backbone, precision: str | None):  # noqa: ANN202
@@ -133,7 +152,9 @@ def evaluate_category(
             masks[i] = _resize_mask(load_mask(s.mask_path, img.shape[:2]), size)
     progress(f"{cat.key}: extracting features of {len(tests)} test images")
     del images
-    test_feats = FeatureCache(cfg.cache_dir).embed_paths(backbone, [s.path for s in tests], batch_size=cfg.batch_size)
+    test_feats = FeatureCache(cfg.cache_dir).embed_paths(
+        backbone, [s.path for s in tests], batch_size=cfg.batch_size, letterbox=cfg.score.letterbox
+    )
     t_feat = time.perf_counter() - t0
     per_image_s = t_feat / len(tests)
     ref_cache: dict[Path, tuple[np.ndarray, BackboneOutput]] = {}
@@ -142,22 +163,19 @@ def evaluate_category(
         todo = [p for p in paths if p not in ref_cache]
         if todo:
             imgs = [load_image(p) for p in todo]
-            feats = FeatureCache(cfg.cache_dir).embed_paths(backbone, todo, batch_size=cfg.batch_size)
+            feats = FeatureCache(cfg.cache_dir).embed_paths(
+                backbone, todo, batch_size=cfg.batch_size, letterbox=cfg.score.letterbox
+            )
             for j, p in enumerate(todo):
-                ref_cache[p] = (imgs[j], _half(_slice(feats, [j])))
+                ref_cache[p] = (imgs[j], _half(feats.select([j])))
         imgs = [ref_cache[p][0] for p in paths]
         parts = [ref_cache[p][1] for p in paths]
-        feats = BackboneOutput(
-            [torch.cat([q.tokens[i] for q in parts]).float() for i in range(len(parts[0].tokens))],
-            parts[0].grid,
-            None if parts[0].global_embedding is None else torch.cat([q.global_embedding for q in parts]),
-        )  # type: ignore[misc]
-        return imgs, feats
+        return imgs, concat_outputs(parts)
 
     acc: dict[tuple[str, int], dict[str, list]] = {
         (m, k): {"per_seed": [], "stages": [], "fit_s": []} for m in cfg.methods for k in cfg.shots
     }
-    keep = ("map_size", "smooth_sigma", "image_score", "topk_fraction", "bank_dtype")
+    keep = ("map_size", "smooth_sigma", "image_score", "topk_fraction", "bank_dtype", "letterbox")
     for k in cfg.shots:
         for seed in cfg.seeds:
             paths = draw_references(cat.train, k, seed, mode=cfg.sampling)
@@ -180,6 +198,8 @@ def evaluate_category(
                         "image_threshold": head.image_threshold,
                         "pixel_threshold": head.pixel_threshold,
                         "fit_metrics": head.meta.get("fit_metrics", {}),
+                        "guard": head.meta.get("guard"),
+                        "tap_weights": list(head.options.tap_weights) if head.options.tap_weights else None,
                     }
                 )
                 if stages is not None:
@@ -231,6 +251,10 @@ def run_eval(
     cats: list[Category] = []
     for d in data:
         cats.extend(discover(d))
+    from scorer.fit import FitOptions
+
+    fo = fit_options if isinstance(fit_options, FitOptions) else FitOptions()
+    fit_options = replace(fo, score=replace(fo.score, letterbox=cfg.score.letterbox))
     factory = factory or default_head_factory(base_head, fit_options)
     t0 = time.perf_counter()
     records: list[dict] = []
@@ -249,6 +273,7 @@ def run_eval(
         "map_size": cfg.score.map_size,
         "smooth_sigma": cfg.score.smooth_sigma,
         "image_score": cfg.score.image_score,
+        "letterbox": cfg.score.letterbox,
         "aupro_fpr_limit": 0.3,
         "torch_threads": torch.get_num_threads(),
         "fit_options": _fit_options_record(fit_options),

@@ -11,11 +11,15 @@ Without a base head both stages are fitted from the references alone, with focal
   0.1 x alignment on normal tokens (spec b.1, A3-A6).
 
 With a base head (from ``train-base``) only stage 2 and the memory bank are
-fitted. Thresholds come from held-out references (leave-one-out; augmented views
-when K = 1) and the synthetic anomalies, never from test data.
+fitted. Thresholds come from a held-out set — references left out of the bank
+(augmented views when K = 1) and synthetic anomalies of another seed than the
+training ones — never from test data.
 
-The ``aprilgan`` head is the stage-1 result with a raw-token memory bank, so one
-fit yields both heads, compared on identical references.
+``knn`` (the default) trains nothing: its tap fusion is chosen on the held-out
+set. The ``aprilgan`` head is the stage-1 result with a raw-token memory bank. A
+``cff`` fit is guarded: it is kept only when it beats the training-free head on
+the held-out set (``guard``), so calibration can never make a product worse
+than training-free scoring on what the fit can measure.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from scorer.backbones.base import Backbone, BackboneOutput
+from scorer.backbones.base import Backbone, BackboneOutput, letterbox_box
 from scorer.errors import ConfigError, HeadError, ImageError
-from scorer.head import BANK_FEATURES, Head, ScoreOptions, build_bank, check_compatible
+from scorer.head import BANK_FEATURES, Head, ScoreOptions, build_bank, check_compatible, image_score
 from scorer.losses import alignment_loss, dice_loss, focal_loss, two_channel_probs
+from scorer.metrics import image_metrics
 from scorer.synth import synthesize
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,14 @@ class FitOptions:
     image_far: float = 0.01
     pixel_far: float = 0.001
     n_augment_k1: int = 4
+    # Held-out synthetic anomalies (another seed than the training ones): thresholds, the knn tap choice and
+    # the cff guard are measured on them and on held-out references, never on what a head was trained on.
+    n_validation: int = 16
+    # mid: the inner taps only (first and last tapped blocks dropped: PatchCore's mid-level features; measured
+    # better on image AUROC and pixel AP on both shared datasets, BENCHMARKS.md); auto: taps chosen on the
+    # held-out set; all: the plain mean of every tap (AnomalyDINO-style)
+    knn_taps: str = "mid"
+    guard: bool = True  # cff: keep the training-free head when it does better on the held-out set
     object_name: str = "object"
     score: ScoreOptions = ScoreOptions()
     # Fits run at this precision whatever the backbone scores at: a CFF head fitted on bf16 tokens lost up to
@@ -83,6 +96,10 @@ class FitOptions:
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.batch_size < 1 or self.loss_resolution < 8:
             raise ConfigError("batch_size must be >= 1 and loss_resolution >= 8")
+        if self.n_validation < 1:
+            raise ConfigError(f"n_validation must be >= 1, got {self.n_validation}")
+        if self.knn_taps not in KNN_TAPS:
+            raise ConfigError(f"knn_taps must be one of {', '.join(KNN_TAPS)}, got {self.knn_taps!r}")
 
     def with_steps(self, steps: int) -> FitOptions:
         return replace(self, steps_stage1=steps, steps_stage2=max(1, steps // 2))
@@ -95,11 +112,17 @@ class FitOptions:
         """
         out, seed = self, 0
         for key, raw in options.items():
-            if key == "bank_features":
-                out = replace(out, bank_features=str(raw))  # validated by __post_init__, naming the choices
+            if key in ("bank_features", "knn_taps"):
+                out = replace(out, **{key: str(raw)})  # validated by __post_init__, naming the choices
+                continue
+            if key in ("guard", "letterbox"):
+                if str(raw).lower() not in ("true", "false", "1", "0"):
+                    raise ConfigError(f"fit option {key}={raw!r} must be true or false")
+                on = str(raw).lower() in ("true", "1")
+                out = replace(out, guard=on) if key == "guard" else replace(out, score=replace(out.score, letterbox=on))
                 continue
             if key not in STRING_OPTIONS:
-                known = ", ".join(sorted([*STRING_OPTIONS, "bank_features"]))
+                known = ", ".join(sorted([*STRING_OPTIONS, "bank_features", "guard", "knn_taps", "letterbox"]))
                 raise ConfigError(f"unknown fit option {key!r}; known: {known}")
             kind, lo, hi = STRING_OPTIONS[key]
             try:
@@ -118,12 +141,17 @@ class FitOptions:
         return out, seed
 
 
+KNN_TAPS = ("mid", "auto", "all")
+FIT_METHODS = ("knn", "aprilgan", "cff")
+DEFAULT_METHOD = "knn"  # the best method in BENCHMARKS.md's deployment table; cff is guarded against it
+
 # name -> (type, min, max) for options settable from strings (FitHead requests, `heads fit --option`).
 STRING_OPTIONS: dict[str, tuple[type, float, float]] = {
     "steps": (int, 0, 5000),
     "steps_stage1": (int, 0, 5000),
     "steps_stage2": (int, 0, 5000),
     "n_synthetic": (int, 1, 256),
+    "n_validation": (int, 1, 256),
     "lr_stage1": (float, 1e-7, 1.0),
     "lr_stage2": (float, 1e-7, 1.0),
     "lambda_align": (float, 0.0, 10.0),
@@ -154,11 +182,14 @@ def check_references(references: Sequence[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def _mask_targets(masks: Sequence[np.ndarray], size: int) -> torch.Tensor:
+def _mask_targets(masks: Sequence[np.ndarray], size: int, *, letterbox: bool = False) -> torch.Tensor:
+    """Masks at ``size``: squashed like the images, or (training targets of a letterboxed head) placed where
+    the letterbox puts the image on the token grid."""
     out = np.zeros((len(masks), size, size), dtype=np.float32)
     for i, m in enumerate(masks):
-        im = Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
-        out[i] = np.asarray(im) > 127
+        y0, x0, y1, x1 = letterbox_box(*m.shape[:2], size) if letterbox else (0, 0, size, size)
+        im = Image.fromarray(m.astype(np.uint8) * 255).resize((x1 - x0, y1 - y0), Image.BILINEAR)
+        out[i, y0:y1, x0:x1] = np.asarray(im) > 127
     return torch.from_numpy(out)
 
 
@@ -328,12 +359,141 @@ def fit_heads_from_features(
     base_head: Head | None = None,
     options: FitOptions | None = None,
     seed: int = 0,
+    methods: Sequence[str] = ("aprilgan", "cff"),
     progress: Progress = _noop,
 ) -> dict[str, Head]:
-    """Fit once, return ``{"aprilgan": ..., "cff": ...}`` on the same references (at ``options.precision``)."""
+    """Fit once and return the asked heads (``knn``, ``aprilgan``, ``cff``) on the same references.
+
+    Only what is asked is built and thresholded: ``aprilgan`` alone skips stage 2, ``knn`` alone trains
+    nothing. A guarded ``cff`` may come back as the training-free head (its meta says why).
+    """
     opts = options or FitOptions()
+    for m in methods:
+        if m not in FIT_METHODS:
+            raise ConfigError(f"unknown method {m!r}; known: {', '.join(FIT_METHODS)}")
+    if base_head is not None and "knn" in methods:
+        raise ConfigError("method knn is training-free and takes no base head")
     with backbone.precision_scope(opts.precision):
-        return _fit_heads(backbone, references, ref_feats, base_head, opts, seed, progress)
+        return _fit_heads(backbone, references, ref_feats, base_head, opts, seed, tuple(methods), progress)
+
+
+@dataclass
+class HeldOut:
+    """Validation data no head is fitted on: held-out normals and synthetic anomalies of another seed.
+
+    Each normal (and, for K >= 2, each anomaly) is scored against a bank without the reference it came
+    from, so a training-free bank cannot win by matching an image with itself.
+    """
+
+    normals: BackboneOutput
+    normal_src: list[int | None]
+    anomalies: BackboneOutput
+    anomaly_src: list[int | None]
+    masks: np.ndarray  # (n, map, map) bool, as the maps cover the source
+    how: str
+
+
+def held_out_set(
+    backbone: Backbone, refs: Sequence[np.ndarray], ref_feats: BackboneOutput, opts: FitOptions, seed: int
+) -> HeldOut:
+    lb = opts.score.letterbox
+    k = len(refs)
+    if k >= 2:
+        normals, normal_src, how = ref_feats, list(range(k)), "leave-one-out"
+    else:
+        rng = np.random.default_rng(seed + 101)
+        views = [_augment(refs[0], rng) for _ in range(max(1, opts.n_augment_k1))]
+        normals, normal_src, how = backbone.embed(views, letterbox=lb), [None] * len(views), "augmented views"
+    synth = synthesize(refs, opts.n_validation, seed + 7919)
+    anomalies = backbone.embed([x[0] for x in synth], letterbox=lb)
+    masks = _mask_targets([x[1] for x in synth], opts.score.map_size).numpy() > 0.5
+    src: list[int | None] = [x[2] if k >= 2 else None for x in synth]
+    return HeldOut(normals, normal_src, anomalies, src, masks, how)
+
+
+def _bank_without(head: Head, ref_feats: BackboneOutput, j: int | None) -> Head:
+    if j is None:
+        return head
+    keep = [i for i in range(len(ref_feats)) if i != j]
+    sub = [t[keep] for t in ref_feats.tokens]
+    return replace(head, bank=bank_for(head, sub) if head.bank_features != "raw" else build_bank(sub))
+
+
+def held_out_scores(
+    head: Head,
+    ref_feats: BackboneOutput,
+    queries: BackboneOutput,
+    src: Sequence[int | None],
+    *,
+    per_stage: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Scores, maps (and stage maps) of ``queries``, each against the bank without its source reference."""
+    n = len(queries)
+    scores = np.zeros(n, np.float32)
+    maps = np.zeros((n, head.options.map_size, head.options.map_size), np.float32)
+    stages = None
+    with torch.inference_mode():
+        for j in sorted(set(src), key=lambda x: -1 if x is None else x):
+            idx = [i for i in range(n) if src[i] == j]
+            sc, mp, st = _bank_without(head, ref_feats, j).score_features(queries.select(idx), per_stage=per_stage)
+            scores[idx], maps[idx] = sc, mp
+            if st is not None:
+                if stages is None:
+                    stages = np.zeros((n, *st.shape[1:]), np.float16)
+                stages[idx] = st
+    return scores, maps, stages
+
+
+def _ranking(normal: np.ndarray, anomalous: np.ndarray, a_maps: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+    """Held-out image AUROC (normals vs anomalies) and pixel AP (on the anomalies); ``score`` is their mean."""
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+    i_auroc = image_metrics(np.r_[normal, anomalous], labels)["i_auroc"]
+    p_ap = image_metrics(a_maps.astype(np.float32).ravel(), masks.ravel())["i_ap"] if masks.any() else math.nan
+    vals = [v for v in (i_auroc, p_ap) if math.isfinite(v)]
+    return {"image_auroc": float(i_auroc), "pixel_ap": float(p_ap), "score": float(np.mean(vals)) if vals else 0.0}
+
+
+def choose_knn_taps(head: Head, ref_feats: BackboneOutput, held: HeldOut) -> tuple[tuple[float, ...], dict]:
+    """Fusion weights of a knn head from the held-out set alone.
+
+    A tap whose map localises the held-out synthetic anomalies at less than half the best tap's pixel AP is
+    dropped (on the encoder here: the last block, a saliency-tuned, semantic layer); the others are averaged.
+    """
+    plain = head.with_options(tap_weights=None)
+    n_sc, _, n_st = held_out_scores(plain, ref_feats, held.normals, held.normal_src, per_stage=True)
+    a_sc, _, a_st = held_out_scores(plain, ref_feats, held.anomalies, held.anomaly_src, per_stage=True)
+    assert n_st is not None and a_st is not None
+    per_tap = []
+    for s in range(n_st.shape[1]):
+        ns = image_score(torch.from_numpy(n_st[:, s].astype(np.float32)), head.options).numpy()
+        an = image_score(torch.from_numpy(a_st[:, s].astype(np.float32)), head.options).numpy()
+        per_tap.append(_ranking(ns, an, a_st[:, s], held.masks))
+    aps = np.array([0.0 if not math.isfinite(t["pixel_ap"]) else t["pixel_ap"] for t in per_tap])
+    keep = aps >= 0.5 * aps.max() if aps.max() > 0 else np.ones(len(aps), bool)
+    weights = tuple(float(x) for x in keep.astype(np.float32))
+    record = {
+        "rule": "taps with held-out pixel AP >= 0.5 x the best, averaged",
+        "taps": list(head.taps),
+        "per_tap": per_tap,
+        "weights": list(weights),
+    }
+    return weights, record
+
+
+def _fit_knn(
+    backbone: Backbone, ref_feats: BackboneOutput, held: HeldOut, opts: FitOptions
+) -> tuple[Head, dict | None]:
+    from scorer.head import knn_head
+
+    head = knn_head(backbone, ref_feats, replace(opts.score, tap_weights=None))
+    n = len(backbone.taps)
+    if opts.knn_taps == "all" or n < 3:
+        return head, None
+    if opts.knn_taps == "mid":
+        weights = tuple(0.0 if i in (0, n - 1) else 1.0 for i in range(n))
+        return head.with_options(tap_weights=weights), {"rule": "mid-level taps (first and last dropped)"}
+    weights, record = choose_knn_taps(head, ref_feats, held)
+    return head.with_options(tap_weights=weights), record
 
 
 def _fit_heads(
@@ -343,6 +503,7 @@ def _fit_heads(
     base_head: Head | None,
     opts: FitOptions,
     seed: int,
+    methods: tuple[str, ...],
     progress: Progress,
 ) -> dict[str, Head]:
     refs = check_references(references)
@@ -351,18 +512,78 @@ def _fit_heads(
         check_compatible(base_head, backbone)
         if base_head.proj_w is None:
             raise HeadError("the base head has no projections (is it a knn head?)")
+    progress("features", 0, math.nan)
+    held = held_out_set(backbone, refs, ref_feats, opts, seed)
+    heads: dict[str, Head] = {}
+    knn: Head | None = None
+    knn_record: dict | None = None
+    if "knn" in methods or ("cff" in methods and opts.guard):
+        knn, knn_record = _fit_knn(backbone, ref_feats, held, opts)
+    learned: dict[str, Head] = {}
+    meta: dict = {"shots": len(refs), "base_head": base_head is not None}
+    if "aprilgan" in methods or "cff" in methods:
+        learned, meta = _fit_learned(backbone, refs, ref_feats, base_head, opts, seed, "cff" in methods, progress)
+    progress("thresholds", 0, math.nan)
+    if knn is not None:
+        knn = calibrate_thresholds(
+            knn, ref_feats, held, opts, meta={"shots": len(refs), "fit_seconds": time.perf_counter() - t_start}
+        )
+        if knn_record is not None:
+            knn.meta["tap_choice"] = knn_record
+        if "knn" in methods:
+            heads["knn"] = knn
+    for name, h in learned.items():
+        if name in methods:
+            heads[name] = calibrate_thresholds(h, ref_feats, held, opts, meta=meta)
+    if "cff" in heads and knn is not None:
+        heads["cff"] = guard(heads["cff"], knn)
+    total = time.perf_counter() - t_start
+    for h in heads.values():
+        h.meta["fit_seconds"] = total
+    return heads
+
+
+def guard(calibrated: Head, training_free: Head) -> Head:
+    """Keep the calibrated head only where it beats the training-free one on the held-out set.
+
+    Both were measured on the same held-out normals and synthetic anomalies (``fit_metrics.held_out_quality``:
+    mean of image AUROC and pixel AP); a tie keeps the training-free head, which has nothing to overfit.
+    """
+    qc = calibrated.meta["fit_metrics"]["held_out_quality"]
+    qk = training_free.meta["fit_metrics"]["held_out_quality"]
+    keep = qc["score"] > qk["score"]
+    chosen = calibrated if keep else training_free
+    why = (
+        f"held-out score {qc['score']:.3f} (cff) vs {qk['score']:.3f} (training-free knn): "
+        + ("the calibrated head is better" if keep else "calibration does not beat the training-free head")
+    )
+    out = replace(chosen, meta={**chosen.meta})
+    out.meta["guard"] = {"requested": "cff", "chosen": chosen.method, "reason": why, "cff": qc, "knn": qk}
+    log.info("guard: %s", why)
+    return out
+
+
+def _fit_learned(
+    backbone: Backbone,
+    refs: list[np.ndarray],
+    ref_feats: BackboneOutput,
+    base_head: Head | None,
+    opts: FitOptions,
+    seed: int,
+    with_stage2: bool,
+    progress: Progress,
+) -> tuple[dict[str, Head], dict]:
+    """Stage 1 (or the base head's projections) and, for cff, stage 2 on references + synthetic anomalies."""
+    t_start = time.perf_counter()
     n_stages = len(backbone.taps)
     grid = ref_feats.grid
     res = opts.loss_resolution
-
-    # Training data: references (all normal) + synthetic anomalies on them.
+    lb = opts.score.letterbox
     synth = synthesize(refs, opts.n_synthetic, seed)
-    synth_imgs = [s[0] for s in synth]
-    synth_masks = [s[1] for s in synth]
-    synth_feats = backbone.embed(synth_imgs)
+    synth_feats = backbone.embed([x[0] for x in synth], letterbox=lb)
     tokens = [torch.cat([ref_feats.tokens[i].float(), synth_feats.tokens[i].float()]) for i in range(n_stages)]
     blank = [np.zeros(r.shape[:2], dtype=bool) for r in refs]
-    targets = _mask_targets(blank + synth_masks, res)
+    targets = _mask_targets(blank + [x[1] for x in synth], res, letterbox=lb)
     normal_tok = _token_normal(targets, grid)
 
     text = None
@@ -391,66 +612,56 @@ def _fit_heads(
         )
         init_calib = None
     t_stage1 = time.perf_counter() - t_start
-    with torch.no_grad():
-        projected = [F.linear(tokens[i], proj_w[i], proj_b[i]) for i in range(n_stages)]
-    calib_w, calib_b, last2 = train_stage2(
-        projected,
-        targets,
-        normal_tok,
-        grid,
-        prototypes,
-        opts,
-        steps=opts.steps_stage2,
-        batch_size=opts.batch_size,
-        seed=seed,
-        init=init_calib,
-        progress=progress,
-    )
-    t_fit = time.perf_counter() - t_start
-
     common = dict(
         backbone_spec=backbone.spec,
         weights_id=backbone.weights_id,
         taps=tuple(backbone.taps),
         image_size=backbone.image_size,
         grid=tuple(grid),
-        options=opts.score,
+        options=replace(opts.score, tap_weights=None),
         backbone=backbone,
         prototypes=prototypes,
         proj_w=proj_w,
         proj_b=proj_b,
     )
-    heads: dict[str, Head] = {}
-    april = Head(method="aprilgan", bank=build_bank(ref_feats.tokens), bank_features="raw", **common)  # type: ignore[arg-type]
-    cff_head = Head(
-        method="cff",
-        bank=[torch.empty(0)] * n_stages,
-        bank_features=opts.bank_features,
-        calib_w=calib_w,
-        calib_b=calib_b,
-        **common,
-    )  # type: ignore[arg-type]
-    cff_head = replace(cff_head, bank=bank_for(cff_head, ref_feats.tokens))
-    for name, h in (("aprilgan", april), ("cff", cff_head)):
-        heads[name] = calibrate_thresholds(
-            h,
-            backbone,
-            refs,
-            ref_feats,
-            synth_feats,
-            synth_masks,
+    heads: dict[str, Head] = {
+        "aprilgan": Head(method="aprilgan", bank=build_bank(ref_feats.tokens), bank_features="raw", **common)  # type: ignore[arg-type]
+    }
+    last2 = math.nan
+    if with_stage2:
+        with torch.no_grad():
+            projected = [F.linear(tokens[i], proj_w[i], proj_b[i]) for i in range(n_stages)]
+        calib_w, calib_b, last2 = train_stage2(
+            projected,
+            targets,
+            normal_tok,
+            grid,
+            prototypes,
             opts,
-            seed,
-            meta={
-                "fit_seconds": t_fit,
-                "stage1_seconds": t_stage1,
-                "stage2_final_loss": last2,
-                "shots": len(refs),
-                "n_synthetic": opts.n_synthetic,
-                "base_head": base_head is not None,
-            },
+            steps=opts.steps_stage2,
+            batch_size=opts.batch_size,
+            seed=seed,
+            init=init_calib,
+            progress=progress,
         )
-    return heads
+        cff_head = Head(
+            method="cff",
+            bank=[torch.empty(0)] * n_stages,
+            bank_features=opts.bank_features,
+            calib_w=calib_w,
+            calib_b=calib_b,
+            **common,
+        )  # type: ignore[arg-type]
+        heads["cff"] = replace(cff_head, bank=bank_for(cff_head, ref_feats.tokens))
+    meta = {
+        "stage1_seconds": t_stage1,
+        "train_seconds": time.perf_counter() - t_start,
+        "stage2_final_loss": last2,
+        "shots": len(refs),
+        "n_synthetic": opts.n_synthetic,
+        "base_head": base_head is not None,
+    }
+    return heads, meta
 
 
 def bank_for(head: Head, ref_tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -465,16 +676,22 @@ def fit_head_from_features(
     references: Sequence[np.ndarray],
     ref_feats: BackboneOutput,
     *,
-    method: str = "cff",
+    method: str | None = None,
     base_head: Head | None = None,
     options: FitOptions | None = None,
     seed: int = 0,
     progress: Progress = _noop,
 ) -> Head:
-    if method not in ("cff", "aprilgan"):
-        raise ConfigError(f"fit supports methods cff and aprilgan, got {method!r}")
+    method = method or ("cff" if base_head is not None else DEFAULT_METHOD)
     return fit_heads_from_features(
-        backbone, references, ref_feats, base_head=base_head, options=options, seed=seed, progress=progress
+        backbone,
+        references,
+        ref_feats,
+        base_head=base_head,
+        options=options,
+        seed=seed,
+        methods=(method,),
+        progress=progress,
     )[method]
 
 
@@ -484,41 +701,24 @@ def fit_head(
     *,
     base_head: Head | None = None,
     options: FitOptions | None = None,
-    method: str = "cff",
+    method: str | None = None,
     seed: int = 0,
     progress: Progress = _noop,
 ) -> Head:
-    """The scorer API: a head for a new product from its K normal reference images."""
+    """The scorer API: a head for a new product from its K normal reference images.
+
+    ``method`` defaults to the training-free ``knn`` head, or to ``cff`` when a base head is given.
+    """
     refs = check_references(references)
+    method = method or ("cff" if base_head is not None else DEFAULT_METHOD)
+    if method not in FIT_METHODS:
+        raise ConfigError(f"unknown method {method!r}; known: {', '.join(FIT_METHODS)}")
     opts = options or FitOptions()
     with backbone.precision_scope(opts.precision):
-        if method == "knn":
-            from scorer.head import knn_head
-
-            if base_head is not None:
-                raise ConfigError("method knn is training-free and takes no base head")
-            feats = backbone.embed(refs)
-            head = knn_head(backbone, feats, opts.score)
-            return calibrate_thresholds(head, backbone, refs, feats, None, None, opts, seed, meta={"shots": len(refs)})
-        feats = backbone.embed(refs)
+        feats = backbone.embed(refs, letterbox=opts.score.letterbox)
         return fit_head_from_features(
             backbone, refs, feats, method=method, base_head=base_head, options=opts, seed=seed, progress=progress
         )
-
-
-def _loo_scores(head: Head, ref_feats: BackboneOutput) -> tuple[np.ndarray, np.ndarray]:
-    """Leave-one-out: each reference scored against a bank of the others."""
-    k = ref_feats.tokens[0].shape[0]
-    scores, maps = [], []
-    for j in range(k):
-        keep = [i for i in range(k) if i != j]
-        sub = [t[keep] for t in ref_feats.tokens]
-        h = replace(head, bank=bank_for(head, sub) if head.bank_features != "raw" else build_bank(sub))
-        one = BackboneOutput([t[j : j + 1].float() for t in ref_feats.tokens], ref_feats.grid)
-        r = h.score_tokens(one)
-        scores.append(r.image_scores.numpy())
-        maps.append(r.maps.numpy())
-    return np.concatenate(scores), np.concatenate(maps)
 
 
 def _augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -533,67 +733,43 @@ def _augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def calibrate_thresholds(
-    head: Head,
-    backbone: Backbone,
-    refs: Sequence[np.ndarray],
-    ref_feats: BackboneOutput,
-    synth_feats: BackboneOutput | None,
-    synth_masks: Sequence[np.ndarray] | None,
-    opts: FitOptions,
-    seed: int,
-    *,
-    meta: dict | None = None,
+    head: Head, ref_feats: BackboneOutput, held: HeldOut, opts: FitOptions, *, meta: dict | None = None
 ) -> Head:
-    """Image and pixel thresholds from held-out normals and synthetic anomalies.
+    """Image and pixel thresholds, and the head's held-out quality, from the held-out set.
 
-    Image: ``max(max normal, mean + z * std)`` of the held-out normal scores, z for
-    the target false-alarm rate (std floored at 5 % of the mean, since K is tiny).
-    Pixel: the F1-best threshold on the synthetic anomalies, but never below the
-    (1 - pixel_far) quantile of held-out normal pixels.
+    Image: ``max(max normal, mean + z * std)`` of the held-out normal scores, z for the target false-alarm
+    rate (std floored at 5 % of the mean, since K is tiny). Pixel: the F1-best threshold on the held-out
+    synthetic anomalies, but never below the (1 - pixel_far) quantile of held-out normal pixels.
     """
-    with torch.inference_mode():
-        if len(refs) >= 2:
-            n_scores, n_maps = _loo_scores(head, ref_feats)
-            held_out = "leave-one-out"
-        else:
-            rng = np.random.default_rng(seed + 101)
-            views = [_augment(refs[0], rng) for _ in range(max(1, opts.n_augment_k1))]
-            n_scores, n_maps, _ = head.score_features(backbone.embed(views))
-            held_out = "augmented views"
-        z = NormalDist().inv_cdf(1 - opts.image_far)
-        mu, sd = float(n_scores.mean()), float(n_scores.std())
-        sd = max(sd, 0.05 * abs(mu))
-        image_t = max(float(n_scores.max()), mu + z * sd)
-        normal_q = float(np.quantile(n_maps.astype(np.float32), 1 - opts.pixel_far))
-        fit_metrics: dict = {
-            "held_out": held_out,
-            "normal_scores": [float(s) for s in n_scores],
-            "normal_pixel_quantile": normal_q,
-        }
-        pixel_t = normal_q
-        if synth_feats is not None and synth_masks is not None:
-            a_scores, a_maps, _ = head.score_features(synth_feats)
-            tgt = _mask_targets(synth_masks, head.options.map_size).numpy() > 0.5
-            flat, lab = a_maps.ravel(), tgt.ravel()
-            qs = np.quantile(flat, np.linspace(0.5, 0.9995, 120))
-            best_f1, best_t = -1.0, normal_q
-            for t in qs:
-                pred = flat >= t
-                tp = float((pred & lab).sum())
-                f1 = 2 * tp / max(1.0, float(pred.sum()) + float(lab.sum()))
-                if f1 > best_f1:
-                    best_f1, best_t = f1, float(t)
-            pixel_t = max(normal_q, best_t)
-            pred = flat >= pixel_t
-            tp = float((pred & lab).sum())
-            fit_metrics.update(
-                {
-                    "synthetic_detection_rate": float((a_scores >= image_t).mean()),
-                    "synthetic_pixel_f1_at_threshold": 2 * tp / max(1.0, float(pred.sum()) + float(lab.sum())),
-                    "synthetic_pixel_f1_best": best_f1,
-                }
-            )
-        fit_metrics["normal_false_alarm_rate"] = float((n_scores >= image_t).mean())
+    n_scores, n_maps, _ = held_out_scores(head, ref_feats, held.normals, held.normal_src)
+    a_scores, a_maps, _ = held_out_scores(head, ref_feats, held.anomalies, held.anomaly_src)
+    z = NormalDist().inv_cdf(1 - opts.image_far)
+    mu, sd = float(n_scores.mean()), float(n_scores.std())
+    sd = max(sd, 0.05 * abs(mu))
+    image_t = max(float(n_scores.max()), mu + z * sd)
+    normal_q = float(np.quantile(n_maps.astype(np.float32), 1 - opts.pixel_far))
+    flat, lab = a_maps.ravel(), held.masks.ravel()
+    qs = np.quantile(flat, np.linspace(0.5, 0.9995, 120))
+    best_f1, best_t = -1.0, normal_q
+    for t in qs:
+        pred = flat >= t
+        tp = float((pred & lab).sum())
+        f1 = 2 * tp / max(1.0, float(pred.sum()) + float(lab.sum()))
+        if f1 > best_f1:
+            best_f1, best_t = f1, float(t)
+    pixel_t = max(normal_q, best_t)
+    pred = flat >= pixel_t
+    tp = float((pred & lab).sum())
+    fit_metrics: dict = {
+        "held_out": held.how,
+        "normal_scores": [float(x) for x in n_scores],
+        "normal_pixel_quantile": normal_q,
+        "synthetic_detection_rate": float((a_scores >= image_t).mean()),
+        "synthetic_pixel_f1_at_threshold": 2 * tp / max(1.0, float(pred.sum()) + float(lab.sum())),
+        "synthetic_pixel_f1_best": best_f1,
+        "normal_false_alarm_rate": float((n_scores >= image_t).mean()),
+        "held_out_quality": _ranking(n_scores, a_scores, a_maps, held.masks),
+    }
     out = head.with_thresholds(image=image_t, pixel=pixel_t)
     out.meta = {**head.meta, **(meta or {}), "fit_metrics": fit_metrics}
     return out

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scorer.backbones.base import Backbone, BackboneOutput
+from scorer.backbones.base import Backbone, BackboneOutput, image_hw
 from scorer.errors import ConfigError, HeadError
 
 METHODS = ("knn", "aprilgan", "cff")
@@ -42,8 +42,19 @@ class ScoreOptions:
     proto_weight: float = 1.0  # weight of the prototype (text) map against the memory-bank map
     bank_chunk: int = 4096
     bank_dtype: str = "float32"  # bfloat16: ~3x faster search on CPUs with bf16 units, |error| <= ~1e-3
+    # Aspect-preserving resize (scale to fit, pad, centre) instead of squashing; maps are cropped back to the
+    # image, so they, the image score and the regions only ever cover the source. Fixed at fit time.
+    letterbox: bool = False
+    # Fusion weights of the taps' maps (None: knn averages, the learned heads sum, as April-GAN does). The
+    # knn fit chooses them on held-out references and synthetic anomalies, never on test data.
+    tap_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.tap_weights is not None:
+            w = tuple(float(x) for x in self.tap_weights)
+            if not w or any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+                raise ConfigError(f"tap_weights must be non-negative with a positive sum, got {self.tap_weights}")
+            object.__setattr__(self, "tap_weights", w)  # a list from a JSON manifest becomes a tuple
         if self.map_size < 8:
             raise ConfigError(f"map_size must be >= 8, got {self.map_size}")
         if self.image_score not in ("topk", "max"):
@@ -100,6 +111,9 @@ class Head:
             raise HeadError(f"head has {len(self.bank)} memory banks for {len(self.taps)} taps")
         if self.bank_features != "raw" and self.proj_w is None:
             raise HeadError(f"bank_features={self.bank_features!r} needs projections")
+        tw = self.options.tap_weights
+        if tw is not None and len(tw) != len(self.taps):
+            raise HeadError(f"head has {len(tw)} tap weights for {len(self.taps)} taps")
 
     # -- features ------------------------------------------------------------
     @property
@@ -206,14 +220,14 @@ class Head:
                 stage = stage + opts.proto_weight * self._proto_map(calibrated[i], i)
             grid_maps.append(stage.view(b, gh, gw))
         stacked = torch.stack(grid_maps, 1)  # (B, S, G, G)
-        fused_grid = stacked.mean(1) if self.method == "knn" else stacked.sum(1)
-        maps = upsample(fused_grid[:, None], opts.map_size)[:, 0]
+        fused_grid = fuse_stages(stacked, self.method, opts.tap_weights)
+        maps = to_source_maps(fused_grid[:, None], opts.map_size, out.content)[:, 0]
         if opts.smooth_sigma > 0:
             maps = gaussian_blur(maps, opts.smooth_sigma)
         image_scores = image_score(maps, opts)
         stage_maps = None
         if per_stage:
-            stage_maps = upsample(stacked, opts.map_size)
+            stage_maps = to_source_maps(stacked, opts.map_size, out.content)
             if opts.smooth_sigma > 0:
                 stage_maps = gaussian_blur(stage_maps.flatten(0, 1), opts.smooth_sigma).view_as(stage_maps)
         return TokenScores(image_scores=image_scores, maps=maps, stage_maps=stage_maps)
@@ -226,11 +240,8 @@ class Head:
         n = feats.tokens[0].shape[0]
         with torch.inference_mode():
             for s in range(0, n, batch):
-                sl = BackboneOutput(
-                    [t[s : s + batch].float() for t in feats.tokens],
-                    feats.grid,
-                    None if feats.global_embedding is None else feats.global_embedding[s : s + batch],
-                )
+                sl = feats.select(slice(s, s + batch))
+                sl = BackboneOutput([t.float() for t in sl.tokens], sl.grid, sl.global_embedding, sl.content)
                 r = self.score_tokens(sl, per_stage=per_stage)
                 scores.append(r.image_scores.float().cpu().numpy())
                 maps.append(r.maps.float().cpu().numpy())
@@ -297,9 +308,46 @@ def nn_distance(query: torch.Tensor, bank: torch.Tensor, *, chunk: int = 4096, d
     return 1.0 - best
 
 
+def fuse_stages(stacked: torch.Tensor, method: str, tap_weights: Sequence[float] | None) -> torch.Tensor:
+    """(B, S, ...) per-tap maps -> (B, ...): weighted mean, or knn's mean / the learned heads' sum."""
+    if tap_weights is not None:
+        w = torch.tensor(tap_weights, dtype=stacked.dtype, device=stacked.device)
+        w = (w / w.sum()).view(1, -1, *([1] * (stacked.dim() - 2)))
+        return (stacked * w).sum(1)
+    return stacked.mean(1) if method == "knn" else stacked.sum(1)
+
+
 def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear, align_corners=True, as April-GAN upsamples its maps."""
     return F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=True)
+
+
+def to_source_maps(grids: torch.Tensor, size: int, content: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, G, G) token maps -> (B, C, size, size) maps of the source image.
+
+    Squashed inputs cover the whole grid (April-GAN's upsampling: corners on the corner tokens' centres).
+    Letterboxed ones are interpolated the same way between the first and last tokens whose centres lie on
+    the image, so padding never reaches a map, an image score or a region, and map pixels scale to source
+    pixels alike in both modes.
+    """
+    if content is None:
+        return upsample(grids, size)
+    b, _, gh, gw = grids.shape
+    box = content.to(grids.device, torch.float32)
+    t = torch.linspace(0, 1, size, device=grids.device)
+
+    def axis(lo_frac: torch.Tensor, hi_frac: torch.Tensor, g: int) -> torch.Tensor:
+        lo = torch.ceil(lo_frac * g - 0.5).clamp(0, g - 1)  # first token centre on the image
+        hi = torch.floor(hi_frac * g - 0.5).clamp(0, g - 1)  # last one
+        mid = ((lo + hi) / 2).round()
+        lo, hi = torch.where(hi < lo, mid, lo), torch.where(hi < lo, mid, hi)
+        u = lo[:, None] + t[None] * (hi - lo)[:, None]  # (B, size) in token units
+        return u / max(g - 1, 1) * 2 - 1  # grid_sample coordinates with align_corners=True
+
+    gy = axis(box[:, 0], box[:, 2], gh)[:, :, None].expand(b, size, size)
+    gx = axis(box[:, 1], box[:, 3], gw)[:, None, :].expand(b, size, size)
+    sample = torch.stack([gx, gy], -1)
+    return F.grid_sample(grids.float(), sample, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -412,11 +460,6 @@ def find_regions(amap: np.ndarray, threshold: float, src_hw: tuple[int, int], *,
     return out
 
 
-def _hw(img: np.ndarray | torch.Tensor) -> tuple[int, int]:
-    """Source height and width of an H x W x 3 array or a 3 x H x W tensor."""
-    return (int(img.shape[1]), int(img.shape[2])) if isinstance(img, torch.Tensor) else img.shape[:2]
-
-
 def _score_images(self: Head, images: Sequence[np.ndarray], *, batch_size: int = 8) -> Scores:
     """Score decoded RGB images (any size) with this head's backbone."""
     if self.backbone is None:
@@ -433,7 +476,8 @@ def _score_images(self: Head, images: Sequence[np.ndarray], *, batch_size: int =
     with torch.inference_mode():
         for s in range(0, len(images), batch_size):
             chunk = images[s : s + batch_size]
-            out = self.backbone.forward_images(chunk)  # one forward pass, autocast per backbone.precision
+            # one forward pass, autocast per backbone.precision
+            out = self.backbone.forward_images(chunk, letterbox=self.options.letterbox)
             r = self.score_tokens(out)
             scores.append(r.image_scores.float().cpu().numpy())
             maps.append(r.maps.float().cpu().numpy())
@@ -441,7 +485,7 @@ def _score_images(self: Head, images: Sequence[np.ndarray], *, batch_size: int =
     mp = np.concatenate(maps)
     thr = self.image_threshold
     norm = sc / thr if np.isfinite(thr) and thr > 0 else np.full_like(sc, np.nan)
-    regions = [find_regions(mp[i], self.pixel_threshold, _hw(images[i])) for i in range(len(images))]
+    regions = [find_regions(mp[i], self.pixel_threshold, image_hw(images[i])) for i in range(len(images))]
     return Scores(
         sc, norm, (sc >= thr) if np.isfinite(thr) else np.zeros(len(sc), bool), mp.astype(np.float16), regions
     )

@@ -123,7 +123,8 @@ def references() -> list[np.ndarray]:
 def fit_options():
     from scorer.fit import FitOptions
 
-    return FitOptions(steps_stage1=5, steps_stage2=3, n_synthetic=4)
+    # guard off: these fixtures test the calibrated head's mechanics; tests/scorer/test_guard.py tests the guard
+    return FitOptions(steps_stage1=5, steps_stage2=3, n_synthetic=4, n_validation=4, guard=False)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from inspection_pb.v1 import common_pb2 as inspection__pb_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!inspection_pb/v1/calibrator.proto\x12\rinspection.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dinspection_pb/v1/common.proto\"\xca\x01\n\tFitHeader\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\r\n\x05shots\x18\x03 \x01(\r\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x10\n\x08\x61\x63tivate\x18\x05 \x01(\x08\x12\x36\n\x07options\x18\x06 \x03(\x0b\x32%.inspection.v1.FitHeader.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\nImageChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"l\n\nFitRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.inspection.v1.FitHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.inspection.v1.ImageChunkH\x00\x42\x06\n\x04part\"\xf8\x02\n\x08HeadInfo\x12$\n\x04head\x18\x01 \x01(\x0b\x32\x16.inspection.v1.HeadRef\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\r\n\x05shots\x18\x05 \x01(\r\x12\x17\n\x0fimage_threshold\x18\x06 \x01(\x02\x12\x17\n\x0fpixel_threshold\x18\x07 \x01(\x02\x12\x0e\n\x06\x61\x63tive\x18\x08 \x01(\x08\x12\x30\n\x0c\x63reated_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x0b\x66it_metrics\x18\n \x03(\x0b\x32\'.inspection.v1.HeadInfo.FitMetricsEntry\x12\x18\n\x10reference_sha256\x18\x0b \x03(\t\x1a\x31\n\x0f\x46itMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"v\n\x0b\x46itProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x13\n\x0btotal_steps\x18\x03 \x01(\r\x12\x0c\n\x04loss\x18\x04 \x01(\x02\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.inspection.v1.HeadInfo\"&\n\x10ListHeadsRequest\x12\x12\n\nproduct_id\x18\x01 \x01(\t\";\n\x11ListHeadsResponse\x12&\n\x05heads\x18\x01 \x03(\x0b\x32\x17.inspection.v1.HeadInfo\"3\n\x0cHeadSelector\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"A\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xb7\x01\n\x14SetThresholdsRequest\x12)\n\x04head\x18\x01 \x01(\x0b\x32\x1b.inspection.v1.HeadSelector\x12\x1c\n\x0fimage_threshold\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x1c\n\x0fpixel_threshold\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x10\n\x08\x61\x63tivate\x18\x04 \x01(\x08\x42\x12\n\x10_image_thresholdB\x12\n\x10_pixel_threshold2\xcf\x04\n\nCalibrator\x12\x44\n\x07\x46itHead\x12\x19.inspection.v1.FitRequest\x1a\x1a.inspection.v1.FitProgress(\x01\x30\x01\x12N\n\tListHeads\x12\x1f.inspection.v1.ListHeadsRequest\x1a .inspection.v1.ListHeadsResponse\x12?\n\x07GetHead\x12\x1b.inspection.v1.HeadSelector\x1a\x17.inspection.v1.HeadInfo\x12K\n\x0c\x44ownloadHead\x12\x1b.inspection.v1.HeadSelector\x1a\x1c.inspection.v1.ArtifactChunk0\x01\x12\x44\n\x0c\x41\x63tivateHead\x12\x1b.inspection.v1.HeadSelector\x1a\x17.inspection.v1.HeadInfo\x12\x44\n\x0cRollbackHead\x12\x1b.inspection.v1.HeadSelector\x1a\x17.inspection.v1.HeadInfo\x12\x42\n\nDeleteHead\x12\x1b.inspection.v1.HeadSelector\x1a\x17.inspection.v1.HeadInfo\x12M\n\rSetThresholds\x12#.inspection.v1.SetThresholdsRequest\x1a\x17.inspection.v1.HeadInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!inspection_pb/v1/calibrator.proto\x12\rinspection.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dinspection_pb/v1/common.proto\"\xca\x01\n\tFitHeader\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\r\n\x05shots\x18\x03 \x01(\r\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x10\n\x08\x61\x63tivate\x18\x05 \x01(\x08\x12\x36\n\x07options\x18\x06 \x03(\x0b\x32%.inspection.v1.FitHeader.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\nImageChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"l\n\nFitRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.inspection.v1.FitHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.inspection.v1.ImageChunkH\x00\x42\x06\n\x04part\"\xa5\x03\n\x08HeadInfo\x12$\n\x04head\x18\x01 \x01(\x0b\x32\x16.inspection.v1.HeadRef\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\r\n\x05shots\x18\x05 \x01(\r\x12\x17\n\x0fimage_threshold\x18\x06 \x01(\x02\x12\x17\n\x0fpixel_threshold\x18\x07 \x01(\x02\x12\x0e\n\x06\x61\x63tive\x18\x08 \x01(\x08\x12\x30\n\x0c\x63reated_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x0b\x66it_metrics\x18\n \x03(\x0b\x32\'.inspection.v1.HeadInfo.FitMetricsEntry\x12\x18\n\x10reference_sha256\x18\x0b \x03(\t\x12\x18\n\x10requested_method\x18\x0c \x01(\t\x12\x11\n\tselection\x18\r \x01(\t\x1a\x31\n\x0f\x46itMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x86\x01\n\x0b\x46itProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x13\n\x0btotal_steps\x18\x03 \x01(\r\x12\x0c\n\x04loss\x18\x04 \x01(\x02\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.inspection.v1.HeadInfo\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"&\n\x10ListHeadsRequest\x12\x12\n\nproduct_id\x18\x01 \x01(\t\";\n\x11ListHeadsResponse\x12&\n\x05heads\x18\x01 \x03(\x0b\x32\x17.inspection.v1.HeadInfo\"3\n\x0cHeadSelector\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"A\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xb7\x01\n\x14SetThresholdsRequest\x12)\n\x04head\x18\x01 \x01(\x0b\x32\x1b.inspection.v1.HeadSelector\x12\x1c\n\x0fimage_threshold\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x1c\n\x0fpixel_threshold\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x10\n\x08\x61\x63tivate\x18\x04 \x01(\x08\x42\x12\n\x10_image_thresholdB\x12\n\x10_pixel_threshold2\xcf\x04\n\nCalibrator\x12\x44\n\x07\x46itHead\x12\x19.inspection.v1.FitRequest\x1a\x1a.inspection.v1.FitProgress(\x01\x30\x01\x12N\n\tListHeads\x12\x1f.inspection.v1.ListHeadsRequest\x1a .inspection.v1.ListHeadsResponse\x12?\n\x07GetHead\x12\x1b.inspection.v1.HeadSelector\x1a\x17.inspection.v1.HeadInfo\x12K\n\x0c\x44ownloadHead\x12\x1b.inspection.v1.HeadSelector\x1a\x1c.inspection.v1.ArtifactChunk0\x01\x12\x44\n\x0c\x41\x63tivateHead\x12\x1b.inspection.v1.HeadSelector\x1a\x17.inspection.v1.HeadInfo\x12\x44\n\x0cRollbackHead\x12\x1b.inspection.v1.HeadSelector\x1a\x17.inspection.v1.HeadInfo\x12\x42\n\nDeleteHead\x12\x1b.inspection.v1.HeadSelector\x1a\x17.inspection.v1.HeadInfo\x12M\n\rSetThresholds\x12#.inspection.v1.SetThresholdsRequest\x1a\x17.inspection.v1.HeadInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,21 +46,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FITREQUEST']._serialized_start=392
   _globals['_FITREQUEST']._serialized_end=500
   _globals['_HEADINFO']._serialized_start=503
-  _globals['_HEADINFO']._serialized_end=879
-  _globals['_HEADINFO_FITMETRICSENTRY']._serialized_start=830
-  _globals['_HEADINFO_FITMETRICSENTRY']._serialized_end=879
-  _globals['_FITPROGRESS']._serialized_start=881
-  _globals['_FITPROGRESS']._serialized_end=999
-  _globals['_LISTHEADSREQUEST']._serialized_start=1001
-  _globals['_LISTHEADSREQUEST']._serialized_end=1039
-  _globals['_LISTHEADSRESPONSE']._serialized_start=1041
-  _globals['_LISTHEADSRESPONSE']._serialized_end=1100
-  _globals['_HEADSELECTOR']._serialized_start=1102
-  _globals['_HEADSELECTOR']._serialized_end=1153
-  _globals['_ARTIFACTCHUNK']._serialized_start=1155
-  _globals['_ARTIFACTCHUNK']._serialized_end=1220
-  _globals['_SETTHRESHOLDSREQUEST']._serialized_start=1223
-  _globals['_SETTHRESHOLDSREQUEST']._serialized_end=1406
-  _globals['_CALIBRATOR']._serialized_start=1409
-  _globals['_CALIBRATOR']._serialized_end=2000
+  _globals['_HEADINFO']._serialized_end=924
+  _globals['_HEADINFO_FITMETRICSENTRY']._serialized_start=875
+  _globals['_HEADINFO_FITMETRICSENTRY']._serialized_end=924
+  _globals['_FITPROGRESS']._serialized_start=927
+  _globals['_FITPROGRESS']._serialized_end=1061
+  _globals['_LISTHEADSREQUEST']._serialized_start=1063
+  _globals['_LISTHEADSREQUEST']._serialized_end=1101
+  _globals['_LISTHEADSRESPONSE']._serialized_start=1103
+  _globals['_LISTHEADSRESPONSE']._serialized_end=1162
+  _globals['_HEADSELECTOR']._serialized_start=1164
+  _globals['_HEADSELECTOR']._serialized_end=1215
+  _globals['_ARTIFACTCHUNK']._serialized_start=1217
+  _globals['_ARTIFACTCHUNK']._serialized_end=1282
+  _globals['_SETTHRESHOLDSREQUEST']._serialized_start=1285
+  _globals['_SETTHRESHOLDSREQUEST']._serialized_end=1468
+  _globals['_CALIBRATOR']._serialized_start=1471
+  _globals['_CALIBRATOR']._serialized_end=2062
 # @@protoc_insertion_point(module_scope)

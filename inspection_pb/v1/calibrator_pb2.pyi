@@ -54,7 +54,7 @@ class FitRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[FitHeader, _Mapping]] = ..., chunk: _Optional[_Union[ImageChunk, _Mapping]] = ...) -> None: ...
 
 class HeadInfo(_message.Message):
-    __slots__ = ("head", "backbone", "weights_sha256", "method", "shots", "image_threshold", "pixel_threshold", "active", "created_time", "fit_metrics", "reference_sha256")
+    __slots__ = ("head", "backbone", "weights_sha256", "method", "shots", "image_threshold", "pixel_threshold", "active", "created_time", "fit_metrics", "reference_sha256", "requested_method", "selection")
     class FitMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,8 @@ class HeadInfo(_message.Message):
     CREATED_TIME_FIELD_NUMBER: _ClassVar[int]
     FIT_METRICS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_METHOD_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
     head: _common_pb2.HeadRef
     backbone: str
     weights_sha256: str
@@ -84,21 +86,25 @@ class HeadInfo(_message.Message):
     created_time: _timestamp_pb2.Timestamp
     fit_metrics: _containers.ScalarMap[str, float]
     reference_sha256: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., backbone: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., method: _Optional[str] = ..., shots: _Optional[int] = ..., image_threshold: _Optional[float] = ..., pixel_threshold: _Optional[float] = ..., active: _Optional[bool] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fit_metrics: _Optional[_Mapping[str, float]] = ..., reference_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+    requested_method: str
+    selection: str
+    def __init__(self, head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., backbone: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., method: _Optional[str] = ..., shots: _Optional[int] = ..., image_threshold: _Optional[float] = ..., pixel_threshold: _Optional[float] = ..., active: _Optional[bool] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fit_metrics: _Optional[_Mapping[str, float]] = ..., reference_sha256: _Optional[_Iterable[str]] = ..., requested_method: _Optional[str] = ..., selection: _Optional[str] = ...) -> None: ...
 
 class FitProgress(_message.Message):
-    __slots__ = ("stage", "step", "total_steps", "loss", "result")
+    __slots__ = ("stage", "step", "total_steps", "loss", "result", "detail")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     stage: str
     step: int
     total_steps: int
     loss: float
     result: HeadInfo
-    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., result: _Optional[_Union[HeadInfo, _Mapping]] = ...) -> None: ...
+    detail: str
+    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., result: _Optional[_Union[HeadInfo, _Mapping]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ListHeadsRequest(_message.Message):
     __slots__ = ("product_id",)

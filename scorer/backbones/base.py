@@ -59,6 +59,22 @@ class BackboneOutput:
     tokens: list[torch.Tensor]
     grid: tuple[int, int]
     global_embedding: torch.Tensor | None = None
+    # (B, 4) float: where each source image lies on the square input, as fractions (y0, x0, y1, x1) of it;
+    # None = the whole input (squash resize). Letterboxed maps are cropped to it, so they cover the source only.
+    content: torch.Tensor | None = None
+
+    def select(self, idx: Sequence[int] | slice) -> BackboneOutput:
+        """The same output for a subset of images (every per-image field sliced alike)."""
+        ii = idx if isinstance(idx, slice) else torch.as_tensor(list(idx), dtype=torch.long)
+        return BackboneOutput(
+            [t[ii] for t in self.tokens],
+            self.grid,
+            None if self.global_embedding is None else self.global_embedding[ii],
+            None if self.content is None else self.content[ii],
+        )
+
+    def __len__(self) -> int:
+        return int(self.tokens[0].shape[0])
 
 
 class Backbone(nn.Module):
@@ -151,12 +167,16 @@ class Backbone(nn.Module):
                 with torch.autocast(device_type=self.device.type, dtype=dtype):
                     out = fn(pixels)
         if out.tokens[0].shape[0] != b:
-            glob = out.global_embedding
-            out = BackboneOutput([t[:b] for t in out.tokens], out.grid, None if glob is None else glob[:b])
+            out = out.select(slice(0, b))
         return out
 
     def forward_images(self, images: Sequence[np.ndarray | torch.Tensor], *, letterbox: bool = False) -> BackboneOutput:
-        return self.run(self.preprocess(images, letterbox=letterbox))
+        out = self.run(self.preprocess(images, letterbox=letterbox))
+        if not letterbox:
+            return out
+        boxes = [letterbox_box(*image_hw(img), self.image_size) for img in images]
+        content = torch.tensor(boxes, dtype=torch.float32) / self.image_size
+        return BackboneOutput(out.tokens, out.grid, out.global_embedding, content)
 
     def encode_text_prompts(self, object_name: str) -> torch.Tensor:
         """Normal/anomalous text matrix ``(E, 2)``; only CLIP backbones have one."""
@@ -171,8 +191,15 @@ class Backbone(nn.Module):
         are resized where they are, so JPEG decode and resize can both stay on the GPU.
         """
         if len(images) and isinstance(images[0], torch.Tensor):
-            return preprocess_tensors(images, self.image_size, self.mean, self.std, device=self.device)  # type: ignore[arg-type]
-        if self.device.type == "cuda" and not letterbox:
+            return preprocess_tensors(
+                images,  # type: ignore[arg-type]
+                self.image_size,
+                self.mean,
+                self.std,
+                device=self.device,
+                letterbox=letterbox,
+            )
+        if self.device.type == "cuda":
             # uint8 to the GPU (4x less than float32, pinned, non-blocking) and resize there: a CPU thread
             # resizing with PIL would cap a GPU worker at a few hundred frames/s
             up = []
@@ -182,7 +209,7 @@ class Backbone(nn.Module):
                     raise ImageError(f"image {i}: expected an H x W x 3 uint8 RGB array, got {desc}")
                 t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).pin_memory()
                 up.append(t.to(self.device, non_blocking=True))
-            return preprocess_tensors(up, self.image_size, self.mean, self.std)
+            return preprocess_tensors(up, self.image_size, self.mean, self.std, letterbox=letterbox)
         px = preprocess_images(images, self.image_size, self.mean, self.std, letterbox=letterbox)  # type: ignore[arg-type]
         return px.to(self.device)
 
@@ -202,7 +229,24 @@ def concat_outputs(outs: Sequence[BackboneOutput]) -> BackboneOutput:
     glob = None
     if outs[0].global_embedding is not None:
         glob = torch.cat([o.global_embedding.float().cpu() for o in outs])  # type: ignore[union-attr]
-    return BackboneOutput(tokens=tokens, grid=outs[0].grid, global_embedding=glob)
+    content = None
+    if any(o.content is not None for o in outs):
+        full = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+        content = torch.cat([o.content if o.content is not None else full.expand(len(o), 4) for o in outs])
+    return BackboneOutput(tokens=tokens, grid=outs[0].grid, global_embedding=glob, content=content)
+
+
+def image_hw(img: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """Height and width of an H x W x 3 array or a 3 x H x W tensor."""
+    return (int(img.shape[1]), int(img.shape[2])) if isinstance(img, torch.Tensor) else img.shape[:2]
+
+
+def letterbox_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """Where an ``h x w`` image lands on a ``size`` square when scaled to fit and centred: (y0, x0, y1, x1)."""
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    y0, x0 = (size - nh) // 2, (size - nw) // 2
+    return y0, x0, y0 + nh, x0 + nw
 
 
 def preprocess_images(
@@ -223,11 +267,9 @@ def preprocess_images(
             raise ImageError(f"image {i}: expected an H x W x 3 uint8 RGB array, got {desc}")
         pil = Image.fromarray(img)
         if letterbox:
-            h, w = img.shape[:2]
-            scale = size / max(h, w)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            y0, x0, y1, x1 = letterbox_box(*img.shape[:2], size)
             canvas = Image.new("RGB", (size, size), (0, 0, 0))
-            canvas.paste(pil.resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
+            canvas.paste(pil.resize((x1 - x0, y1 - y0), Image.BICUBIC), (x0, y0))
             pil = canvas
         else:
             pil = pil.resize((size, size), Image.BICUBIC)
@@ -245,6 +287,7 @@ def preprocess_tensors(
     std: Sequence[float],
     *,
     device: torch.device | str | None = None,
+    letterbox: bool = False,
 ) -> torch.Tensor:
     """Like :func:`preprocess_images` for uint8 ``(3, H, W)`` tensors, on their device (antialiased bicubic)."""
     out = []
@@ -253,7 +296,12 @@ def preprocess_tensors(
             desc = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
             raise ImageError(f"image {i}: expected a 3 x H x W uint8 tensor, got {desc}")
         x = img.to(device) if device is not None else img
-        x = F.interpolate(x[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        if letterbox:
+            y0, x0, y1, x1 = letterbox_box(int(x.shape[1]), int(x.shape[2]), size)
+            x = F.interpolate(x[None].float(), size=(y1 - y0, x1 - x0), mode="bicubic", antialias=True)
+            x = F.pad(x, (x0, size - x1, y0, size - y1))  # black, as the PIL path
+        else:
+            x = F.interpolate(x[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         out.append(x.clamp_(0, 255).round_())
     arr = torch.cat(out).div_(255.0)
     m = torch.tensor(mean, device=arr.device).view(1, 3, 1, 1)

@@ -287,7 +287,7 @@ def test_head_validation() -> None:
 def test_fit_head_thresholds_and_metrics(
     tiny_vit, references, fit_options, fitted_heads, k: int, held_out: str
 ) -> None:
-    head = fit_head(tiny_vit, references[:k], options=fit_options)
+    head = fit_head(tiny_vit, references[:k], options=fit_options, method="cff")
     assert head.method == "cff" and head.bank_features == "calibrated"
     assert math.isfinite(head.image_threshold) and math.isfinite(head.pixel_threshold)
     fm = head.meta["fit_metrics"]

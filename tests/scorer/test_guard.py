@@ -1,0 +1,85 @@
+"""The fit's held-out set, the knn tap choice, the cff guard and fitting only what was asked for."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from scorer.errors import ConfigError
+from scorer.fit import DEFAULT_METHOD, FitOptions, fit_head, fit_heads_from_features, guard
+
+FAST = FitOptions(steps_stage1=5, steps_stage2=3, n_synthetic=4, n_validation=6)
+
+
+def test_default_method_is_the_training_free_head_on_mid_level_taps(tiny_vit, references) -> None:
+    head = fit_head(tiny_vit, references, options=FAST)
+    assert DEFAULT_METHOD == "knn" and head.method == "knn" and head.proj_w is None
+    assert head.options.tap_weights == (0.0, 1.0, 1.0, 0.0)
+    q = head.meta["fit_metrics"]["held_out_quality"]
+    assert 0 <= q["image_auroc"] <= 1 and 0 <= q["pixel_ap"] <= 1
+
+
+def test_auto_taps_follow_the_held_out_rule(tiny_vit, references) -> None:
+    head = fit_head(tiny_vit, references, options=replace(FAST, knn_taps="auto"))
+    choice = head.meta["tap_choice"]
+    w = np.array(head.options.tap_weights)
+    assert set(w.tolist()) <= {0.0, 1.0} and w.sum() >= 1
+    aps = np.array([t["pixel_ap"] for t in choice["per_tap"]])
+    assert (aps[w == 1] >= 0.5 * aps.max() - 1e-9).all() and (aps[w == 0] < 0.5 * aps.max()).all()
+
+
+def test_knn_taps_all_is_the_plain_mean(tiny_vit, references) -> None:
+    head = fit_head(tiny_vit, references, options=replace(FAST, knn_taps="all"))
+    assert head.options.tap_weights is None and "tap_choice" not in head.meta
+
+
+def test_guard_keeps_the_training_free_head_when_calibration_hurts(tiny_vit, references) -> None:
+    # a learning rate of 1 for 40 steps wrecks the calibration: the held-out set must show it
+    hurt = replace(FAST, lr_stage1=1.0, lr_stage2=1.0, steps_stage1=40, steps_stage2=40)
+    unguarded = fit_head(tiny_vit, references, options=replace(hurt, guard=False), method="cff")
+    head = fit_head(tiny_vit, references, options=hurt, method="cff")
+    g = head.meta["guard"]
+    assert g["requested"] == "cff" and g["chosen"] == "knn" and head.method == "knn", g
+    assert g["cff"]["score"] <= g["knn"]["score"]
+    assert g["cff"] == unguarded.meta["fit_metrics"]["held_out_quality"]
+    assert "does not beat" in g["reason"]
+    assert head.options.tap_weights is not None  # the full training-free head, thresholds included
+    assert math.isfinite(head.image_threshold) and math.isfinite(head.pixel_threshold)
+
+
+def test_guard_rule_keeps_cff_only_when_it_is_better(fitted_heads) -> None:
+    cff = fitted_heads["cff"]
+
+    def with_score(h, score: float):  # noqa: ANN001, ANN202
+        fm = {**h.meta["fit_metrics"], "held_out_quality": {"image_auroc": score, "pixel_ap": score, "score": score}}
+        return replace(h, meta={**h.meta, "fit_metrics": fm})
+
+    knn = replace(
+        cff, method="knn", proj_w=None, proj_b=None, calib_w=None, calib_b=None, prototypes=None, bank_features="raw"
+    )
+    assert guard(with_score(cff, 0.9), with_score(knn, 0.8)).method == "cff"
+    assert guard(with_score(cff, 0.8), with_score(knn, 0.8)).method == "knn"  # a tie keeps the training-free head
+    assert guard(with_score(cff, 0.7), with_score(knn, 0.8)).meta["guard"]["chosen"] == "knn"
+
+
+def test_a_fit_builds_only_the_methods_asked_for(tiny_vit, references) -> None:
+    feats = tiny_vit.embed(references)
+    only = fit_heads_from_features(tiny_vit, references, feats, options=FAST, methods=("aprilgan",))
+    assert set(only) == {"aprilgan"}
+    assert math.isnan(only["aprilgan"].meta["stage2_final_loss"])  # stage 2 never ran
+    knn = fit_heads_from_features(tiny_vit, references, feats, options=FAST, methods=("knn",))
+    assert set(knn) == {"knn"} and "stage1_seconds" not in knn["knn"].meta  # nothing trained
+    with pytest.raises(ConfigError, match="unknown method 'patchcore'"):
+        fit_heads_from_features(tiny_vit, references, feats, options=FAST, methods=("patchcore",))
+
+
+def test_fit_option_strings_for_the_new_options() -> None:
+    opts, _ = FitOptions().with_strings({"guard": "false", "knn_taps": "all", "letterbox": "true", "n_validation": "8"})
+    assert not opts.guard and opts.knn_taps == "all" and opts.score.letterbox and opts.n_validation == 8
+    with pytest.raises(ConfigError, match="guard='maybe' must be true or false"):
+        FitOptions().with_strings({"guard": "maybe"})
+    with pytest.raises(ConfigError, match="knn_taps must be one of mid, auto, all"):
+        FitOptions().with_strings({"knn_taps": "some"})
