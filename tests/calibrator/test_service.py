@@ -34,11 +34,20 @@ def client(tmp_path, tiny_vit):
 
 
 def _fit_stream(
-    product: str, images: list[bytes], *, backbone: str = "tiny-vit", activate: bool = True, chunk: int = 1000
+    product: str,
+    images: list[bytes],
+    *,
+    backbone: str = "tiny-vit",
+    activate: bool = True,
+    chunk: int = 1000,
+    method: str = "cff",
+    options: dict[str, str] | None = None,
 ):
+    # cff with the guard off unless asked: these tests follow the calibrated fit's stages
+    opts = {"steps": "4", "guard": "false"} if options is None else options
     yield calibrator_pb2.FitRequest(
         header=calibrator_pb2.FitHeader(
-            product_id=product, backbone=backbone, shots=len(images), activate=activate, options={"steps": "4"}
+            product_id=product, backbone=backbone, shots=len(images), activate=activate, options=opts, method=method
         )
     )
     for i, data in enumerate(images):
@@ -103,6 +112,25 @@ def test_bad_requests_get_clear_status_codes(client, refs) -> None:
         stub.GetHead(calibrator_pb2.HeadSelector(product_id="nothing"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert store.products() == []  # nothing half-stored by failed fits
+
+
+def test_default_fit_is_training_free_and_the_guard_is_shown(client, refs) -> None:
+    stub, _, store = client
+    progress = list(stub.FitHead(_fit_stream("plain", refs, method="", options={})))
+    stages = [p.stage for p in progress]
+    assert "stage1" not in stages and {"features", "thresholds", "selected"} <= set(stages), stages
+    info = progress[-1].result
+    assert info.method == "knn" and info.requested_method == "knn" and info.selection == ""
+    # a calibration wrecked by a learning rate of 1: the guard keeps the training-free head and says why
+    hurt = {"steps": "40", "lr_stage1": "1.0", "lr_stage2": "1.0"}
+    progress = list(stub.FitHead(_fit_stream("hurt", refs, method="cff", options=hurt)))
+    (sel,) = [p for p in progress if p.stage == "selected"]
+    assert sel.detail.startswith("knn: ") and "does not beat" in sel.detail
+    info = progress[-1].result
+    assert info.requested_method == "cff" and info.method == "knn" and "does not beat" in info.selection
+    listed = stub.ListHeads(calibrator_pb2.ListHeadsRequest(product_id="hurt")).heads
+    assert [(h.method, h.requested_method) for h in listed] == [("knn", "cff")]
+    assert store.versions("hurt") == [1]
 
 
 def test_cancelled_fit_leaves_nothing(client, refs) -> None:
@@ -205,7 +233,8 @@ def test_cli_fit_and_set_threshold_through_the_service(client, refs, tmp_path, c
                "--option", "n_synthetic=4", "--seed", "7"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     out, err = capsys.readouterr()
-    assert "gear-v1" in out and "ACTIVE" in out and "stage1" in err
+    assert "gear-v1" in out and "ACTIVE" in out and " knn " in out  # the default head, training-free
+    assert "features" in err and "selected: knn" in err and "stage1" not in err
     assert store.info("gear")["shots"] == len(refs)
     assert len(store.info("gear")["reference_sha256"]) == len(refs)
     assert main(["heads", "set-threshold", "--calibrator", addr, "--product", "gear", "--image-threshold", "0.25"]) == 0
