@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from inspection_core.errors import ConfigError
 from scorer.backbones.base import Backbone, BackboneOutput
 from scorer.data import Category, discover, draw_references
-from scorer.errors import ConfigError
 from scorer.features import FeatureCache
 from scorer.head import METHODS, Head, ScoreOptions, knn_head
 from scorer.images import load_image, load_mask

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from inspection_core.errors import ConfigError, HeadError, ImageError
 from scorer.backbones.base import Backbone, BackboneOutput
-from scorer.errors import ConfigError, HeadError, ImageError
 from scorer.head import BANK_FEATURES, Head, ScoreOptions, build_bank, check_compatible
 from scorer.losses import alignment_loss, dice_loss, focal_loss, two_channel_probs
 from scorer.synth import synthesize

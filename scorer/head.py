@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inspection_core.errors import ConfigError, HeadError
 from scorer.backbones.base import Backbone, BackboneOutput
-from scorer.errors import ConfigError, HeadError
 
 METHODS = ("knn", "aprilgan", "cff")
 BANK_FEATURES = ("raw", "projected", "calibrated")
