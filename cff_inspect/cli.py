@@ -17,7 +17,7 @@ from inspection_core.env import env_default as _env
 from inspection_core.env import env_flag
 from inspection_core.errors import ConfigError, InspectionError
 from inspection_core.names import METHODS
-from scorer.options import add_backbone_args, add_fit_precision_arg, backbone_from
+from scorer.options import add_backbone_args, add_data_arg, add_fit_precision_arg, backbone_from
 
 log = logging.getLogger("cff_inspect")
 
@@ -92,12 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="few-shot evaluation on MVTec-layout folders")
-    p.add_argument(
-        "--data",
-        action="append",
-        default=_env("data", None, many=True),
-        help="category folder or root of categories (repeatable; default ../shared/datasets)",
-    )
+    add_data_arg(p, "category folder or root of categories (repeatable; default ../shared/datasets)")
     p.add_argument("--shots", type=int, nargs="+", default=_env("shots", [1, 2, 4], kind=int, many=True))
     p.add_argument("--seeds", type=int, nargs="+", default=_env("seeds", [0, 1, 2], kind=int, many=True))
     p.add_argument(

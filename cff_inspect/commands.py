@@ -14,7 +14,14 @@ from calibrator.security import add_client_security_args, client_security_from
 from inspection_core.env import env_default as _env
 from inspection_core.errors import ConfigError, ImageError
 from inspection_core.ids import check_product_id
-from scorer.options import add_backbone_args, add_method_arg, backbone_from, resolve_device, resolve_precision
+from scorer.options import (
+    add_backbone_args,
+    add_data_arg,
+    add_method_arg,
+    backbone_from,
+    resolve_device,
+    resolve_precision,
+)
 
 
 def _num(x: float) -> float | None:
@@ -410,13 +417,7 @@ def cmd_train_base(args: argparse.Namespace) -> int:
 
 def add_train_base(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-base", help="train a base head (stage 1 + 2) on auxiliary data with masks")
-    p.add_argument(
-        "--data",
-        action="append",
-        required=_env("data") is None,
-        default=_env("data", None, many=True),
-        help="auxiliary MVTec-layout folder (its test split with masks is used); repeatable",
-    )
+    add_data_arg(p, "auxiliary MVTec-layout folder (its test split with masks is used); repeatable", required=True)
     p.add_argument("--out", required=True, help="base head artifact path")
     p.add_argument("--epochs-stage1", type=int, default=_env("epochs_stage1", 3, kind=int))
     p.add_argument("--epochs-stage2", type=int, default=_env("epochs_stage2", 3, kind=int))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from inspection_core.errors import ConfigError
 
@@ -45,3 +46,8 @@ def env_flag(name: str, default: bool = False) -> bool:
     var = env_name(name)
     raw = os.environ.get(var)
     return default if raw is None else parse_bool(raw, name=f"environment variable {var}")
+
+
+def add_choice(p: argparse.ArgumentParser, flag: str, choices: Sequence[str], default: str, help: str) -> None:  # noqa: A002
+    """``--flag`` limited to ``choices``; its default from ``CFF_INSPECT_<FLAG>``, else ``default``."""
+    p.add_argument(flag, choices=choices, default=env_default(flag.lstrip("-"), default), help=help)

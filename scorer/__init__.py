@@ -9,14 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from inspection_core.errors import (
-    BackboneError,
-    ConfigError,
-    DatasetError,
-    HeadError,
-    ImageError,
-    InspectionError,
-)
+from inspection_core.errors import BackboneError, ConfigError, DatasetError, HeadError, ImageError, InspectionError
 
 if TYPE_CHECKING:
     from scorer.backbones import Backbone, BackboneOutput, load_backbone

@@ -3,13 +3,6 @@
 Kept so ``from scorer.errors import HeadError`` reads naturally in model code; importing it loads no torch.
 """
 
-from inspection_core.errors import (
-    BackboneError,
-    ConfigError,
-    DatasetError,
-    HeadError,
-    ImageError,
-    InspectionError,
-)
+from inspection_core.errors import BackboneError, ConfigError, DatasetError, HeadError, ImageError, InspectionError
 
 __all__ = ["BackboneError", "ConfigError", "DatasetError", "HeadError", "ImageError", "InspectionError"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from inspection_core.env import env_default
+from inspection_core.env import add_choice, env_default
 from inspection_core.names import COMPILE_MODES, METHODS, PRECISION_CHOICES, PRECISIONS
 
 if TYPE_CHECKING:
@@ -33,26 +33,34 @@ def add_backbone_args(p: argparse.ArgumentParser, *, default: str | None = "dino
     )
     p.add_argument("--device", default=env_default("device", "auto"), help="cpu | cuda | auto (default: %(default)s)")
     p.add_argument("--threads", type=int, default=env_default("threads", None, kind=int), help="torch CPU threads")
-    p.add_argument(
+    add_choice(
+        p,
         "--precision",
-        choices=PRECISION_CHOICES,
-        default=env_default("precision", "auto"),
-        help="backbone autocast for scoring: auto = bf16 on a GPU or a CPU with bf16 units, else fp32",
+        PRECISION_CHOICES,
+        "auto",
+        "backbone autocast for scoring: auto = bf16 on a GPU or a CPU with bf16 units, else fp32",
     )
-    p.add_argument(
+    add_choice(
+        p,
         "--compile",
-        choices=COMPILE_MODES,
-        default=env_default("compile", "off"),
-        help="torch.compile the backbone (reduce-overhead adds CUDA graphs); first batches compile (default: off)",
+        COMPILE_MODES,
+        "off",
+        "torch.compile the backbone (reduce-overhead adds CUDA graphs); first batches compile (default: off)",
     )
 
 
 def add_fit_precision_arg(p: argparse.ArgumentParser, what: str) -> None:
+    add_choice(p, "--fit-precision", PRECISIONS, "fp32", f"{what} (default: %(default)s)")
+
+
+def add_data_arg(p: argparse.ArgumentParser, what: str, *, required: bool = False) -> None:
+    """``--data`` (repeatable) MVTec-layout folders; ``required`` unless ``CFF_INSPECT_DATA`` names some."""
     p.add_argument(
-        "--fit-precision",
-        choices=PRECISIONS,
-        default=env_default("fit_precision", "fp32"),
-        help=f"{what} (default: %(default)s)",
+        "--data",
+        action="append",
+        required=required and env_default("data") is None,
+        default=env_default("data", None, many=True),
+        help=what,
     )
 
 

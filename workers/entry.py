@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from calibrator.security import add_client_security_args, client_security_from
-from inspection_core.env import env_default
+from inspection_core.env import add_choice, env_default
 from inspection_core.errors import ConfigError, HeadError
 from inspection_core.ids import check_product_id
 from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
@@ -43,17 +43,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--evidence-dir", default=env_default("evidence_dir"), help="archive defect JPEGs and overlays here")
     p.add_argument("--heatmap-in-result", action="store_true", help="attach an 8-bit PNG heatmap to each result")
-    p.add_argument(
+    add_choice(
+        p,
         "--device-decode",
-        choices=DEVICE_DECODE,
-        default=env_default("device_decode", "auto"),
-        help="decode JPEGs with torchvision on the scoring device (auto: when it is a GPU)",
+        DEVICE_DECODE,
+        "auto",
+        "decode JPEGs with torchvision on the scoring device (auto: when it is a GPU)",
     )
-    p.add_argument(
+    add_choice(
+        p,
         "--bank-dtype",
-        choices=BANK_DTYPES,
-        default=env_default("bank_dtype", "auto"),
-        help="memory-bank search dtype (auto: bfloat16 on a GPU, the head's own on the CPU)",
+        BANK_DTYPES,
+        "auto",
+        "memory-bank search dtype (auto: bfloat16 on a GPU, the head's own on the CPU)",
     )
     p.add_argument(
         "--no-follow-heads",
