@@ -22,15 +22,18 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
+
+from inspection_core.names import METHODS
 
 
 def run(args: argparse.Namespace) -> dict:
-    from cff_inspect.broker import EmbeddedBroker
-    from cff_inspect.demo import make_demo_dataset
-    from cff_inspect.services import quiet_kafka
+    import torch
+
+    from inspection_core.broker import EmbeddedBroker
+    from inspection_core.kafka import quiet_kafka
     from scorer.backbones import load_backbone
+    from scorer.demo import make_demo_dataset
     from scorer.fit import FitOptions, fit_head
     from scorer.images import load_image
 
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _pipeline_once(bootstrap: str, head, jpegs: list[bytes], max_batch: int, max_wait_ms: int, offered_fps: float):  # noqa: ANN001, ANN202
-    from cff_inspect.kafka import KafkaConfig, ensure_topics
+    from inspection_core.kafka import KafkaConfig, ensure_topics
     from inspection_pb.v1 import frames_pb2, results_pb2
     from workers.worker import ActiveHead, Worker, WorkerConfig, head_ref
 
@@ -175,7 +178,7 @@ def _pipeline_once(bootstrap: str, head, jpegs: list[bytes], max_batch: int, max
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="dinov2-vits14")
-    p.add_argument("--method", choices=("cff", "aprilgan", "knn"), default="cff")
+    p.add_argument("--method", choices=METHODS, default=METHODS[0])
     p.add_argument("--frames", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=int, default=50)

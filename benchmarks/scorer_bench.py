@@ -21,17 +21,19 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from scorer.backbones import load_backbone
-from scorer.fit import FitOptions, fit_heads_from_features
-from scorer.head import knn_head
-from scorer.reference import reference_score
+from scorer.options import resolve_device
+
+if TYPE_CHECKING:  # torch and the models load when a benchmark runs, not when the CLI builds its parser
+    import torch
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -61,6 +63,8 @@ def _stats(ts: list[float], batch: int) -> dict:
 
 def measured_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """Dense matmul throughput the device really reaches (the MFU denominator)."""
+    import torch
+
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -70,6 +74,7 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def model_flops_per_image(bb, size: int) -> float:  # noqa: ANN001
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     px = torch.zeros(1, 3, size, size, device=bb.device)
@@ -79,6 +84,13 @@ def model_flops_per_image(bb, size: int) -> float:  # noqa: ANN001
 
 
 def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from scorer.backbones import load_backbone
+    from scorer.fit import FitOptions, fit_heads_from_features
+    from scorer.head import knn_head
+    from scorer.reference import reference_score
+
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,8 +217,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = resolve_device(args.device)
     gpu = args.device.startswith("cuda")
     args.batch_sizes = args.batch_sizes or ([1, 2, 4, 8, 16, 32, 64] if gpu else [1, 4, 8])
     args.precision = args.precision or ["fp32", "bf16"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from calibrator.store import HeadStore, StoreError
-from cff_inspect.kafka import KafkaConfig
+from calibrator.store import HeadStore, StoreError, manifest_ref
+from inspection_core.kafka import KafkaConfig
 from inspection_pb.v1 import common_pb2, heads_pb2
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,7 @@ class Announcer:
             a.head.CopyFrom(common_pb2.HeadRef(product_id=product))
             a.active = False
         else:
-            a.head.CopyFrom(
-                common_pb2.HeadRef(
-                    product_id=product, head_id=f"{product}-v{m['version']}", version=m["version"], sha256=m["sha256"]
-                )
-            )
+            a.head.CopyFrom(manifest_ref(product, m))
             a.backbone = m["backbone"]
             a.weights_sha256 = m["weights_sha256"]
             a.image_threshold = m.get("image_threshold") or 0.0

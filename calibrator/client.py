@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 
 from calibrator.security import ClientSecurity
+from inspection_core.errors import InspectionError
 from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc
-from scorer.errors import InspectionError
 
 CHUNK = 1 << 20
 

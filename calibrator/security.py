@@ -7,6 +7,7 @@ A token never appears in a repr, a log line or an error message.
 
 from __future__ import annotations
 
+import argparse
 import hmac
 import logging
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import grpc
 
-from scorer.errors import ConfigError
+from inspection_core.env import env_default
+from inspection_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -170,3 +172,27 @@ class ClientSecurity:
 def _is_loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0].strip("[]")
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def add_token_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--token",
+        default=env_default("token"),
+        help=f"{what} (env CFF_INSPECT_TOKEN; prefer --token-file: flags show in ps)",
+    )
+    p.add_argument("--token-file", default=env_default("token_file"), help="file whose first line is the token")
+
+
+def add_client_security_args(p: argparse.ArgumentParser) -> None:
+    """Token and TLS options of a calibrator client (``heads`` commands, workers that download heads)."""
+    add_token_args(p, "bearer token for the calibrator")
+    p.add_argument("--tls-ca", default=env_default("tls_ca"), help="PEM root certificate: talk TLS to the calibrator")
+    p.add_argument(
+        "--tls-server-name", default=env_default("tls_server_name"), help="name to check the certificate for"
+    )
+
+
+def client_security_from(args: argparse.Namespace) -> ClientSecurity:
+    return ClientSecurity(
+        token=read_token(args.token, args.token_file), tls_ca=args.tls_ca, tls_server_name=args.tls_server_name
+    )

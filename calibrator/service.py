@@ -24,15 +24,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from calibrator.security import ServerSecurity
-from calibrator.store import HeadStore, StoreError
-from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc, common_pb2
+from calibrator.store import HeadStore, StoreError, manifest_ref
+from inspection_core.errors import ConfigError, HeadError, ImageError
+from inspection_core.ids import check_product_id
+from inspection_core.names import METHODS
+from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc
 from monitoring import metrics
 from scorer.artifact import load_head
 from scorer.backbones.base import Backbone
-from scorer.errors import ConfigError, HeadError, ImageError
-from scorer.fit import DEFAULT_METHOD, FIT_METHODS, FitOptions, fit_head
+from scorer.fit import FitOptions, fit_head
 from scorer.images import decode_image
-from scorer.names import check_product_id
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -100,9 +101,7 @@ def _num(x: float | None) -> float:
 def head_info(store: HeadStore, product: str, version: int = 0) -> calibrator_pb2.HeadInfo:
     m = store.info(product, version)
     info = calibrator_pb2.HeadInfo(
-        head=common_pb2.HeadRef(
-            product_id=product, head_id=f"{product}-v{m['version']}", version=m["version"], sha256=m["sha256"]
-        ),
+        head=manifest_ref(product, m),
         backbone=m["backbone"],
         weights_sha256=m["weights_sha256"],
         method=m["method"],
@@ -190,9 +189,9 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"this calibrator serves backbone {self.backbone.spec!r}, not {h.backbone!r}",
             )
-        method = h.method or DEFAULT_METHOD
-        if method not in FIT_METHODS:
-            known = ", ".join(FIT_METHODS)
+        method = h.method or METHODS[0]
+        if method not in METHODS:
+            known = ", ".join(METHODS)
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown method {method!r}; known: {known}")
         if h.shots < 1:
             self._abort(
@@ -393,7 +392,7 @@ def serve(
     port: int = 50051,
     base_head_path: str | None = None,
     workers: int = 8,
-    kafka=None,  # noqa: ANN001 - cff_inspect.kafka.KafkaConfig: announce heads on the heads topic
+    kafka=None,  # noqa: ANN001 - inspection_core.kafka.KafkaConfig: announce heads on the heads topic
     advertised_address: str | None = None,
     security: ServerSecurity | None = None,
     max_shots: int = MAX_SHOTS,

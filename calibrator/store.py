@@ -11,14 +11,21 @@ import json
 import threading
 from pathlib import Path
 
+from inspection_core.errors import HeadError, InspectionError
+from inspection_core.ids import check_product_id, head_id
+from inspection_pb.v1 import common_pb2
 from scorer.artifact import atomic_write_bytes, file_sha256, read_manifest, save_head
-from scorer.errors import HeadError, InspectionError
 from scorer.head import Head
-from scorer.names import check_product_id
 
 
 class StoreError(InspectionError):
     """A product or version is not in the store, or the store is inconsistent."""
+
+
+def manifest_ref(product: str, manifest: dict) -> common_pb2.HeadRef:
+    """The HeadRef of a stored version (``HeadStore.info``), as results and announcements name it."""
+    v = manifest["version"]
+    return common_pb2.HeadRef(product_id=product, head_id=head_id(product, v), version=v, sha256=manifest["sha256"])
 
 
 class HeadStore:

@@ -13,9 +13,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cff_inspect.env import ENV_PREFIX  # noqa: F401 - ENV_PREFIX re-exported
-from cff_inspect.env import env_default as _env
-from scorer.errors import ConfigError, InspectionError
+from inspection_core.env import env_default as _env
+from inspection_core.env import env_flag
+from inspection_core.errors import ConfigError, InspectionError
+from inspection_core.names import EVAL_METHODS
+from scorer.options import add_backbone_args, add_data_arg, add_fit_precision_arg, backbone_from
 
 log = logging.getLogger("cff_inspect")
 
@@ -28,66 +30,6 @@ def default_data_root() -> Path | None:
     return p if p.is_dir() else None
 
 
-def _add_backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--backbone",
-        default=_env("backbone", "dinov2-vits14"),
-        help="dinov2-vits14 | clip:<open_clip name> | tiny-vit | tiny-clip (default: %(default)s)",
-    )
-    p.add_argument("--weights", default=_env("weights"), help="local checkpoint path for the backbone")
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=_env("image_size", None, kind=int),
-        help="backbone input size (default: the backbone's, 448 for dinov2-vits14)",
-    )
-    p.add_argument("--device", default=_env("device", "auto"), help="cpu | cuda | auto (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=_env("threads", None, kind=int), help="torch CPU threads")
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        default=_env("precision", "auto"),
-        help="backbone autocast for scoring: auto = bf16 on a GPU or a CPU with bf16 units, else fp32",
-    )
-    p.add_argument(
-        "--compile",
-        choices=("off", "default", "reduce-overhead", "max-autotune"),
-        default=_env("compile", "off"),
-        help="torch.compile the backbone (reduce-overhead adds CUDA graphs); first batches compile (default: off)",
-    )
-
-
-def _precision(args: argparse.Namespace, device: str) -> str:
-    p = getattr(args, "precision", "auto")
-    if p == "auto":
-        from scorer.backbones.base import auto_precision
-
-        return auto_precision(device)
-    return p
-
-
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _backbone_from(args: argparse.Namespace):  # noqa: ANN202 - lazy torch import
-    import torch
-
-    from scorer.backbones import load_backbone
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = _device(args.device)
-    bb = load_backbone(args.backbone, weights=args.weights, image_size=args.image_size, device=dev)
-    if getattr(args, "compile", "off") != "off":
-        bb.enable_compile(args.compile)
-    return bb.set_precision(_precision(args, dev))
-
-
 # -- eval ----------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from scorer.evaluate import EvalConfig, markdown_table, run_eval, write_report
@@ -97,7 +39,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not data:
         raise ConfigError("no --data given and ../shared/datasets does not exist")
     base_head = None
-    bb = _backbone_from(args)
+    bb = backbone_from(args)
     if args.base_head:
         from scorer.artifact import load_head
 
@@ -151,25 +93,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="few-shot evaluation on MVTec-layout folders")
-    p.add_argument(
-        "--data",
-        action="append",
-        default=_env("data", None, many=True),
-        help="category folder or root of categories (repeatable; default ../shared/datasets)",
-    )
+    add_data_arg(p, "category folder or root of categories (repeatable; default ../shared/datasets)")
     p.add_argument("--shots", type=int, nargs="+", default=_env("shots", [1, 2, 4], kind=int, many=True))
     p.add_argument("--seeds", type=int, nargs="+", default=_env("seeds", [0, 1, 2], kind=int, many=True))
     p.add_argument(
         "--method",
         nargs="+",
-        choices=("knn", "knn-mean", "knn-auto", "aprilgan", "cff", "cff-unguarded"),
-        default=_env("method", ["knn", "knn-mean", "aprilgan", "cff", "cff-unguarded"], many=True),
-        help="knn: the default head (taps chosen on held-out data); knn-mean: all taps averaged; cff: guarded",
+        choices=EVAL_METHODS,
+        default=_env("method", list(EVAL_METHODS), many=True),
+        help="knn: the default head (mid-level taps); knn-mean: every tap averaged; knn-auto: taps chosen on "
+        "held-out data; cff: the calibrated head behind its guard; cff-unguarded: without it",
     )
     p.add_argument(
         "--letterbox",
         action="store_true",
-        default=_env("letterbox", "0") not in ("0", "false", "no", ""),
+        default=env_flag("letterbox"),
         help="aspect-preserving resize (pad to square) instead of squashing; maps cover the source only",
     )
     p.add_argument("--base-head", default=_env("base_head"), help="base head from train-base (cross-dataset protocol)")
@@ -177,7 +115,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--per-stage",
         action="store_true",
-        default=bool(_env("per_stage", False)),
+        default=env_flag("per_stage"),
         help="also report each tapped stage's own figures",
     )
     p.add_argument("--sampling", choices=("random", "slice"), default=_env("sampling", "random"))
@@ -188,12 +126,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="evaluate on a deterministic stratified subset of the test split",
     )
     p.add_argument("--batch-size", type=int, default=_env("batch_size", 8, kind=int))
-    p.add_argument(
-        "--fit-precision",
-        choices=("fp32", "bf16", "fp16"),
-        default=_env("fit_precision", "fp32"),
-        help="fit heads at this precision while test images run at --precision (default: %(default)s)",
-    )
+    add_fit_precision_arg(p, "fit heads at this precision while test images run at --precision")
     p.add_argument("--cache-dir", default=_env("cache_dir"), help="on-disk token cache (reused across runs)")
     p.add_argument("--map-size", type=int, default=_env("map_size", 256, kind=int))
     p.add_argument(
@@ -222,60 +155,55 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         default=_env("fit_steps", None, kind=int),
         help="optimisation steps per fitting stage (cff/aprilgan)",
     )
-    _add_backbone_args(p)
+    add_backbone_args(p)
     p.set_defaults(func=cmd_eval)
 
 
-# -- not yet built ---------------------------------------------------------------
-_PENDING: dict[str, tuple[str, int]] = {}
-
-
-def _add_pending(sub: argparse._SubParsersAction, name: str, text: str, issue: int) -> None:
-    p = sub.add_parser(name, help=f"{text} (not built yet: issue {issue})")
-
-    def run(args: argparse.Namespace) -> int:
-        print(f"cff-inspect {name}: not built yet (tracked in issue {issue})", file=sys.stderr)
-        return 2
-
-    p.set_defaults(func=run)
-
-
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from benchmarks import pipeline, scorer_bench
+
     p = sub.add_parser("bench", help="benchmarks: scorer (batched vs reference flow), pipeline (end to end)")
     bs = p.add_subparsers(dest="bench_command", required=True)
-    from benchmarks import pipeline
-
     q = bs.add_parser("pipeline", help="end-to-end frames/s and latency beside the bare scorer, one run")
     pipeline.add_args(q)
     q.set_defaults(func=pipeline.main)
-    from benchmarks import scorer_bench
-
     s = bs.add_parser("scorer", help="scorer images/s and latency per batch, K, precision vs the reference")
     scorer_bench.add_arguments(s)
     s.set_defaults(func=scorer_bench.main)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cff-inspect", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", default=bool(_env("verbose", False)))
-    sub = parser.add_subparsers(dest="command", required=True)
-    from cff_inspect import commands
-    from cff_inspect import run as run_cmd
+def _add_services(sub: argparse._SubParsersAction) -> None:
+    """Each service owns its options and its entry point; the CLI only names the subcommand."""
+    from calibrator import entry as calibrator_entry
+    from ingest import entry as ingest_entry
+    from inspection_core import broker
+    from workers import entry as worker_entry
 
-    run_cmd.add_run(sub)
+    services = (
+        ("broker", "run the embedded Kafka-compatible broker (Tansu, memory; for development)", broker),
+        ("worker", "score frames from Kafka (consumer group, dynamic batching)", worker_entry),
+        ("ingest", "publish camera frames (folders, video files, RTSP/HTTP, USB) to Kafka", ingest_entry),
+        ("calibrator", "serve the gRPC calibrator (fit, store, serve, activate heads)", calibrator_entry),
+    )
+    for name, text, module in services:
+        p = sub.add_parser(name, help=text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cff_inspect import commands, run
+
+    parser = argparse.ArgumentParser(prog="cff-inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", default=env_flag("verbose"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    run.add_run(sub)
     _add_eval(sub)
     commands.add_score(sub)
     commands.add_train_base(sub)
     commands.add_heads(sub)
-    from cff_inspect import services
-
-    services.add_broker(sub)
-    services.add_worker(sub)
-    services.add_ingest(sub)
-    services.add_calibrator(sub)
+    _add_services(sub)
     _add_bench(sub)
-    for name, (text, issue) in _PENDING.items():
-        _add_pending(sub, name, text, issue)
     return parser
 
 

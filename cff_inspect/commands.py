@@ -10,16 +10,18 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from cff_inspect.env import env_default as _env
-from scorer.errors import ConfigError, ImageError, InspectionError
-
-
-def _backbone_args(p: argparse.ArgumentParser, *, default: str | None = "dinov2-vits14") -> None:
-    from cff_inspect.cli import _add_backbone_args
-
-    _add_backbone_args(p)
-    if default is None:
-        p.set_defaults(backbone=_env("backbone", None))
+from calibrator.security import add_client_security_args, client_security_from
+from inspection_core.env import env_default as _env
+from inspection_core.errors import ConfigError, ImageError
+from inspection_core.ids import check_product_id
+from scorer.options import (
+    add_backbone_args,
+    add_data_arg,
+    add_method_arg,
+    backbone_from,
+    resolve_device,
+    resolve_precision,
+)
 
 
 def _num(x: float) -> float | None:
@@ -45,15 +47,14 @@ def _expand_images(items: list[str]) -> list[Path]:
 
 
 def _load_head_and_backbone(args: argparse.Namespace):  # noqa: ANN202
-    from cff_inspect.cli import _device, _precision
     from scorer.artifact import load_head, read_manifest
     from scorer.backbones import load_backbone
 
     manifest = read_manifest(args.head)
     spec = args.backbone or manifest["backbone"]
-    dev = _device(args.device)
+    dev = resolve_device(args.device)
     bb = load_backbone(spec, weights=args.weights, image_size=manifest["image_size"], device=dev)
-    return load_head(args.head, bb.set_precision(_precision(args, dev))), manifest
+    return load_head(args.head, bb.set_precision(resolve_precision(args, dev))), manifest
 
 
 # -- score ----------------------------------------------------------------------
@@ -128,7 +129,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", required=_env("head") is None, default=_env("head"), help="head artifact (.safetensors)")
     p.add_argument("--out", default=_env("out", "score-out"), help="output folder (default: %(default)s)")
     p.add_argument("--no-overlay", action="store_true", help="write JSON only")
-    _backbone_args(p, default=None)
+    add_backbone_args(p, default=None)
     p.set_defaults(func=cmd_score)
 
 
@@ -158,14 +159,11 @@ def _print_info(h) -> None:  # noqa: ANN001 - calibrator_pb2.HeadInfo
 
 def _client(args: argparse.Namespace):  # noqa: ANN202
     from calibrator.client import CalibratorClient
-    from cff_inspect.services import client_security_from
 
     return CalibratorClient(args.calibrator, client_security_from(args))
 
 
 def cmd_heads_fit(args: argparse.Namespace) -> int:
-    from scorer.names import check_product_id
-
     product = check_product_id(args.product)
     paths = _expand_images(args.refs)
     if not paths:
@@ -203,7 +201,6 @@ def _heads_fit_remote(args: argparse.Namespace, product: str, paths: list[Path],
 
 
 def _heads_fit_offline(args: argparse.Namespace, product: str, paths: list[Path], options: dict[str, str]) -> int:
-    from cff_inspect.cli import _backbone_from
     from scorer.artifact import file_sha256, load_head, save_head
     from scorer.fit import FitOptions, fit_head
     from scorer.images import load_image
@@ -214,7 +211,7 @@ def _heads_fit_offline(args: argparse.Namespace, product: str, paths: list[Path]
     refs = [load_image(p) for p in paths]
     if args.backbone is None:
         args.backbone = "dinov2-vits14"
-    bb = _backbone_from(args)
+    bb = backbone_from(args)
     base = load_head(args.base_head, bb) if args.base_head else None
     t0 = time.perf_counter()
     head = fit_head(
@@ -265,8 +262,6 @@ def cmd_heads_set_threshold(args: argparse.Namespace) -> int:
     if args.head is None:
         if not args.product:
             raise ConfigError("give --product (calibrator) or --head FILE (offline)")
-        from scorer.names import check_product_id
-
         with _client(args) as c:
             info = c.set_thresholds(
                 check_product_id(args.product),
@@ -311,8 +306,6 @@ def cmd_heads_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_remote(p: argparse.ArgumentParser) -> None:
-    from cff_inspect.services import add_client_security_args
-
     p.add_argument(
         "--calibrator",
         default=_env("calibrator", "127.0.0.1:50051"),
@@ -331,7 +324,7 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--product", required=True, help="product id, [a-z0-9][a-z0-9._-]{0,63}")
     f.add_argument("--refs", nargs="+", required=True, help="reference images or folders (1..16)")
     f.add_argument("--out", default=None, help="fit here, offline, into this artifact file instead of the calibrator")
-    f.add_argument("--method", choices=("knn", "aprilgan", "cff"), default=_env("method", "knn"))
+    add_method_arg(f)
     f.add_argument("--base-head", default=_env("base_head"), help="offline: base head from train-base")
     f.add_argument("--steps", type=int, default=_env("fit_steps", None, kind=int))
     f.add_argument("--seed", type=int, default=None)
@@ -341,7 +334,7 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--no-activate", dest="activate", action="store_false", help="store without activating")
     f.add_argument("--version", type=int, default=1, help="offline: version written into the manifest")
     _add_remote(f)
-    _backbone_args(f, default=None)
+    add_backbone_args(f, default=None)
     f.set_defaults(func=cmd_heads_fit)
     t = hs.add_parser("set-threshold", help="change a head's thresholds without refitting (a new version)")
     t.add_argument("--product", help="product on the calibrator")
@@ -368,8 +361,6 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
 
 def cmd_heads_remote(args: argparse.Namespace) -> int:
     """Client of the calibrator: list, activate, rollback, delete, download."""
-    from scorer.names import check_product_id
-
     product = check_product_id(args.product) if args.product else ""
     with _client(args) as c:
         if args.heads_command == "list":
@@ -396,12 +387,11 @@ def cmd_heads_remote(args: argparse.Namespace) -> int:
 
 # -- train-base ----------------------------------------------------------------------
 def cmd_train_base(args: argparse.Namespace) -> int:
-    from cff_inspect.cli import _backbone_from
     from scorer.artifact import save_head
     from scorer.fit import FitOptions
     from scorer.train import TrainOptions, train_base
 
-    bb = _backbone_from(args)
+    bb = backbone_from(args)
     opts = TrainOptions(
         epochs_stage1=args.epochs_stage1,
         epochs_stage2=args.epochs_stage2,
@@ -434,13 +424,7 @@ def cmd_train_base(args: argparse.Namespace) -> int:
 
 def add_train_base(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-base", help="train a base head (stage 1 + 2) on auxiliary data with masks")
-    p.add_argument(
-        "--data",
-        action="append",
-        required=_env("data") is None,
-        default=_env("data", None, many=True),
-        help="auxiliary MVTec-layout folder (its test split with masks is used); repeatable",
-    )
+    add_data_arg(p, "auxiliary MVTec-layout folder (its test split with masks is used); repeatable", required=True)
     p.add_argument("--out", required=True, help="base head artifact path")
     p.add_argument("--epochs-stage1", type=int, default=_env("epochs_stage1", 3, kind=int))
     p.add_argument("--epochs-stage2", type=int, default=_env("epochs_stage2", 3, kind=int))
@@ -453,8 +437,8 @@ def add_train_base(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cache-dir", default=_env("cache_dir"), help="on-disk token cache")
-    _backbone_args(p)
+    add_backbone_args(p)
     p.set_defaults(func=cmd_train_base)
 
 
-__all__ = ["add_heads", "add_score", "add_train_base", "InspectionError"]
+__all__ = ["add_heads", "add_score", "add_train_base"]

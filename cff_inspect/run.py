@@ -23,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from scorer.errors import ConfigError
+from inspection_core.env import env_default as _env
+from inspection_core.env import env_flag
+from inspection_core.errors import ConfigError
+from scorer.options import add_backbone_args, add_method_arg, backbone_from
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +110,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from calibrator.client import CalibratorClient
     from calibrator.service import serve
     from calibrator.store import HeadStore
-    from cff_inspect.broker import EmbeddedBroker
-    from cff_inspect.cli import _backbone_from
-    from cff_inspect.demo import make_demo_dataset
-    from cff_inspect.kafka import KafkaConfig, ensure_topics
-    from cff_inspect.services import ingest_checks, quiet_kafka, wait_for, worker_checks
     from ingest.cameras import CameraConfig, Ingest
+    from ingest.entry import ingest_checks
+    from inspection_core.broker import EmbeddedBroker
+    from inspection_core.ids import head_id
+    from inspection_core.kafka import KafkaConfig, ensure_topics, quiet_kafka
+    from inspection_core.runtime import wait_for
     from monitoring.http import MetricsServer
     from monitoring.prom import Prometheus, find_prometheus
     from scorer.data import discover, draw_references
+    from scorer.demo import make_demo_dataset
+    from workers.entry import worker_checks
     from workers.heads import HeadFollower
     from workers.worker import Worker, WorkerConfig
 
@@ -146,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cat_dir = Path(args.data) if args.data else make_demo_dataset(out / "demo-data", n_train=8, n_good=16, n_bad=8)
         cat = discover(cat_dir)[0]
         product = cat.name.replace("_", "-")
-        bb = _backbone_from(args)
+        bb = backbone_from(args)
         refs = draw_references(cat.train, args.shots, 0)
         store = HeadStore(out / "heads")
         server, cal_port = serve(store, bb, port=args.calibrator_port, kafka=kafka)
@@ -179,7 +184,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         wt.start()
         active = store.active(product) if product in store.products() else None
         if active is not None and not args.refit and store.info(product)["backbone"] == bb.spec:
-            print(f"using the stored {product}-v{active} (--refit fits a new version)", file=sys.stderr, flush=True)
+            print(
+                f"using the stored {head_id(product, active)} (--refit fits a new version)", file=sys.stderr, flush=True
+            )
         else:
             print(
                 f"uploading {len(refs)} good images of {product} to the calibrator ({bb.spec}) ...",
@@ -259,9 +266,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def add_run(sub: argparse._SubParsersAction) -> None:
-    from cff_inspect.cli import _add_backbone_args
-    from cff_inspect.env import env_default as _env
-
     p = sub.add_parser("run", help="run the whole system on the embedded broker with demo cameras")
     p.add_argument("--data", default=_env("data"), help="MVTec-layout category to stream (default: generated demo)")
     p.add_argument("--out", default=_env("out", "out/run"))
@@ -277,7 +281,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         help="per camera; dinov2-vits14 scores about 3 (fp32) to 5 (bf16) images/s on 2 CPU cores",
     )
     p.add_argument("--shots", type=int, default=4)
-    p.add_argument("--method", choices=("knn", "aprilgan", "cff"), default="knn")
+    add_method_arg(p)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--refit", action="store_true", help="fit a new head version even if the store has one")
     p.add_argument(
@@ -287,7 +291,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prometheus",
         action="store_true",
-        default=bool(_env("prometheus", False)),
+        default=env_flag("prometheus"),
         help="also start a local Prometheus (if installed) with the project's rules, scraping this run",
     )
     p.add_argument("--prometheus-port", type=int, default=_env("prometheus_port", 9090, kind=int))
@@ -295,11 +299,9 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep-prometheus", action="store_true", help="leave Prometheus running after the run (its URL is printed)"
     )
-    p.add_argument(
-        "--calibrator-port", type=int, default=_env("calibrator_port", 0, kind=int), help="0 = a free port"
-    )
+    p.add_argument("--calibrator-port", type=int, default=_env("calibrator_port", 0, kind=int), help="0 = a free port")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=int, default=100)
     p.add_argument("--bootstrap-servers", default=None, help="use this Kafka instead of the embedded broker")
-    _add_backbone_args(p)
+    add_backbone_args(p)
     p.set_defaults(func=cmd_run)

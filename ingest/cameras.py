@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cff_inspect.kafka import KafkaConfig
+from inspection_core.errors import ConfigError, InspectionError
+from inspection_core.ids import check_product_id
+from inspection_core.kafka import KafkaConfig
 from inspection_pb.v1 import frames_pb2
 from monitoring import metrics
-from scorer.errors import ConfigError, InspectionError
 from scorer.images import IMAGE_SUFFIXES, list_images, load_image
-from scorer.names import check_product_id
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,25 @@ def load_cameras(path: str | Path) -> list[CameraConfig]:
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{p}: duplicate camera ids")
     return cams
+
+
+def parse_camera(spec: str) -> CameraConfig:
+    """``ID=PRODUCT@SOURCE[,fps=N][,loop=0|1]`` (the ``--camera`` option) -> CameraConfig."""
+    head, _, opts = spec.partition(",")
+    if "=" not in head or "@" not in head:
+        raise ConfigError(f"--camera expects ID=PRODUCT@SOURCE[,fps=N], got {spec!r}")
+    cid, rest = head.split("=", 1)
+    product, source = rest.split("@", 1)
+    kw: dict = {}
+    for kv in filter(None, opts.split(",")):
+        k, _, v = kv.partition("=")
+        if k == "fps":
+            kw["fps"] = float(v)
+        elif k == "loop":
+            kw["loop"] = v.lower() in ("1", "true", "yes")
+        else:
+            raise ConfigError(f"--camera option {k!r} unknown (fps, loop)")
+    return CameraConfig(id=cid, product=product, source=source, **kw)
 
 
 def _encode_jpeg(img: np.ndarray, quality: int) -> bytes:
@@ -282,6 +301,11 @@ class Ingest:
         self._threads.append(s)
         s.start()
         return self
+
+    @property
+    def running(self) -> bool:
+        """True while the sender publishes (it ends when every camera is done or on stop)."""
+        return bool(self._threads) and self._threads[-1].is_alive()
 
     def join(self, timeout: float | None = None) -> None:
         for t in self._threads:

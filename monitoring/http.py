@@ -8,6 +8,7 @@ worker is not taking traffic. GPU gauges are refreshed on every scrape.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import socket
@@ -19,8 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from inspection_core.env import env_default
+from inspection_core.errors import ConfigError
 from monitoring import metrics
-from scorer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 Check = Callable[[], tuple[bool, str]]
@@ -147,3 +149,28 @@ class MetricsServer:
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
+
+
+def add_metrics_args(p: argparse.ArgumentParser, service: str) -> None:
+    """``--metrics-port`` (the service's default port), ``--metrics-host``, ``--no-metrics``."""
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env_default("metrics_port", metrics.DEFAULT_PORTS[service], kind=int),
+        help="serve /metrics, /healthz and /readyz here (0 = a free port; default %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=env_default("metrics_host", "0.0.0.0"),
+        help="address for /metrics (default %(default)s)",
+    )
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics, /healthz, /readyz")
+
+
+def start_metrics(args: argparse.Namespace, service: str, **checks: Check) -> MetricsServer | None:
+    """The server the options of :func:`add_metrics_args` describe, started (None with ``--no-metrics``)."""
+    if args.no_metrics:
+        return None
+    m = MetricsServer(service, host=args.metrics_host, port=args.metrics_port).add_checks(**checks).start()
+    print(f"{service}: metrics on {m.url}/metrics, health on /healthz and /readyz", file=sys.stderr, flush=True)
+    return m

@@ -16,6 +16,8 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from inspection_core.names import DeadLetterReason
+
 # Latency buckets: frames are scored in tens of milliseconds on a GPU and in seconds on a small CPU.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -131,8 +133,8 @@ def init_zero_series(*, cameras: tuple[str, ...] = (), worker: bool = False) -> 
             FRAMES_DROPPED.labels(camera=cam, reason=reason).inc(0)
         CAMERA_RECONNECTS.labels(camera=cam).inc(0)
     if worker:
-        for reason in ("not_a_frame", "invalid_product", "bad_image"):
-            DEAD_LETTERED.labels(reason=reason).inc(0)
+        for dl in DeadLetterReason:
+            DEAD_LETTERED.labels(reason=dl.value).inc(0)
         for reason in ("backbone", "sha256", "download", "invalid"):
             HEADS_REFUSED.labels(reason=reason).inc(0)
 
@@ -159,12 +161,3 @@ def bounded(kind: str, value: str) -> str:
             return "other"
         seen.add(value)
         return value
-
-
-def dead_letter_reason(reason: str) -> str:
-    """Free-text dead-letter reasons (the Kafka header) -> a bounded label."""
-    if reason.startswith("not a Frame"):
-        return "not_a_frame"
-    if reason.startswith("invalid product id"):
-        return "invalid_product"
-    return "bad_image"

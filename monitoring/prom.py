@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from scorer.errors import ConfigError
+from inspection_core.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "prometheus" / "prometheus.yml"

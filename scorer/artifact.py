@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from inspection_core.errors import HeadError
 from scorer.backbones.base import Backbone, sha256_file
-from scorer.errors import HeadError
 from scorer.head import Head, ScoreOptions, check_compatible
 
 FORMAT_VERSION = 1

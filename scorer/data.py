@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scorer.errors import DatasetError
+from inspection_core.errors import DatasetError
 from scorer.images import IMAGE_SUFFIXES, list_images
 
 

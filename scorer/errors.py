@@ -1,33 +1,8 @@
-"""One exception hierarchy for the whole system.
+"""The scorer's errors; they are defined in :mod:`inspection_core.errors` (one hierarchy for the system).
 
-Services subclass :class:`InspectionError` in their own packages; the scorer only
-defines what the model library itself can raise. Every message names the file,
-product, backbone or option that was wrong, so a user never has to read a
-traceback from deep inside torch.
+Kept so ``from scorer.errors import HeadError`` reads naturally in model code; importing it loads no torch.
 """
 
-from __future__ import annotations
+from inspection_core.errors import BackboneError, ConfigError, DatasetError, HeadError, ImageError, InspectionError
 
-
-class InspectionError(Exception):
-    """Base of every error this project raises on purpose."""
-
-
-class ConfigError(InspectionError, ValueError):
-    """An option or flag has an invalid value."""
-
-
-class ImageError(InspectionError):
-    """An image or mask cannot be read or does not fit its partner."""
-
-
-class DatasetError(InspectionError):
-    """A dataset folder does not follow the MVTec AD layout or lacks what is needed."""
-
-
-class BackboneError(InspectionError):
-    """A backbone spec is unknown or its weights cannot be loaded."""
-
-
-class HeadError(InspectionError):
-    """A head artifact is invalid, corrupt or built for another backbone."""
+__all__ = ["BackboneError", "ConfigError", "DatasetError", "HeadError", "ImageError", "InspectionError"]

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from inspection_core.errors import ConfigError
+from inspection_core.names import EVAL_METHODS
 from scorer.backbones.base import Backbone, BackboneOutput, concat_outputs
 from scorer.data import Category, discover, draw_references
-from scorer.errors import ConfigError
 from scorer.features import FeatureCache
 from scorer.head import Head, ScoreOptions, knn_head
 from scorer.images import load_image, load_mask
@@ -61,11 +62,11 @@ class EvalConfig:
 # A factory builds a head for a method from reference images and their features.
 HeadFactory = Callable[[str, Backbone, list[np.ndarray], BackboneOutput, int], Head]
 
-# What the table compares. knn / aprilgan / cff are what `heads fit --method` deploys (cff guarded);
-# knn-mean is the plain training-free mean over every tap (AnomalyDINO-style, the earlier baseline),
-# knn-auto the knn head with its taps chosen on the held-out set (FitOptions.knn_taps="auto") and
-# cff-unguarded the calibrated head before the guard, so the table shows what each step changes.
-EVAL_METHODS = ("knn", "knn-mean", "knn-auto", "aprilgan", "cff", "cff-unguarded")
+# What the table compares (inspection_core.names.EVAL_METHODS). knn / aprilgan / cff are what `heads fit
+# --method` deploys (cff guarded); knn-mean is the plain training-free mean over every tap (AnomalyDINO-style,
+# the earlier baseline), knn-auto the knn head with its taps chosen on the held-out set
+# (FitOptions.knn_taps="auto") and cff-unguarded the calibrated head before the guard, so the table shows what
+# each step changes.
 
 
 def default_head_factory(base_head: Head | None = None, fit_options: object | None = None) -> HeadFactory:

@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from inspection_core.errors import ConfigError, HeadError, ImageError
+from inspection_core.names import METHODS
 from scorer.backbones.base import Backbone, BackboneOutput, letterbox_box
-from scorer.errors import ConfigError, HeadError, ImageError
 from scorer.head import BANK_FEATURES, Head, ScoreOptions, build_bank, check_compatible, image_score
 from scorer.losses import alignment_loss, dice_loss, focal_loss, two_channel_probs
 from scorer.metrics import image_metrics
@@ -142,8 +143,8 @@ class FitOptions:
 
 
 KNN_TAPS = ("mid", "auto", "all")
-FIT_METHODS = ("knn", "aprilgan", "cff")
-DEFAULT_METHOD = "knn"  # the best method in BENCHMARKS.md's deployment table; cff is guarded against it
+FIT_METHODS = METHODS
+DEFAULT_METHOD = METHODS[0]  # knn: the best method in BENCHMARKS.md's deployment table; cff is guarded against it
 
 # name -> (type, min, max) for options settable from strings (FitHead requests, `heads fit --option`).
 STRING_OPTIONS: dict[str, tuple[type, float, float]] = {

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inspection_core.errors import ConfigError, HeadError
+from inspection_core.names import METHODS
 from scorer.backbones.base import Backbone, BackboneOutput, image_hw
-from scorer.errors import ConfigError, HeadError
 
-METHODS = ("knn", "aprilgan", "cff")
 BANK_FEATURES = ("raw", "projected", "calibrated")
 
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from scorer.errors import ConfigError
+from inspection_core.errors import ConfigError
 
 __all__ = [
     "image_metrics",

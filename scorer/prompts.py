@@ -14,7 +14,7 @@ what April-GAN does with the dataset folder name.
 
 from __future__ import annotations
 
-from scorer.errors import ConfigError
+from inspection_core.errors import ConfigError
 
 NORMAL_STATES: tuple[str, ...] = (
     "{}",

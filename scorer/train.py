@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inspection_core.errors import ConfigError, DatasetError
 from scorer.backbones.base import Backbone
 from scorer.data import discover
-from scorer.errors import ConfigError, DatasetError
 from scorer.features import FeatureCache
 from scorer.fit import FitOptions, _mask_targets, _token_normal, train_stage1, train_stage2
 from scorer.head import Head

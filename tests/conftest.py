@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny MVTec-layout dataset builder, the tiny-vit backbone,
-small reference images and a (session-cached) fitted head pair.
+small reference images and a (session-cached) fitted head pair; for the integration
+tests a fresh embedded broker, worker processes and their graceful stop.
 
 Fixtures that return heads are shared between tests: never mutate them, derive
 variants with ``dataclasses.replace`` / ``Head.with_thresholds`` instead.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -17,7 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
+from inspection_core.broker import EmbeddedBroker
+from inspection_core.kafka import KafkaConfig, ensure_topics
 from scorer.backbones import Backbone, load_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_image(path: Path, rng: np.random.Generator, size_hw: tuple[int, int]) -> None:
@@ -156,3 +163,70 @@ def _stop_gracefully(proc: subprocess.Popen, timeout: float = 30) -> bytes | str
 def stop_gracefully() -> Callable[..., bytes | str]:
     """The :func:`_stop_gracefully` helper, for tests that run services as subprocesses."""
     return _stop_gracefully
+
+
+StartBroker = Callable[..., KafkaConfig]
+
+
+@pytest.fixture
+def start_broker() -> Iterator[StartBroker]:
+    """``start_broker(partitions=2, topic_prefix=None)`` -> the KafkaConfig of a new embedded broker with the
+    system's topics (a random topic prefix unless given); every broker started is stopped after the test."""
+    brokers: list[EmbeddedBroker] = []
+
+    def start(partitions: int = 2, topic_prefix: str | None = None) -> KafkaConfig:
+        b = EmbeddedBroker().start()
+        brokers.append(b)
+        prefix = topic_prefix or f"t{uuid.uuid4().hex[:6]}."
+        cfg = KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix=prefix, partitions=partitions)
+        ensure_topics(cfg)
+        return cfg
+
+    try:
+        yield start
+    finally:
+        for b in brokers:
+            b.stop()
+
+
+StartWorker = Callable[..., subprocess.Popen]
+
+
+@pytest.fixture
+def start_worker() -> Iterator[StartWorker]:
+    """``start_worker(kafka, *options)`` -> a ``cff-inspect worker`` process on ``kafka`` (CPU, one thread, no
+    metrics port clash), output piped; any still running after the test is stopped gracefully."""
+    procs: list[subprocess.Popen] = []
+
+    def start(kafka: KafkaConfig, *options: str) -> subprocess.Popen:
+        cmd = [
+            sys.executable,
+            "-m",
+            "cff_inspect",
+            "worker",
+            "--metrics-port",
+            "0",
+            "--bootstrap-servers",
+            kafka.bootstrap_servers,
+            "--topic-prefix",
+            kafka.topic_prefix,
+            "--partitions",
+            str(kafka.partitions),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            *options,
+        ]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in procs:  # signal all first: they drain in parallel
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            _stop_gracefully(proc)

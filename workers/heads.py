@@ -16,13 +16,14 @@ from pathlib import Path
 
 from calibrator.client import CalibratorClient, CalibratorError
 from calibrator.security import ClientSecurity
-from cff_inspect.kafka import KafkaConfig
+from inspection_core.errors import HeadError
+from inspection_core.kafka import KafkaConfig
 from inspection_pb.v1 import heads_pb2
 from monitoring import metrics
 from scorer.artifact import load_head
 from scorer.backbones.base import Backbone
-from scorer.errors import HeadError
-from workers.worker import ActiveHead, Worker
+from workers.config import ActiveHead
+from workers.worker import Worker
 
 log = logging.getLogger(__name__)
 

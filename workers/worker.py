@@ -1,149 +1,75 @@
 """Scoring worker: a Kafka consumer-group member with dynamic micro-batching.
 
-Every parseable Frame yields exactly one InspectionResult (OK, NO_HEAD, BAD_FRAME or
-STALE); bytes that do not parse as a Frame and undecodable images go to the
-dead-letter topic with the reason in headers. Offsets are committed only after the
-broker acknowledged the batch's results (at-least-once; results carry the frame id
-so consumers can drop duplicates). A batch is formed across partitions up to
-``max_batch`` frames or ``max_wait_ms`` after its first frame.
+Stage 2 of three (pre-processing in :mod:`workers.codec`, post-processing in :mod:`workers.post`): the
+consume / batch / score / publish / commit loop. Every parseable Frame yields exactly one InspectionResult
+(OK, NO_HEAD, BAD_FRAME or STALE); bytes that do not parse as a Frame and undecodable images go to the
+dead-letter topic with the reason in headers. Offsets are committed only after the broker acknowledged
+the batch's results (at-least-once; results carry the frame id so consumers can drop duplicates). A batch
+is formed across partitions up to ``max_batch`` frames or ``max_wait_ms`` after its first frame.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from google.protobuf.message import DecodeError
-from PIL import Image
 
-from cff_inspect.kafka import KafkaConfig, KafkaError
-from inspection_pb.v1 import common_pb2, frames_pb2, results_pb2
+from inspection_core.errors import KafkaError
+from inspection_core.kafka import KafkaConfig
+from inspection_core.names import DeadLetterReason
+from inspection_pb.v1 import frames_pb2, results_pb2
 from monitoring import metrics
-from scorer.errors import ConfigError, ImageError
-from scorer.head import Head, Scores
-from scorer.images import to_rgb_uint8
-from scorer.names import PRODUCT_ID
+from workers.codec import (
+    BadFrame,
+    DeadLetter,
+    DeferredJpeg,
+    check_product,
+    decode_frame_image,
+    decode_jpegs,
+    is_stale,
+    parse_frame,
+    ts_seconds,
+)
+from workers.config import ActiveHead, WorkerConfig, head_ref
+from workers.post import EvidenceArchive, Timing, defect_event, new_result, scored_result
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    group_id: str = "cff-inspect-workers"
-    max_batch: int = 8
-    max_wait_ms: int = 50
-    max_age_s: float = 60.0  # older frames get STALE instead of being scored
-    max_pixels: int = 40_000_000  # decompression-bomb guard
-    max_side: int = 16384
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    heatmap_in_result: bool = False
-    evidence_dir: str | None = None
-    evidence_max_bytes: int = 1 << 30
-    # JPEG decode with torchvision on the scoring device: "auto" = when the head's backbone is on a GPU
-    # (decode and resize then never leave it), "always" (also on the CPU), "never" (PIL).
-    device_decode: str = "auto"
-    # Memory-bank search dtype: "auto" = bfloat16 when the head's backbone is on a GPU (scores within ~0.2 %
-    # of fp32, see BENCHMARKS.md), otherwise what the head was saved with.
-    bank_dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.max_wait_ms < 0:
-            raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        if self.max_age_s <= 0:
-            raise ConfigError(f"max_age_s must be > 0, got {self.max_age_s}")
-        if self.bank_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"bank_dtype must be auto, float32, bfloat16 or float16, got {self.bank_dtype!r}")
-        if self.device_decode not in ("auto", "always", "never"):
-            raise ConfigError(f"device_decode must be auto, always or never, got {self.device_decode!r}")
-
-
-@dataclass
-class ActiveHead:
-    head: Head
-    ref: common_pb2.HeadRef
-
-
-class BadFrame(Exception):
-    """A frame whose image cannot be used; the message is the reason."""
-
-
-def decode_frame_image(
-    frame: frames_pb2.Frame, cfg: WorkerConfig, device: torch.device | None = None
-) -> np.ndarray | DeferredJpeg:
-    """H x W x 3 uint8 array; with ``device``, a checked JPEG is returned for :func:`decode_jpegs` there."""
-    if not frame.image:
-        raise BadFrame("empty image")
-    enc = frame.encoding
-    if enc == frames_pb2.ENCODING_RAW_RGB8:
-        w, h = frame.width, frame.height
-        if w == 0 or h == 0 or w * h > cfg.max_pixels:
-            raise BadFrame(f"raw frame size {w}x{h} is zero or too large")
-        if len(frame.image) != w * h * 3:
-            raise BadFrame(f"raw frame has {len(frame.image)} bytes, expected {w * h * 3} for {w}x{h}")
-        return np.frombuffer(frame.image, dtype=np.uint8).reshape(h, w, 3).copy()
-    if enc not in (frames_pb2.ENCODING_JPEG, frames_pb2.ENCODING_PNG):
-        raise BadFrame(f"unknown encoding {enc}")
-    try:
-        with Image.open(io.BytesIO(frame.image)) as im:
-            w, h = im.size
-            if w == 0 or h == 0 or w * h > cfg.max_pixels or max(w, h) > cfg.max_side:
-                raise BadFrame(f"image size {w}x{h} is zero or exceeds the limit ({cfg.max_pixels} pixels)")
-            if device is not None and enc == frames_pb2.ENCODING_JPEG and im.format == "JPEG":
-                return DeferredJpeg(frame.image, device)  # header checked: size within the limits
-            im.load()
-            return to_rgb_uint8(im, name=f"frame {frame.frame_id}")
-    except BadFrame:
-        raise
-    except (ImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise BadFrame(f"cannot decode image: {exc}") from None
+__all__ = ["ActiveHead", "BadFrame", "Outputs", "Worker", "WorkerConfig", "head_ref"]
 
 
 @dataclass(frozen=True)
-class DeferredJpeg:
-    """A JPEG whose header passed the checks, to be decoded with the rest of its batch on ``device``."""
+class Decoded:
+    """A frame ready to score: its image (array, or a tensor from the device decode) and its times so far."""
 
-    data: bytes
-    device: torch.device
-
-
-def decode_jpegs(jobs: list[DeferredJpeg]) -> list[torch.Tensor | BadFrame]:
-    """One batched torchvision decode per device (nvJPEG on a GPU); a failing batch is retried image by image."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    out: list[torch.Tensor | BadFrame | None] = [None] * len(jobs)
-    by_dev: dict[str, list[int]] = defaultdict(list)
-    for i, j in enumerate(jobs):
-        by_dev[str(j.device)].append(i)
-    for dev, idx in by_dev.items():
-        data = [torch.frombuffer(bytearray(jobs[i].data), dtype=torch.uint8) for i in idx]
-        try:
-            imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
-        except RuntimeError:
-            imgs = []
-            for t in data:
-                try:
-                    imgs.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=dev))
-                except RuntimeError as exc:
-                    imgs.append(BadFrame(f"cannot decode image: {exc}"))
-        for i, img in zip(idx, imgs, strict=True):
-            out[i] = img
-    return out  # type: ignore[return-value]
+    frame: frames_pb2.Frame
+    image: np.ndarray | torch.Tensor
+    decode_s: float
+    queue_wait_s: float
 
 
-def _ts_seconds(ts) -> float:  # noqa: ANN001 - protobuf Timestamp
-    return ts.seconds + ts.nanos / 1e9
+@dataclass(frozen=True)
+class Pending:
+    """A frame whose JPEG is decoded with the rest of the batch's (one call per device)."""
+
+    record: object  # kafka ConsumerRecord
+    frame: frames_pb2.Frame
+    jpeg: DeferredJpeg
+    queue_wait_s: float
+
+
+class Outputs(NamedTuple):
+    """What one batch of records becomes."""
+
+    results: list[results_pb2.InspectionResult]
+    defects: list[results_pb2.DefectEvent]
+    dead_letters: list[DeadLetter]
 
 
 class Worker:
@@ -154,6 +80,7 @@ class Worker:
         self._lock = threading.Lock()
         self.stop_event = threading.Event()
         self.counters: dict[str, int] = defaultdict(int)
+        self.evidence = EvidenceArchive(cfg.evidence_dir, cfg.evidence_max_bytes) if cfg.evidence_dir else None
         self.consumer = None
         self.producer = None
         self.last_poll_ok: float | None = None  # monotonic time of the last poll that reached the broker
@@ -194,54 +121,37 @@ class Worker:
         dev = bb.device
         return dev if self.cfg.device_decode == "always" or dev.type == "cuda" else None
 
-    def _result(self, frame: frames_pb2.Frame, status: int, reason: str = "") -> results_pb2.InspectionResult:
-        r = results_pb2.InspectionResult(
-            frame_id=frame.frame_id,
-            camera_id=frame.camera_id,
-            product_id=frame.product_id,
-            sequence=frame.sequence,
-            status=status,
-            reason=reason,
-            worker_id=self.cfg.worker_id,
-        )
-        r.capture_time.CopyFrom(frame.capture_time)
-        r.result_time.GetCurrentTime()
-        return r
-
-    def process(self, records: list) -> tuple[list, list, list]:  # noqa: ANN001 - kafka records
-        """Records -> (results, defect events, dead letters); pure except for scoring."""
-        results: list[results_pb2.InspectionResult] = []
-        defects: list[results_pb2.DefectEvent] = []
-        dlq: list[tuple[bytes | None, bytes, str]] = []
+    def process(self, records: list) -> Outputs:  # noqa: ANN001 - kafka ConsumerRecords
+        """Records -> results, defect events and dead letters; pure except for scoring."""
+        out = Outputs([], [], [])
         with self._lock:
             heads = dict(self.heads)
-        to_score: dict[str, list[tuple[frames_pb2.Frame, np.ndarray, float]]] = defaultdict(list)
-        deferred: list = []
+        to_score: dict[str, list[Decoded]] = defaultdict(list)
+        pending: list[Pending] = []
         now = time.time()
         for rec in records:
             t_take = time.time()
             try:
-                frame = frames_pb2.Frame.FromString(rec.value or b"")
-            except DecodeError as exc:
-                dlq.append((rec.key, rec.value or b"", f"not a Frame: {exc}"))
+                frame = parse_frame(rec.value)
+            except BadFrame as exc:
+                out.dead_letters.append(DeadLetter(rec.key, rec.value or b"", exc.reason, str(exc)))
                 self.counters["dlq_unparseable"] += 1
                 continue
-            if not frame.frame_id:
-                dlq.append((rec.key, rec.value or b"", "not a Frame: no frame_id"))
-                self.counters["dlq_unparseable"] += 1
+            try:
+                check_product(frame)
+            except BadFrame as exc:
+                self._bad_frame(rec, frame, exc, out)
                 continue
-            if not PRODUCT_ID.fullmatch(frame.product_id):
-                self._bad_frame(rec, frame, f"invalid product id {frame.product_id!r}", results, dlq)
-                continue
-            if frame.HasField("capture_time") and now - _ts_seconds(frame.capture_time) > self.cfg.max_age_s:
-                results.append(self._result(frame, results_pb2.STATUS_STALE, f"older than {self.cfg.max_age_s:.0f}s"))
+            if is_stale(frame, now, self.cfg.max_age_s):
+                out.results.append(
+                    self._result(frame, results_pb2.STATUS_STALE, f"older than {self.cfg.max_age_s:.0f}s")
+                )
                 self.counters["stale"] += 1
                 continue
             active = heads.get(frame.product_id)
             if active is None:
-                results.append(
-                    self._result(frame, results_pb2.STATUS_NO_HEAD, f"no active head for product {frame.product_id}")
-                )
+                reason = f"no active head for product {frame.product_id}"
+                out.results.append(self._result(frame, results_pb2.STATUS_NO_HEAD, reason))
                 self.counters["no_head"] += 1
                 continue
             t0 = time.perf_counter()
@@ -249,113 +159,54 @@ class Worker:
             try:
                 img = decode_frame_image(frame, self.cfg, self._decode_device(active))
             except BadFrame as exc:
-                self._bad_frame(rec, frame, str(exc), results, dlq)
+                self._bad_frame(rec, frame, exc, out)
                 continue
             if isinstance(img, DeferredJpeg):  # decoded below, all of the batch's JPEGs in one call
-                deferred.append((rec, frame, img, queue_wait))
-                continue
-            to_score[frame.product_id].append((frame, img, time.perf_counter() - t0, queue_wait))  # type: ignore[arg-type]
-        if deferred:
+                pending.append(Pending(rec, frame, img, queue_wait))
+            else:
+                to_score[frame.product_id].append(Decoded(frame, img, time.perf_counter() - t0, queue_wait))
+        if pending:
             t0 = time.perf_counter()
-            decoded = decode_jpegs([d[2] for d in deferred])
-            per = (time.perf_counter() - t0) / len(deferred)
-            for (rec, frame, _, queue_wait), img in zip(deferred, decoded, strict=True):
+            decoded = decode_jpegs([p.jpeg for p in pending])
+            per = (time.perf_counter() - t0) / len(pending)
+            for p, img in zip(pending, decoded, strict=True):
                 if isinstance(img, BadFrame):
-                    self._bad_frame(rec, frame, str(img), results, dlq)
+                    self._bad_frame(p.record, p.frame, img, out)
                 else:
-                    to_score[frame.product_id].append((frame, img, per, queue_wait))  # type: ignore[arg-type]
+                    to_score[p.frame.product_id].append(Decoded(p.frame, img, per, p.queue_wait_s))
         for product, items in to_score.items():
-            active = heads[product]
-            t0 = time.perf_counter()
-            scores = active.head.score([it[1] for it in items], batch_size=self.cfg.max_batch)
-            inf_s = (time.perf_counter() - t0) / len(items)
-            for j, (frame, img, decode_s, queue_wait) in enumerate(items):
-                r, d = self._scored(frame, img, scores, j, active, decode_s, inf_s, queue_wait, len(items))
-                results.append(r)
-                if d is not None:
-                    defects.append(d)
-        return results, defects, dlq
+            self._score(heads[product], items, out)
+        return out
 
-    def _bad_frame(self, rec, frame: frames_pb2.Frame, reason: str, results: list, dlq: list) -> None:  # noqa: ANN001
-        results.append(self._result(frame, results_pb2.STATUS_BAD_FRAME, reason))
-        dlq.append((rec.key, rec.value, reason))
+    def _result(self, frame: frames_pb2.Frame, status: int, reason: str = "") -> results_pb2.InspectionResult:
+        return new_result(frame, status, self.cfg.worker_id, reason)
+
+    def _bad_frame(self, rec, frame: frames_pb2.Frame, exc: BadFrame, out: Outputs) -> None:  # noqa: ANN001
+        out.results.append(self._result(frame, results_pb2.STATUS_BAD_FRAME, str(exc)))
+        out.dead_letters.append(DeadLetter(rec.key, rec.value, exc.reason, str(exc)))
         self.counters["bad_frame"] += 1
 
-    def _scored(
-        self,
-        frame,
-        img,
-        scores: Scores,
-        j: int,
-        active: ActiveHead,
-        decode_s: float,  # noqa: ANN001
-        inf_s: float,
-        queue_wait: float,
-        batch: int,
-    ):  # noqa: ANN202
-        r = self._result(frame, results_pb2.STATUS_OK)
-        r.head.CopyFrom(active.ref)
-        r.image_score = float(scores.image_scores[j])
-        r.normalized_score = float(scores.normalized_scores[j]) if np.isfinite(scores.normalized_scores[j]) else 0.0
-        r.image_threshold = float(active.head.image_threshold)
-        defect = bool(scores.is_defect[j])
-        r.verdict = results_pb2.VERDICT_DEFECT if defect else results_pb2.VERDICT_OK
-        for reg in scores.regions[j]:
-            r.regions.add(
-                x_min=reg.x_min, y_min=reg.y_min, x_max=reg.x_max, y_max=reg.y_max, area=reg.area, peak=reg.peak
+    def _score(self, active: ActiveHead, items: list[Decoded], out: Outputs) -> None:
+        t0 = time.perf_counter()
+        scores = active.head.score([it.image for it in items], batch_size=self.cfg.max_batch)
+        inf_s = (time.perf_counter() - t0) / len(items)
+        for j, it in enumerate(items):
+            timing = Timing(it.decode_s, inf_s, it.queue_wait_s, len(items))
+            r = scored_result(
+                it.frame, scores, j, active, timing, worker_id=self.cfg.worker_id, heatmap=self.cfg.heatmap_in_result
             )
-        r.timings.decode_s = decode_s
-        r.timings.inference_s = inf_s
-        r.timings.queue_wait_s = queue_wait
-        r.timings.batch_size = batch
-        if self.cfg.heatmap_in_result:
-            m = scores.maps[j].astype(np.float32)
-            thr = active.head.pixel_threshold if np.isfinite(active.head.pixel_threshold) else float(m.max() or 1)
-            buf = io.BytesIO()
-            Image.fromarray(np.clip(m / (1.5 * thr) * 255, 0, 255).astype(np.uint8)).save(buf, format="PNG")
-            r.heatmap_png = buf.getvalue()
-        self.counters["scored"] += 1
-        if not defect:
-            return r, None
-        self.counters["defects"] += 1
-        d = results_pb2.DefectEvent(
-            event_id=str(uuid.uuid4()),
-            frame_id=frame.frame_id,
-            camera_id=frame.camera_id,
-            product_id=frame.product_id,
-            image_score=r.image_score,
-            normalized_score=r.normalized_score,
-        )
-        d.capture_time.CopyFrom(frame.capture_time)
-        d.head.CopyFrom(active.ref)
-        d.regions.extend(r.regions)
-        if self.cfg.evidence_dir:
-            d.evidence.CopyFrom(self._archive(frame, img, scores.maps[j], active, scores.regions[j]))
-        return r, d
-
-    def _archive(self, frame, img: np.ndarray, amap: np.ndarray, active: ActiveHead, regions):  # noqa: ANN001, ANN202
-        from scorer.visualize import overlay
-
-        root = Path(self.cfg.evidence_dir or ".")
-        root.mkdir(parents=True, exist_ok=True)
-        if isinstance(img, torch.Tensor):
-            img = img.permute(1, 2, 0).cpu().numpy()
-        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in frame.frame_id)[:120]
-        jpg, png = root / f"{safe}.jpg", root / f"{safe}_overlay.png"
-        Image.fromarray(img).save(jpg, quality=90)
-        overlay(
-            img, amap.astype(np.float32), pixel_threshold=active.head.pixel_threshold, regions=regions, verdict="DEFECT"
-        ).save(png)
-        self._cap_evidence(root)
-        return common_pb2.Evidence(image_uri=jpg.resolve().as_uri(), overlay_uri=png.resolve().as_uri())
-
-    def _cap_evidence(self, root: Path) -> None:
-        files = sorted((p for p in root.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        while files and total > self.cfg.evidence_max_bytes:
-            p = files.pop(0)
-            total -= p.stat().st_size
-            p.unlink(missing_ok=True)
+            out.results.append(r)
+            self.counters["scored"] += 1
+            if r.verdict != results_pb2.VERDICT_DEFECT:
+                continue
+            self.counters["defects"] += 1
+            d = defect_event(it.frame, r)
+            if self.evidence is not None:
+                ev = self.evidence.save(
+                    it.frame.frame_id, it.image, scores.maps[j], active.head.pixel_threshold, scores.regions[j]
+                )
+                d.evidence.CopyFrom(ev)
+            out.defects.append(d)
 
     # -- Kafka loop ------------------------------------------------------------------
     def _collect(self) -> list:
@@ -380,42 +231,36 @@ class Worker:
                 break
         return batch
 
-    def _publish(self, results: list, defects: list, dlq: list) -> None:
+    def _publish(self, out: Outputs) -> None:
         assert self.producer is not None
         t = self.kafka.topics
         futures = []
         t0 = time.perf_counter()
-        for r in results:
+        for r in out.results:
             futures.append(self.producer.send(t["results"], key=r.camera_id.encode(), value=r.SerializeToString()))
-        for d in defects:
+        for d in out.defects:
             futures.append(self.producer.send(t["defects"], key=d.product_id.encode(), value=d.SerializeToString()))
-        for key, value, reason in dlq:
-            futures.append(
-                self.producer.send(
-                    t["frames.dlq"],
-                    key=key,
-                    value=value,
-                    headers=[("reason", reason.encode()[:1000]), ("worker", self.cfg.worker_id.encode())],
-                )
-            )
-        self.producer.flush()
+        for dl in out.dead_letters:
+            headers = [("reason", dl.detail.encode()[:1000]), ("worker", self.cfg.worker_id.encode())]
+            futures.append(self.producer.send(t["frames.dlq"], key=dl.key, value=dl.value, headers=headers))
+        self.producer.flush(self.cfg.publish_timeout_s)
         for f in futures:
-            f.get(timeout=30)  # raises if the broker did not acknowledge
+            f.get(timeout=self.cfg.publish_timeout_s)  # raises if the broker did not acknowledge
         self.counters["published"] += len(futures)
         self.last_publish_s = time.perf_counter() - t0
-        self._observe(results, defects, dlq, self.last_publish_s)
+        self._observe(out, self.last_publish_s)
 
-    def _observe(self, results: list, defects: list, dlq: list, publish_s: float) -> None:
+    def _observe(self, out: Outputs, publish_s: float) -> None:
         """Metrics for an acknowledged batch: what was published is what is counted."""
         now = time.time()
-        for r in results:
+        for r in out.results:
             cam, prod = metrics.bounded("camera", r.camera_id), metrics.bounded("product", r.product_id)
             status = metrics.status_label(results_pb2.Status.Name(r.status))
             metrics.FRAMES_SCORED.labels(camera=cam, product=prod, status=status).inc()
             if r.status != results_pb2.STATUS_OK:
                 continue
             if r.HasField("capture_time"):
-                e2e = now - _ts_seconds(r.capture_time)
+                e2e = now - ts_seconds(r.capture_time)
                 metrics.E2E_LATENCY.labels(camera=cam, product=prod).observe(max(0.0, e2e))
             metrics.STAGE_LATENCY.labels(stage="queue_wait").observe(r.timings.queue_wait_s)
             metrics.STAGE_LATENCY.labels(stage="decode").observe(r.timings.decode_s)
@@ -423,10 +268,10 @@ class Worker:
             metrics.STAGE_LATENCY.labels(stage="publish").observe(publish_s)
             if r.image_threshold > 0 and np.isfinite(r.image_threshold):
                 metrics.ANOMALY_SCORE.labels(product=prod).observe(r.normalized_score)
-        for d in defects:
+        for d in out.defects:
             metrics.DEFECTS.labels(product=metrics.bounded("product", d.product_id)).inc()
-        for _key, _value, reason in dlq:
-            metrics.DEAD_LETTERED.labels(reason=metrics.dead_letter_reason(reason)).inc()
+        for dl in out.dead_letters:
+            metrics.DEAD_LETTERED.labels(reason=DeadLetterReason(dl.reason).value).inc()
 
     def _update_lag(self, force: bool = False) -> None:
         """Lag per assigned partition from the fetch high-water mark (Tansu's end_offsets is not reliable)."""
@@ -453,8 +298,26 @@ class Worker:
                 pass
         self._lag_partitions = current
 
+    def _commit(self, records: list) -> None:
+        """Commit past the highest offset of each partition in the batch (after its results were acknowledged)."""
+        from kafka import OffsetAndMetadata, TopicPartition
+
+        assert self.consumer is not None
+        offsets: dict = {}
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            if tp not in offsets or rec.offset + 1 > offsets[tp].offset:
+                offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
+        self.consumer.commit(offsets)
+
     def run(self, *, ready: threading.Event | None = None) -> None:
-        from kafka import OffsetAndMetadata
+        """Consume, score, publish and commit until ``stop_event``.
+
+        A batch the broker does not acknowledge (or whose offsets it does not take) stops the worker with a
+        :class:`KafkaError` naming the broker, without committing: its frames are scored again by whoever
+        takes the partitions. kafka-python's own exceptions never escape (the CLI prints one line, exit 2).
+        """
+        from kafka.errors import KafkaError as ClientError
 
         self.consumer = self.kafka.consumer(self.kafka.topics["frames"], group_id=self.cfg.group_id)
         self.producer = self.kafka.producer()
@@ -473,29 +336,21 @@ class Worker:
                 if not records:
                     continue
                 metrics.BATCH_SIZE.observe(len(records))
-                results, defects, dlq = self.process(records)
-                self._publish(results, defects, dlq)
-                offsets: dict = {}
-                for rec in records:
-                    from kafka import TopicPartition
-
-                    tp = TopicPartition(rec.topic, rec.partition)
-                    if tp not in offsets or rec.offset + 1 > offsets[tp].offset:
-                        offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
-                self.consumer.commit(offsets)
+                self._publish(self.process(records))
+                self._commit(records)
                 self.counters["batches"] += 1
                 self.counters["frames"] += len(records)
-        except KafkaError:
-            raise
+        except ClientError as exc:
+            raise KafkaError(
+                f"worker {self.cfg.worker_id}: {self.kafka.bootstrap_servers} did not take a batch "
+                f"({type(exc).__name__}: {exc}); nothing of it was committed"
+            ) from exc
         finally:
             log.info("worker %s stopping: %s", self.cfg.worker_id, dict(self.counters))
             try:
-                self.producer.flush(10)
-                self.producer.close(10)
+                self.producer.flush(min(10.0, self.cfg.publish_timeout_s))
+                self.producer.close(min(10.0, self.cfg.publish_timeout_s))
+            except ClientError as exc:  # the broker is gone: closing must not hide why the loop ended
+                log.warning("worker %s: closing the producer failed: %s", self.cfg.worker_id, exc)
             finally:
                 self.consumer.close()
-
-
-def head_ref(product: str, head: Head, sha256: str = "", version: int | None = None) -> common_pb2.HeadRef:
-    v = int(version if version is not None else (head.meta.get("version") or 1))
-    return common_pb2.HeadRef(product_id=product, head_id=f"{product}-v{v}", version=v, sha256=sha256)

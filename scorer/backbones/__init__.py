@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from inspection_core.errors import BackboneError
 from scorer.backbones.base import Backbone, BackboneOutput
-from scorer.errors import BackboneError
 
 __all__ = ["Backbone", "BackboneOutput", "load_backbone", "KNOWN_SPECS"]
 

@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scorer.errors import ConfigError, ImageError
+from inspection_core.errors import ConfigError, ImageError
+from inspection_core.names import COMPILE_MODES, PRECISIONS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-PRECISIONS = ("fp32", "bf16", "fp16")
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 _SCOPES = threading.local()  # per-thread precision overrides: a calibrator fit next to a scoring worker
 
 

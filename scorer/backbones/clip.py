@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from open_clip.tokenizer import SimpleTokenizer
 
+from inspection_core.errors import BackboneError, ConfigError, ImageError
 from scorer.backbones.base import OPENAI_MEAN, OPENAI_STD, Backbone, BackboneOutput, sha256_file
-from scorer.errors import BackboneError, ConfigError, ImageError
 from scorer.prompts import build_prompts
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inspection_core.errors import BackboneError, ConfigError, ImageError
 from scorer.backbones.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -37,7 +38,6 @@ from scorer.backbones.base import (
     BackboneOutput,
     sha256_file,
 )
-from scorer.errors import BackboneError, ConfigError, ImageError
 
 __all__ = [
     "DINOV2_SPEC",

@@ -12,7 +12,7 @@ from calibrator.client import CalibratorClient, CalibratorError
 from calibrator.security import ClientSecurity, ServerSecurity
 from calibrator.service import serve
 from calibrator.store import HeadStore
-from scorer.errors import ConfigError
+from inspection_core.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 TOKEN = "s3cret-token-for-tests"

@@ -10,9 +10,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from calibrator.service import serve
 from calibrator.store import HeadStore
-from cff_inspect.demo import make_demo_dataset
 from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc
 from scorer.artifact import load_head
+from scorer.demo import make_demo_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -154,9 +154,9 @@ def test_cancelled_fit_leaves_nothing(client, refs) -> None:
 
 
 def test_worker_refuses_tampered_or_foreign_heads(client, refs, tiny_vit, tiny_vit_seed1) -> None:
-    from cff_inspect.kafka import KafkaConfig
+    from inspection_core.errors import HeadError
+    from inspection_core.kafka import KafkaConfig
     from inspection_pb.v1 import heads_pb2
-    from scorer.errors import HeadError
     from workers.heads import HeadFollower
     from workers.worker import Worker, WorkerConfig
 

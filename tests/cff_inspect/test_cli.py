@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cff_inspect.cli import main
-from cff_inspect.demo import make_demo_dataset
+from scorer.demo import make_demo_dataset
 
 
 @pytest.fixture(scope="module")

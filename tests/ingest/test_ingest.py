@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import io
 import time
-import uuid
 
 import pytest
 from PIL import Image
 
-from cff_inspect.broker import EmbeddedBroker, free_port
-from cff_inspect.demo import make_demo_dataset
-from cff_inspect.kafka import KafkaConfig, ensure_topics
 from ingest.cameras import CameraConfig, Ingest, load_cameras
+from inspection_core.broker import free_port
+from inspection_core.errors import ConfigError
+from inspection_core.kafka import KafkaConfig
 from inspection_pb.v1 import frames_pb2
-from scorer.errors import ConfigError
+from scorer.demo import make_demo_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -24,21 +23,19 @@ def folder(tmp_path_factory: pytest.TempPathFactory):
     return make_demo_dataset(tmp_path_factory.mktemp("ing"), n_train=3, n_good=0, n_bad=0) / "train" / "good"
 
 
-def test_two_folder_cameras_publish_every_frame(folder) -> None:
-    with EmbeddedBroker() as b:
-        kafka = KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix=f"i{uuid.uuid4().hex[:6]}.", partitions=2)
-        ensure_topics(kafka)
-        cams = [CameraConfig(id=c, product="demo", source=str(folder), fps=50, resize=(64, 48)) for c in ("a", "b")]
-        ing = Ingest(kafka, cams, max_frames=5).start()
-        ing.join(60)
-        assert sum(ing.stats.published.values()) == 10 and not ing.stats.dropped
-        c = kafka.consumer(kafka.topic("frames"), group_id=None)
-        got = []
-        deadline = time.monotonic() + 30
-        while len(got) < 10 and time.monotonic() < deadline:
-            for msgs in c.poll(timeout_ms=500).values():
-                got.extend(msgs)
-        c.close()
+def test_two_folder_cameras_publish_every_frame(folder, start_broker) -> None:
+    kafka = start_broker(partitions=2)
+    cams = [CameraConfig(id=c, product="demo", source=str(folder), fps=50, resize=(64, 48)) for c in ("a", "b")]
+    ing = Ingest(kafka, cams, max_frames=5).start()
+    ing.join(60)
+    assert sum(ing.stats.published.values()) == 10 and not ing.stats.dropped
+    c = kafka.consumer(kafka.topic("frames"), group_id=None)
+    got = []
+    deadline = time.monotonic() + 30
+    while len(got) < 10 and time.monotonic() < deadline:
+        for msgs in c.poll(timeout_ms=500).values():
+            got.extend(msgs)
+    c.close()
     frames = [frames_pb2.Frame.FromString(m.value) for m in got]
     assert sorted((f.camera_id, f.sequence) for f in frames) == [(c, s) for c in "ab" for s in range(1, 6)]
     assert all(m.key.decode() == frames_pb2.Frame.FromString(m.value).camera_id for m in got)

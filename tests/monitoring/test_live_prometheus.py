@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cff_inspect.broker import free_port
+from inspection_core.broker import free_port
 from monitoring import dashboards
 from monitoring.prom import Prometheus, find_prometheus
 

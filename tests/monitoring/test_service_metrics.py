@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 
+from inspection_core.names import DeadLetterReason
 from monitoring import metrics
 from monitoring.http import MetricsServer, broker_check
 
@@ -50,9 +51,8 @@ def test_labels_from_message_data_are_bounded() -> None:
     names = [metrics.bounded(kind, f"cam-{i}") for i in range(metrics.MAX_LABEL_VALUES + 50)]
     assert len(set(names)) == metrics.MAX_LABEL_VALUES + 1 and names[-1] == "other"
     assert metrics.bounded(kind, "cam-3") == "cam-3"  # known values stay themselves
-    assert metrics.dead_letter_reason("not a Frame: Error parsing message") == "not_a_frame"
-    assert metrics.dead_letter_reason("invalid product id") == "invalid_product"
-    assert metrics.dead_letter_reason("cannot decode image: truncated") == "bad_image"
+    # dead-letter labels are the reasons the worker's codec attaches to each refusal (tests/workers/test_codec.py)
+    assert {r.value for r in DeadLetterReason} == {"not_a_frame", "invalid_product", "bad_image"}
 
 
 def test_endpoints_and_readiness_name_the_failing_check() -> None:
@@ -92,44 +92,41 @@ def test_broker_check_is_a_real_connection() -> None:
 
 
 @pytest.mark.integration
-def test_worker_metrics_count_what_was_published(tiny_vit, references) -> None:
-    from cff_inspect.broker import EmbeddedBroker
-    from cff_inspect.kafka import KafkaConfig, ensure_topics
+def test_worker_metrics_count_what_was_published(tiny_vit, references, start_broker) -> None:
     from inspection_pb.v1 import frames_pb2, results_pb2
     from scorer.fit import fit_head
-    from workers.worker import ActiveHead, Worker, WorkerConfig, head_ref
+    from workers.config import ActiveHead, WorkerConfig, head_ref
+    from workers.worker import Worker
 
     product = f"m{uuid.uuid4().hex[:6]}"
     head = fit_head(tiny_vit, references, method="knn")
     buf = io.BytesIO()
     Image.fromarray(references[0]).save(buf, format="PNG")
-    with EmbeddedBroker() as b:
-        kafka = KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix=f"{product}.", partitions=2)
-        ensure_topics(kafka)
-        w = Worker(kafka, WorkerConfig(max_wait_ms=20), {product: ActiveHead(head, head_ref(product, head, "ab", 3))})
-        assert _v("inspection_active_head_info", product=product, version="3") == 1
-        t = threading.Thread(target=w.run, daemon=True)
-        t.start()
-        prod = kafka.producer()
+    kafka = start_broker(partitions=2, topic_prefix=f"{product}.")
+    w = Worker(kafka, WorkerConfig(max_wait_ms=20), {product: ActiveHead(head, head_ref(product, head, "ab", 3))})
+    assert _v("inspection_active_head_info", product=product, version="3") == 1
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    prod = kafka.producer()
 
-        def send(image: bytes, prod_id: str = product) -> None:
-            f = frames_pb2.Frame(frame_id=uuid.uuid4().hex, camera_id="cam-m", product_id=prod_id,
-                                 encoding=frames_pb2.ENCODING_PNG, image=image)  # fmt: skip
-            f.capture_time.GetCurrentTime()
-            prod.send(kafka.topic("frames"), key=b"cam-m", value=f.SerializeToString())
+    def send(image: bytes, prod_id: str = product) -> None:
+        f = frames_pb2.Frame(frame_id=uuid.uuid4().hex, camera_id="cam-m", product_id=prod_id,
+                             encoding=frames_pb2.ENCODING_PNG, image=image)  # fmt: skip
+        f.capture_time.GetCurrentTime()
+        prod.send(kafka.topic("frames"), key=b"cam-m", value=f.SerializeToString())
 
-        for _ in range(3):
-            send(buf.getvalue())
-        send(b"\x89PNG broken")
-        send(buf.getvalue(), prod_id="unknown-product")
-        prod.send(kafka.topic("frames"), value=b"\xff\xffnot a frame")
-        prod.flush()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and w.counters["published"] < 5 + 1 + 1:  # 5 results + 2 dead letters
-            time.sleep(0.2)
-        w.stop_event.set()
-        t.join(30)
-        prod.close()
+    for _ in range(3):
+        send(buf.getvalue())
+    send(b"\x89PNG broken")
+    send(buf.getvalue(), prod_id="unknown-product")
+    prod.send(kafka.topic("frames"), value=b"\xff\xffnot a frame")
+    prod.flush()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and w.counters["published"] < 5 + 1 + 1:  # 5 results + 2 dead letters
+        time.sleep(0.2)
+    w.stop_event.set()
+    t.join(30)
+    prod.close()
     assert _v("inspection_frames_scored_total", camera="cam-m", product=product, status="ok") == 3
     assert _v("inspection_frames_scored_total", camera="cam-m", product=product, status="bad_frame") == 1
     assert _v("inspection_frames_scored_total", camera="cam-m", product="unknown-product", status="no_head") == 1

@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from inspection_core.errors import HeadError
 from scorer.artifact import FORMAT_VERSION, file_sha256, head_to_bytes, load_head, read_manifest, save_head
-from scorer.errors import HeadError
 from scorer.head import knn_head
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 
+from inspection_core.errors import BackboneError, ConfigError, ImageError
 from scorer.backbones.base import sha256_file
 from scorer.backbones.clip import (
     TINY_CLIP_CFG,
@@ -26,7 +27,6 @@ from scorer.backbones.clip import (
     default_taps,
     load_clip_state_dict,
 )
-from scorer.errors import BackboneError, ConfigError, ImageError
 from scorer.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, build_prompts
 
 TEST_MODEL = "scorer-test-tiny-clip"  # registered with open_clip from a tmp JSON below

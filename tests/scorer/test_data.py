@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from inspection_core.errors import DatasetError
 from scorer.data import discover, draw_references, load_category
-from scorer.errors import DatasetError
 
 
 def test_single_category_discovered(tmp_path: Path, make_category) -> None:

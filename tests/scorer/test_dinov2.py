@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from inspection_core.errors import BackboneError, ConfigError, ImageError
 from scorer.backbones import dinov2 as d
 from scorer.backbones import load_backbone
 from scorer.backbones.base import IMAGENET_MEAN, IMAGENET_STD, sha256_file
-from scorer.errors import BackboneError, ConfigError, ImageError
 
 
 @pytest.fixture(autouse=True)

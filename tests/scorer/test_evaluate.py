@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from cff_inspect.demo import make_demo_dataset
-from scorer.errors import ConfigError
+from inspection_core.errors import ConfigError
+from scorer.demo import make_demo_dataset
 from scorer.evaluate import METRIC_KEYS, EvalConfig, markdown_table, run_eval, write_report
 from scorer.fit import FitOptions
 
@@ -85,7 +85,7 @@ def test_bad_config_is_refused() -> None:
 
 
 def test_too_many_shots_names_the_numbers(demo, tiny_vit) -> None:
-    from scorer.errors import DatasetError
+    from inspection_core.errors import DatasetError
 
     with pytest.raises(DatasetError, match="asked for 99 references but only 6"):
         run_eval([demo], tiny_vit, _cfg(shots=(99,), seeds=(0,)))

@@ -69,7 +69,7 @@ def test_tensor_preprocessing_matches_pil(fitted_heads, tiny_vit, make_refs) -> 
     # a random tiny model is sensitive to resampling at the borders: judge the map on average, the score exactly
     assert np.abs(a.maps.astype(np.float32) - b.maps.astype(np.float32)).mean() <= 0.02 * rng
     np.testing.assert_allclose(b.image_scores, a.image_scores, rtol=0.01)
-    from scorer.errors import ImageError
+    from inspection_core.errors import ImageError
 
     with pytest.raises(ImageError, match="3 x H x W uint8"):
         tiny_vit.preprocess([torch.zeros(4, 8, 8, dtype=torch.uint8)])
@@ -94,7 +94,7 @@ def test_attention_is_fused(tiny_vit) -> None:
 
 
 def test_bad_precision_is_named(tiny_vit) -> None:
-    from scorer.errors import ConfigError
+    from inspection_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, fp16"):
         tiny_vit.set_precision("int4")
@@ -175,7 +175,7 @@ def test_precision_scope_is_per_thread(tiny_vit) -> None:
 
 
 def test_bad_compile_mode_is_named(tiny_vit) -> None:
-    from scorer.errors import ConfigError
+    from inspection_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="compile mode must be one of off, default"):
         tiny_vit.enable_compile("turbo")

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from inspection_core.errors import ConfigError, HeadError, ImageError
 from scorer.backbones import load_backbone
 from scorer.backbones.base import BackboneOutput
-from scorer.errors import ConfigError, HeadError, ImageError
 from scorer.fit import FitOptions, fit_head, fit_heads_from_features
 from scorer.head import Head, ScoreOptions, build_bank, check_compatible, find_regions, knn_head
 

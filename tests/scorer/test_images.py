@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scorer.errors import ImageError
+from inspection_core.errors import ImageError
 from scorer.images import decode_image, list_images, load_image, load_mask, to_rgb_uint8
 
 

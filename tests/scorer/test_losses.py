@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scorer.errors import ConfigError
+from inspection_core.errors import ConfigError
 from scorer.losses import alignment_loss, dice_loss, focal_loss, two_channel_probs
 
 

@@ -15,8 +15,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from inspection_core.errors import ConfigError
 from scorer import metrics
-from scorer.errors import ConfigError
 from scorer.metrics import (
     aupro_aprilgan,
     aupro_slow,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cff_inspect.demo import make_demo_dataset
+from inspection_core.errors import DatasetError, HeadError
 from scorer.artifact import load_head, save_head
-from scorer.errors import DatasetError, HeadError
+from scorer.demo import make_demo_dataset
 from scorer.evaluate import EvalConfig, run_eval
 from scorer.fit import FitOptions, fit_head
 from scorer.train import TrainOptions, train_base

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import io
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -14,17 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cff_inspect.broker import EmbeddedBroker
-from cff_inspect.demo import make_demo_dataset
-from cff_inspect.kafka import KafkaConfig, ensure_topics
+from inspection_core.kafka import KafkaConfig
 from inspection_pb.v1 import frames_pb2, results_pb2
 from scorer.artifact import save_head
 from scorer.backbones import load_backbone
+from scorer.demo import make_demo_dataset
 from scorer.fit import fit_head
 from scorer.images import load_image
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +34,8 @@ def demo_head(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def broker():
-    with EmbeddedBroker() as b:
-        cfg = KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:6]}.", partitions=4)
-        ensure_topics(cfg)
-        yield cfg
+def broker(start_broker) -> KafkaConfig:
+    return start_broker(partitions=4)
 
 
 def _png(path: Path) -> bytes:
@@ -73,34 +65,8 @@ def _frame(
     return f
 
 
-def _start_worker(cfg: KafkaConfig, head: Path, worker_id: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "cff_inspect",
-        "worker",
-        "--metrics-port",
-        "0",
-        "--head",
-        f"demo={head}",
-        "--bootstrap-servers",
-        cfg.bootstrap_servers,
-        "--topic-prefix",
-        cfg.topic_prefix,
-        "--partitions",
-        "4",
-        "--max-batch",
-        "4",
-        "--max-wait-ms",
-        "30",
-        "--worker-id",
-        worker_id,
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-    ]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def _worker_options(head: Path, worker_id: str) -> list[str]:
+    return ["--head", f"demo={head}", "--max-batch", "4", "--max-wait-ms", "30", "--worker-id", worker_id]
 
 
 def _collect(cfg: KafkaConfig, topic: str, want: int, timeout: float) -> list:
@@ -116,9 +82,11 @@ def _collect(cfg: KafkaConfig, topic: str, want: int, timeout: float) -> list:
     return out
 
 
-def test_every_frame_gets_one_result_and_bad_ones_are_dead_lettered(broker, demo_head, stop_gracefully) -> None:
+def test_every_frame_gets_one_result_and_bad_ones_are_dead_lettered(
+    broker, demo_head, start_worker, stop_gracefully
+) -> None:
     cat, head_path = demo_head
-    worker = _start_worker(broker, head_path, "w1")
+    worker = start_worker(broker, *_worker_options(head_path, "w1"))
     try:
         goods = sorted((cat / "test" / "good").glob("*.png"))
         bads = sorted((cat / "test" / "scratch").glob("*.png"))
@@ -169,30 +137,11 @@ def test_every_frame_gets_one_result_and_bad_ones_are_dead_lettered(broker, demo
     assert worker.returncode == 0, out.decode()[-3000:]
 
 
-def test_raw_frames_and_size_guard() -> None:
-    from workers.worker import BadFrame, WorkerConfig, decode_frame_image
-
-    cfg = WorkerConfig(max_pixels=10_000)
-    img = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
-    f = frames_pb2.Frame(frame_id="x", encoding=frames_pb2.ENCODING_RAW_RGB8, image=img.tobytes(), width=5, height=4)
-    assert np.array_equal(decode_frame_image(f, cfg), img)
-    f.width = 6
-    with pytest.raises(BadFrame, match="expected 72"):
-        decode_frame_image(f, cfg)
-    buf = io.BytesIO()
-    Image.new("L", (200, 200)).save(buf, format="PNG")
-    big = frames_pb2.Frame(frame_id="y", encoding=frames_pb2.ENCODING_PNG, image=buf.getvalue())
-    with pytest.raises(BadFrame, match="exceeds the limit"):
-        decode_frame_image(big, cfg)
-    with pytest.raises(BadFrame, match="unknown encoding"):
-        decode_frame_image(frames_pb2.Frame(frame_id="z", encoding=0, image=b"abc"), cfg)
-
-
-def test_two_workers_share_partitions_and_a_killed_one_loses_nothing(broker, demo_head) -> None:
+def test_two_workers_share_partitions_and_a_killed_one_loses_nothing(broker, demo_head, start_worker) -> None:
     cat, head_path = demo_head
     images = [_png(p) for p in sorted((cat / "test").rglob("*.png"))]
-    w1 = _start_worker(broker, head_path, "w1")
-    w2 = _start_worker(broker, head_path, "w2")
+    w1 = start_worker(broker, *_worker_options(head_path, "w1"))
+    start_worker(broker, *_worker_options(head_path, "w2"))  # the fixture stops it
     watch = broker.consumer(broker.topic("results"), group_id=None)
     results: list = []
 
@@ -231,15 +180,7 @@ def test_two_workers_share_partitions_and_a_killed_one_loses_nothing(broker, dem
         assert want <= got, f"{len(want - got)} of {len(want)} frames lost"
         print(f"results {len(results)} for {len(want)} frames, duplicates {len(results) - len(got)}")
     finally:
-        watch.close()
-        for w in (w1, w2):
-            if w.poll() is None:
-                w.send_signal(signal.SIGTERM)
-        for w in (w1, w2):
-            try:
-                w.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        watch.close()  # the start_worker fixture stops w2 (and reaps w1)
 
 
 def test_device_decode_scores_like_pil(tiny_vit, references) -> None:
@@ -247,7 +188,8 @@ def test_device_decode_scores_like_pil(tiny_vit, references) -> None:
     from types import SimpleNamespace
 
     from scorer.fit import fit_head
-    from workers.worker import ActiveHead, Worker, WorkerConfig, head_ref
+    from workers.config import ActiveHead, WorkerConfig, head_ref
+    from workers.worker import Worker
 
     head = fit_head(tiny_vit, references, method="knn")
     recs = []
@@ -276,9 +218,10 @@ def test_device_decode_scores_like_pil(tiny_vit, references) -> None:
 
 
 def test_bank_dtype_is_applied_to_every_head(tiny_vit, references) -> None:
-    from scorer.errors import ConfigError
+    from inspection_core.errors import ConfigError
     from scorer.fit import fit_head
-    from workers.worker import ActiveHead, Worker, WorkerConfig, head_ref
+    from workers.config import ActiveHead, WorkerConfig, head_ref
+    from workers.worker import Worker
 
     head = fit_head(tiny_vit, references, method="knn")
     kafka = KafkaConfig(bootstrap_servers="127.0.0.1:1")
@@ -290,19 +233,3 @@ def test_bank_dtype_is_applied_to_every_head(tiny_vit, references) -> None:
     assert w.heads["b"].ref.version == 2 and head.options.bank_dtype == "float32"  # the caller's head untouched
     with pytest.raises(ConfigError, match="bank_dtype must be"):
         WorkerConfig(bank_dtype="int8")
-
-
-def test_batched_device_decode_isolates_a_truncated_jpeg() -> None:
-    """One bad JPEG in a batch fails alone: the batch is retried image by image."""
-    import torch
-
-    from workers.worker import BadFrame, DeferredJpeg, decode_jpegs
-
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(buf, format="JPEG")
-    good = buf.getvalue()
-    cpu = torch.device("cpu")
-    out = decode_jpegs([DeferredJpeg(good, cpu), DeferredJpeg(good[:300], cpu), DeferredJpeg(good, cpu)])
-    assert isinstance(out[1], BadFrame) and "truncated" in str(out[1])
-    assert [tuple(o.shape) for o in (out[0], out[2])] == [(3, 64, 48), (3, 64, 48)]
-    assert all(o.dtype == torch.uint8 for o in (out[0], out[2]))

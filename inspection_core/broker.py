@@ -7,15 +7,20 @@ with every stored byte) and a restart loses every topic and offset. Point
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
-from cff_inspect.kafka import KafkaError
+from inspection_core.env import env_default
+from inspection_core.errors import KafkaError
+from inspection_core.kafka import KafkaConfig, add_topic_args, ensure_topics, quiet_kafka
+from inspection_core.runtime import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +106,24 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``cff-inspect broker``."""
+    p.add_argument("--port", type=int, default=env_default("broker_port", 9092, kind=int))
+    add_topic_args(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the embedded broker with the system's topics until SIGTERM/SIGINT."""
+    quiet_kafka()
+    stop = threading.Event()
+    stop_on_signals(stop)
+    with EmbeddedBroker(port=args.port) as b:
+        ensure_topics(
+            KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix=args.topic_prefix, partitions=args.partitions)
+        )
+        print(f"embedded broker (Tansu, memory storage, development only) on {b.bootstrap}", flush=True)
+        while not stop.is_set() and b.proc is not None and b.proc.poll() is None:
+            stop.wait(0.5)
+    return 0

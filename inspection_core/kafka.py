@@ -6,17 +6,16 @@ through from configuration. Secrets are never part of ``repr`` or logs.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from dataclasses import dataclass, field
 
-from scorer.errors import ConfigError, InspectionError
+from inspection_core.env import env_default
+from inspection_core.errors import ConfigError, KafkaError
 
 log = logging.getLogger(__name__)
-
-
-class KafkaError(InspectionError):
-    """The broker cannot be reached or refused a request."""
+TOPICS = ("frames", "results", "defects", "frames.dlq", "heads")
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -53,7 +52,7 @@ class KafkaConfig:
 
     @property
     def topics(self) -> dict[str, str]:
-        return {n: self.topic(n) for n in ("frames", "results", "defects", "frames.dlq", "heads")}
+        return {n: self.topic(n) for n in TOPICS}
 
     def client_kwargs(self) -> dict:
         """Keyword arguments common to kafka-python producers, consumers and admin clients."""
@@ -147,3 +146,34 @@ def ensure_topics(cfg: KafkaConfig) -> list[str]:
         return created
     finally:
         admin.close()
+
+
+def add_kafka_args(p: argparse.ArgumentParser) -> None:
+    """``--bootstrap-servers``, ``--topic-prefix``, ``--partitions``, read back by :func:`kafka_from`."""
+    p.add_argument(
+        "--bootstrap-servers",
+        default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS; default %(default)s)",
+    )
+    add_topic_args(p)
+
+
+def add_topic_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topic-prefix", default=env_default("topic_prefix", "inspection."))
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=env_default("partitions", 6, kind=int),
+        help="partitions for topics this process creates",
+    )
+
+
+def kafka_from(args: argparse.Namespace) -> KafkaConfig:
+    return KafkaConfig(
+        bootstrap_servers=args.bootstrap_servers, topic_prefix=args.topic_prefix, partitions=args.partitions
+    )
+
+
+def quiet_kafka() -> None:
+    """kafka-python logs every reconnect at INFO; services keep their own log readable."""
+    logging.getLogger("kafka").setLevel(logging.WARNING)

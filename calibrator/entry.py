@@ -1,0 +1,105 @@
+"""``cff-inspect calibrator``: options -> a frozen :class:`CalibratorSettings` -> the gRPC service."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from dataclasses import dataclass
+
+from calibrator.security import ServerSecurity, add_token_args, read_token
+from inspection_core.env import env_default
+from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
+from inspection_core.runtime import stop_on_signals
+from monitoring.http import add_metrics_args, broker_check, start_metrics
+from scorer.options import add_backbone_args, add_fit_precision_arg, backbone_from
+
+
+@dataclass(frozen=True)
+class CalibratorSettings:
+    store: str
+    host: str
+    port: int
+    security: ServerSecurity
+    kafka: KafkaConfig | None  # None: do not announce heads
+    base_head: str | None = None
+    advertised_address: str | None = None
+    max_shots: int = 16
+    fit_precision: str = "fp32"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=env_default("store", "heads"), help="head store folder (default: %(default)s)")
+    p.add_argument("--host", default=env_default("host", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=env_default("port", 50051, kind=int))
+    p.add_argument("--base-head", default=env_default("base_head"), help="base head from train-base")
+    p.add_argument(
+        "--advertised-address",
+        default=env_default("advertised_address"),
+        help="host:port workers download heads from (announced on the heads topic)",
+    )
+    p.add_argument("--no-kafka", action="store_true", help="do not announce heads on Kafka")
+    p.add_argument(
+        "--max-shots", type=int, default=env_default("max_shots", 16, kind=int), help="reference images per fit (limit)"
+    )
+    add_fit_precision_arg(p, "precision of head fits, whatever --precision scoring uses")
+    add_token_args(p, "require this bearer token on every call")
+    p.add_argument("--tls-cert", default=env_default("tls_cert"), help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", default=env_default("tls_key"), help="PEM private key for --tls-cert")
+    add_kafka_args(p)
+    add_metrics_args(p, "calibrator")
+    add_backbone_args(p)
+
+
+def settings_from(args: argparse.Namespace) -> CalibratorSettings:
+    return CalibratorSettings(
+        store=args.store,
+        host=args.host,
+        port=args.port,
+        security=ServerSecurity(
+            token=read_token(args.token, args.token_file), tls_cert=args.tls_cert, tls_key=args.tls_key
+        ),
+        kafka=None if args.no_kafka else kafka_from(args),
+        base_head=args.base_head,
+        advertised_address=args.advertised_address,
+        max_shots=args.max_shots,
+        fit_precision=args.fit_precision,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from calibrator.service import serve
+    from calibrator.store import HeadStore
+
+    s = settings_from(args)
+    bb = backbone_from(args)
+    if s.kafka is not None:
+        quiet_kafka()
+        ensure_topics(s.kafka)
+    server, port = serve(
+        HeadStore(s.store),
+        bb,
+        host=s.host,
+        port=s.port,
+        base_head_path=s.base_head,
+        kafka=s.kafka,
+        advertised_address=s.advertised_address,
+        security=s.security,
+        max_shots=s.max_shots,
+        fit_precision=s.fit_precision,
+    )
+    checks = {"backbone": lambda: (True, bb.spec)}
+    if s.kafka is not None:
+        checks["broker"] = broker_check(s.kafka.bootstrap_servers)
+    ms = start_metrics(args, "calibrator", **checks)
+    print(
+        f"calibrator serving {bb.spec} heads from {s.store} on {s.host}:{port} "
+        f"(TLS {'on' if s.security.tls else 'off'}, token {'required' if s.security.token else 'not required'})",
+        flush=True,
+    )
+    stop = threading.Event()
+    stop_on_signals(stop)
+    stop.wait()
+    server.stop(grace=10).wait()
+    if ms is not None:
+        ms.stop()
+    return 0

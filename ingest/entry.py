@@ -1,0 +1,97 @@
+"""``cff-inspect ingest``: options -> a frozen :class:`IngestSettings` -> cameras publishing to Kafka."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from inspection_core.env import env_default
+from inspection_core.errors import ConfigError
+from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
+from inspection_core.runtime import stop_on_signals
+from monitoring.http import Check, add_metrics_args, broker_check, start_metrics
+
+if TYPE_CHECKING:
+    from ingest.cameras import CameraConfig, Ingest
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    kafka: KafkaConfig
+    cameras: tuple[CameraConfig, ...]
+    buffer_size: int = 64
+    max_frames: int | None = None
+    duration_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.cameras:
+            raise ConfigError("no cameras: give --cameras FILE.toml or --camera ID=PRODUCT@SOURCE")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cameras", default=env_default("cameras"), help="TOML camera list ([[camera]] id, product, source, ...)"
+    )
+    p.add_argument("--camera", action="append", help="ID=PRODUCT@SOURCE[,fps=N] (repeatable)")
+    p.add_argument(
+        "--buffer-size",
+        type=int,
+        default=env_default("buffer_size", 64, kind=int),
+        help="bounded frame buffer; the oldest frame is dropped (and counted) when full",
+    )
+    p.add_argument("--max-frames", type=int, default=None, help="per camera, then stop")
+    p.add_argument("--duration", type=float, default=None, help="seconds, then stop")
+    add_kafka_args(p)
+    add_metrics_args(p, "ingest")
+
+
+def settings_from(args: argparse.Namespace) -> IngestSettings:
+    from ingest.cameras import load_cameras, parse_camera
+
+    cams = load_cameras(args.cameras) if args.cameras else []
+    cams += [parse_camera(c) for c in args.camera or []]
+    return IngestSettings(
+        kafka=kafka_from(args),
+        cameras=tuple(cams),
+        buffer_size=args.buffer_size,
+        max_frames=args.max_frames,
+        duration_s=args.duration,
+    )
+
+
+def ingest_checks(kafka: KafkaConfig, ing: Ingest) -> dict[str, Check]:
+    """Ready = the broker answers and at least one camera delivers frames."""
+
+    def cameras() -> tuple[bool, str]:
+        up = [c for c, ok in ing.stats.camera_up.items() if ok]
+        return bool(up), f"{len(up)}/{len(ing.cameras)} cameras up"
+
+    return {"broker": broker_check(kafka.bootstrap_servers), "cameras": cameras}
+
+
+def main(args: argparse.Namespace) -> int:
+    from ingest.cameras import Ingest  # noqa: F811 - the runtime import of the TYPE_CHECKING name
+
+    quiet_kafka()
+    s = settings_from(args)
+    ensure_topics(s.kafka)
+    ing = Ingest(s.kafka, list(s.cameras), buffer_size=s.buffer_size, max_frames=s.max_frames)
+    ms = start_metrics(args, "ingest", **ingest_checks(s.kafka, ing))
+    ing.start()
+    stop_on_signals(ing.stop_event)
+    deadline = time.monotonic() + s.duration_s if s.duration_s else None
+    while not ing.stop_event.is_set() and ing.running:
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        ing.stop_event.wait(0.5)
+    ing.stop()
+    if ms is not None:
+        ms.stop()
+    st = ing.stats
+    print(
+        f"captured {sum(st.captured.values())}, published {sum(st.published.values())}, "
+        f"dropped {sum(st.dropped.values())}, reconnects {sum(st.reconnects.values())}"
+    )
+    return 0

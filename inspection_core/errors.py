@@ -1,0 +1,37 @@
+"""One exception hierarchy for the whole system.
+
+Services subclass :class:`InspectionError` in their own packages; what more than one
+package raises (bad options, images, heads, the broker) is defined here, in the base. Every message names the file,
+product, backbone or option that was wrong, so a user never has to read a
+traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+
+class InspectionError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(InspectionError, ValueError):
+    """An option or flag has an invalid value."""
+
+
+class ImageError(InspectionError):
+    """An image or mask cannot be read or does not fit its partner."""
+
+
+class DatasetError(InspectionError):
+    """A dataset folder does not follow the MVTec AD layout or lacks what is needed."""
+
+
+class BackboneError(InspectionError):
+    """A backbone spec is unknown or its weights cannot be loaded."""
+
+
+class HeadError(InspectionError):
+    """A head artifact is invalid, corrupt or built for another backbone."""
+
+
+class KafkaError(InspectionError):
+    """The broker cannot be reached or refused a request."""

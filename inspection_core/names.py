@@ -1,0 +1,24 @@
+"""Closed sets of names that options, messages and metric labels share, so none is retyped."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+METHODS = ("knn", "aprilgan", "cff")  # head fitting methods, the default first (BENCHMARKS.md: knn is the best)
+# What `eval` compares: the deployable methods plus two baselines/ablations (scorer.evaluate says which is which)
+EVAL_METHODS = ("knn", "knn-mean", "knn-auto", "aprilgan", "cff", "cff-unguarded")
+PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast precisions
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: bf16 on a GPU or a CPU with bf16 units, else fp32
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+# Decompression-bomb guard for frames and uploaded images: more pixels, or a longer side, is refused.
+MAX_PIXELS = 40_000_000
+MAX_SIDE = 16384
+
+
+class DeadLetterReason(StrEnum):
+    """Why a message went to the dead-letter topic; the value is the metric label."""
+
+    NOT_A_FRAME = "not_a_frame"  # the bytes do not parse as a Frame
+    INVALID_PRODUCT = "invalid_product"  # a Frame whose product id breaks the id rule
+    BAD_IMAGE = "bad_image"  # empty, unknown encoding, zero-size, too large or undecodable

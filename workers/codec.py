@@ -1,0 +1,133 @@
+"""Stage 1, pre-processing: Kafka record -> checked Frame -> decoded image.
+
+Every refusal is a :class:`BadFrame` that carries its :class:`DeadLetterReason`, so the dead-letter
+topic's header, the result's reason and the metric label come from one place. No Kafka client and no
+scoring here.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from google.protobuf.message import DecodeError
+from PIL import Image
+
+from inspection_core.errors import ImageError, InspectionError
+from inspection_core.ids import PRODUCT_ID
+from inspection_core.names import DeadLetterReason
+from inspection_pb.v1 import frames_pb2
+from scorer.images import to_rgb_uint8
+from workers.config import WorkerConfig
+
+if TYPE_CHECKING:
+    import torch
+
+
+class BadFrame(InspectionError):
+    """A message or frame image that cannot be used; the message is the reason shown to people."""
+
+    def __init__(self, message: str, reason: DeadLetterReason = DeadLetterReason.BAD_IMAGE) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message for the dead-letter topic: the original key and bytes, and why."""
+
+    key: bytes | None
+    value: bytes
+    reason: DeadLetterReason
+    detail: str
+
+
+def parse_frame(value: bytes | None) -> frames_pb2.Frame:
+    """Bytes -> Frame with a frame id and a valid product id (else BadFrame: NOT_A_FRAME / INVALID_PRODUCT)."""
+    try:
+        frame = frames_pb2.Frame.FromString(value or b"")
+    except DecodeError as exc:
+        raise BadFrame(f"not a Frame: {exc}", DeadLetterReason.NOT_A_FRAME) from None
+    if not frame.frame_id:
+        raise BadFrame("not a Frame: no frame_id", DeadLetterReason.NOT_A_FRAME)
+    return frame
+
+
+def check_product(frame: frames_pb2.Frame) -> None:
+    if not PRODUCT_ID.fullmatch(frame.product_id):
+        raise BadFrame(f"invalid product id {frame.product_id!r}", DeadLetterReason.INVALID_PRODUCT)
+
+
+def ts_seconds(ts) -> float:  # noqa: ANN001 - protobuf Timestamp
+    return ts.seconds + ts.nanos / 1e9
+
+
+def is_stale(frame: frames_pb2.Frame, now: float, max_age_s: float) -> bool:
+    return frame.HasField("capture_time") and now - ts_seconds(frame.capture_time) > max_age_s
+
+
+@dataclass(frozen=True)
+class DeferredJpeg:
+    """A JPEG whose header passed the checks, to be decoded with the rest of its batch on ``device``."""
+
+    data: bytes
+    device: torch.device
+
+
+def decode_frame_image(
+    frame: frames_pb2.Frame, cfg: WorkerConfig, device: torch.device | None = None
+) -> np.ndarray | DeferredJpeg:
+    """H x W x 3 uint8 array; with ``device``, a checked JPEG is returned for :func:`decode_jpegs` there."""
+    if not frame.image:
+        raise BadFrame("empty image")
+    enc = frame.encoding
+    if enc == frames_pb2.ENCODING_RAW_RGB8:
+        w, h = frame.width, frame.height
+        if w == 0 or h == 0 or w * h > cfg.max_pixels:
+            raise BadFrame(f"raw frame size {w}x{h} is zero or too large")
+        if len(frame.image) != w * h * 3:
+            raise BadFrame(f"raw frame has {len(frame.image)} bytes, expected {w * h * 3} for {w}x{h}")
+        return np.frombuffer(frame.image, dtype=np.uint8).reshape(h, w, 3).copy()
+    if enc not in (frames_pb2.ENCODING_JPEG, frames_pb2.ENCODING_PNG):
+        raise BadFrame(f"unknown encoding {enc}")
+    try:
+        with Image.open(io.BytesIO(frame.image)) as im:
+            w, h = im.size
+            if w == 0 or h == 0 or w * h > cfg.max_pixels or max(w, h) > cfg.max_side:
+                raise BadFrame(f"image size {w}x{h} is zero or exceeds the limit ({cfg.max_pixels} pixels)")
+            if device is not None and enc == frames_pb2.ENCODING_JPEG and im.format == "JPEG":
+                return DeferredJpeg(frame.image, device)  # header checked: size within the limits
+            im.load()
+            return to_rgb_uint8(im, name=f"frame {frame.frame_id}")
+    except BadFrame:
+        raise
+    except (ImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadFrame(f"cannot decode image: {exc}") from None
+
+
+def decode_jpegs(jobs: list[DeferredJpeg]) -> list[torch.Tensor | BadFrame]:
+    """One batched torchvision decode per device (nvJPEG on a GPU); a failing batch is retried image by image."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list[torch.Tensor | BadFrame | None] = [None] * len(jobs)
+    by_dev: dict[str, list[int]] = defaultdict(list)
+    for i, j in enumerate(jobs):
+        by_dev[str(j.device)].append(i)
+    for dev, idx in by_dev.items():
+        data = [torch.frombuffer(bytearray(jobs[i].data), dtype=torch.uint8) for i in idx]
+        try:
+            imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+        except RuntimeError:
+            imgs = []
+            for t in data:
+                try:
+                    imgs.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=dev))
+                except RuntimeError as exc:
+                    imgs.append(BadFrame(f"cannot decode image: {exc}"))
+        for i, img in zip(idx, imgs, strict=True):
+            out[i] = img
+    return out  # type: ignore[return-value]  # every slot filled above

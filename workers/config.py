@@ -1,0 +1,67 @@
+"""What a worker runs with: its frozen settings and the heads it scores with."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from inspection_core.errors import ConfigError
+from inspection_core.ids import head_id
+from inspection_core.names import MAX_PIXELS, MAX_SIDE
+from inspection_pb.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from scorer.head import Head
+
+DEVICE_DECODE = ("auto", "always", "never")
+BANK_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    group_id: str = "cff-inspect-workers"
+    max_batch: int = 8
+    max_wait_ms: int = 50
+    max_age_s: float = 60.0  # older frames get STALE instead of being scored
+    max_pixels: int = MAX_PIXELS  # decompression-bomb guard
+    max_side: int = MAX_SIDE
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    heatmap_in_result: bool = False
+    evidence_dir: str | None = None
+    evidence_max_bytes: int = 1 << 30
+    # JPEG decode with torchvision on the scoring device: "auto" = when the head's backbone is on a GPU
+    # (decode and resize then never leave it), "always" (also on the CPU), "never" (PIL).
+    device_decode: str = "auto"
+    # Memory-bank search dtype: "auto" = bfloat16 when the head's backbone is on a GPU (scores within ~0.2 %
+    # of fp32, see BENCHMARKS.md), otherwise what the head was saved with.
+    bank_dtype: str = "auto"
+    publish_timeout_s: float = 30.0  # how long a batch's results may wait for the broker's acknowledgement
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_age_s <= 0:
+            raise ConfigError(f"max_age_s must be > 0, got {self.max_age_s}")
+        if self.bank_dtype not in BANK_DTYPES:
+            raise ConfigError(f"bank_dtype must be auto, float32, bfloat16 or float16, got {self.bank_dtype!r}")
+        if self.device_decode not in DEVICE_DECODE:
+            raise ConfigError(f"device_decode must be auto, always or never, got {self.device_decode!r}")
+        if self.publish_timeout_s <= 0:
+            raise ConfigError(f"publish_timeout_s must be > 0, got {self.publish_timeout_s}")
+
+
+@dataclass
+class ActiveHead:
+    """A head in service and the reference every result it scores carries."""
+
+    head: Head
+    ref: common_pb2.HeadRef
+
+
+def head_ref(product: str, head: Head, sha256: str = "", version: int | None = None) -> common_pb2.HeadRef:
+    v = int(version if version is not None else (head.meta.get("version") or 1))
+    return common_pb2.HeadRef(product_id=product, head_id=head_id(product, v), version=v, sha256=sha256)

@@ -1,0 +1,158 @@
+"""``cff-inspect worker``: options -> a frozen :class:`WorkerConfig` and heads -> the scoring loop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from calibrator.security import add_client_security_args, client_security_from
+from inspection_core.env import add_choice, env_default
+from inspection_core.errors import ConfigError, HeadError
+from inspection_core.ids import check_product_id
+from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
+from inspection_core.runtime import stop_on_signals
+from monitoring.http import Check, add_metrics_args, broker_check, start_metrics
+from scorer.options import add_backbone_args, resolve_device, resolve_precision
+from workers.config import BANK_DTYPES, DEVICE_DECODE, ActiveHead, WorkerConfig, head_ref
+
+if TYPE_CHECKING:
+    from scorer.backbones import Backbone
+    from workers.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--head",
+        action="append",
+        default=env_default("head", None, many=True),
+        help="PRODUCT=PATH of a head artifact (repeatable) until the calibrator serves heads",
+    )
+    p.add_argument("--group-id", default=env_default("group_id", "cff-inspect-workers"))
+    p.add_argument("--worker-id", default=env_default("worker_id"))
+    p.add_argument("--max-batch", type=int, default=env_default("max_batch", 8, kind=int))
+    p.add_argument("--max-wait-ms", type=int, default=env_default("max_wait_ms", 50, kind=int))
+    p.add_argument(
+        "--max-age-s",
+        type=float,
+        default=env_default("max_age_s", 60.0, kind=float),
+        help="frames older than this get a STALE result instead of being scored",
+    )
+    p.add_argument("--evidence-dir", default=env_default("evidence_dir"), help="archive defect JPEGs and overlays here")
+    p.add_argument("--heatmap-in-result", action="store_true", help="attach an 8-bit PNG heatmap to each result")
+    add_choice(
+        p,
+        "--device-decode",
+        DEVICE_DECODE,
+        "auto",
+        "decode JPEGs with torchvision on the scoring device (auto: when it is a GPU)",
+    )
+    add_choice(
+        p,
+        "--bank-dtype",
+        BANK_DTYPES,
+        "auto",
+        "memory-bank search dtype (auto: bfloat16 on a GPU, the head's own on the CPU)",
+    )
+    p.add_argument(
+        "--no-follow-heads",
+        dest="follow_heads",
+        action="store_false",
+        help="do not take heads announced by the calibrator on the heads topic",
+    )
+    add_kafka_args(p)
+    add_client_security_args(p)
+    add_metrics_args(p, "worker")
+    add_backbone_args(p, default=None)
+
+
+def config_from(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        group_id=args.group_id,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_age_s=args.max_age_s,
+        evidence_dir=args.evidence_dir,
+        heatmap_in_result=args.heatmap_in_result,
+        device_decode=args.device_decode,
+        bank_dtype=args.bank_dtype,
+        **({"worker_id": args.worker_id} if args.worker_id else {}),
+    )
+
+
+def load_file_heads(
+    specs: list[str], backbone_override: str | None, weights: str | None, device: str, precision: str = "fp32"
+) -> tuple[Backbone, dict[str, ActiveHead]]:
+    """``PRODUCT=PATH`` pairs -> (backbone, {product: ActiveHead}); heads for another backbone are skipped."""
+    from scorer.artifact import file_sha256, load_head, read_manifest
+    from scorer.backbones import load_backbone
+
+    pairs = []
+    for s in specs:
+        if "=" not in s:
+            raise ConfigError(f"--head expects PRODUCT=PATH, got {s!r}")
+        product, path = s.split("=", 1)
+        pairs.append((check_product_id(product), path, read_manifest(path)))
+    if not pairs and not backbone_override:
+        raise ConfigError("a worker needs --head PRODUCT=PATH (or --backbone to start without heads)")
+    spec = backbone_override or pairs[0][2]["backbone"]
+    size = next((m["image_size"] for _, _, m in pairs if m["backbone"] == spec), None)
+    bb = load_backbone(spec, weights=weights, image_size=size, device=device).set_precision(precision)
+    heads = {}
+    for product, path, _m in pairs:
+        try:
+            h = load_head(path, bb)
+        except HeadError as exc:
+            log.warning("ignoring head for %s: %s", product, exc)
+            continue
+        heads[product] = ActiveHead(h, head_ref(product, h, file_sha256(path)))
+    return bb, heads
+
+
+def worker_checks(kafka: KafkaConfig, worker: Worker) -> dict[str, Check]:
+    """Ready = the broker answers, the worker holds at least one head and polls the broker."""
+
+    def heads() -> tuple[bool, str]:
+        names = sorted(worker.heads)
+        return (bool(names), ", ".join(f"{p} v{worker.heads[p].ref.version}" for p in names) or "no head loaded")
+
+    def consuming() -> tuple[bool, str]:
+        t = worker.last_poll_ok
+        if t is None:
+            return False, "not polling yet (joining the consumer group)"
+        age = time.monotonic() - t
+        return age < 30, f"last poll {age:.1f}s ago"
+
+    return {"broker": broker_check(kafka.bootstrap_servers), "heads": heads, "consuming": consuming}
+
+
+def main(args: argparse.Namespace) -> int:
+    from workers.heads import HeadFollower
+    from workers.worker import Worker  # noqa: F811 - the runtime import of the TYPE_CHECKING name
+
+    quiet_kafka()
+    kafka = kafka_from(args)
+    cfg = config_from(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    bb, heads = load_file_heads(args.head or [], args.backbone, args.weights, dev, resolve_precision(args, dev))
+    if args.compile != "off":
+        bb.enable_compile(args.compile)
+    ensure_topics(kafka)
+    w = Worker(kafka, cfg, heads)
+    ms = start_metrics(args, "worker", **worker_checks(kafka, w))
+    stop_on_signals(w.stop_event)
+    if args.follow_heads:
+        HeadFollower(kafka, w, bb, client_security_from(args)).start()
+    try:
+        w.run()
+    finally:
+        if ms is not None:
+            ms.stop()
+    return 0
