@@ -399,14 +399,18 @@ def held_out_set(
 ) -> HeldOut:
     lb = opts.score.letterbox
     k = len(refs)
-    if k >= 2:
-        normals, normal_src, how = ref_feats, list(range(k)), "leave-one-out"
-    else:
-        rng = np.random.default_rng(seed + 101)
-        views = [_augment(refs[0], rng) for _ in range(max(1, opts.n_augment_k1))]
-        normals, normal_src, how = backbone.embed(views, letterbox=lb), [None] * len(views), "augmented views"
-    synth = synthesize(refs, opts.n_validation, seed + 7919)
-    anomalies = backbone.embed([x[0] for x in synth], letterbox=lb)
+    # Nothing is trained on the held-out set: it is embedded at the precision the head will score frames at
+    # (the backbone's own; bf16 on GPUs and bf16 CPUs, 1.8x faster here), so the thresholds are set on the
+    # scores production sees. The references themselves stay at the fit's precision.
+    with backbone.precision_scope(backbone.precision):
+        if k >= 2:
+            normals, normal_src, how = ref_feats, list(range(k)), "leave-one-out"
+        else:
+            rng = np.random.default_rng(seed + 101)
+            views = [_augment(refs[0], rng) for _ in range(max(1, opts.n_augment_k1))]
+            normals, normal_src, how = backbone.embed(views, letterbox=lb), [None] * len(views), "augmented views"
+        synth = synthesize(refs, opts.n_validation, seed + 7919)
+        anomalies = backbone.embed([x[0] for x in synth], letterbox=lb)
     masks = _mask_targets([x[1] for x in synth], opts.score.map_size).numpy() > 0.5
     src: list[int | None] = [x[2] if k >= 2 else None for x in synth]
     return HeldOut(normals, normal_src, anomalies, src, masks, how)
