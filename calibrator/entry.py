@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from calibrator.security import ServerSecurity, add_token_args, read_token
 from inspection_core.env import env_default
+from inspection_core.errors import ConfigError
 from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
 from inspection_core.runtime import stop_on_signals
+from inspection_core.trust import HeadSigner, read_key
 from monitoring.http import add_metrics_args, broker_check, start_metrics
 from scorer.options import add_backbone_args, add_fit_precision_arg, backbone_from
 
@@ -25,6 +27,12 @@ class CalibratorSettings:
     advertised_address: str | None = None
     max_shots: int = 16
     fit_precision: str = "fp32"
+    heads_key: bytes | None = field(default=None, repr=False)  # signs head announcements
+    reannounce_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.reannounce_s < 0:
+            raise ConfigError(f"reannounce interval must be >= 0 seconds, got {self.reannounce_s}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +46,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="host:port workers download heads from (announced on the heads topic)",
     )
     p.add_argument("--no-kafka", action="store_true", help="do not announce heads on Kafka")
+    p.add_argument(
+        "--heads-key-file",
+        default=env_default("heads_key_file"),
+        help="sign head announcements with this shared key (workers verify with the same file)",
+    )
+    p.add_argument(
+        "--reannounce-s",
+        type=float,
+        default=env_default("reannounce_s", 30.0, kind=float),
+        help="re-announce active heads this often, so a broker that lost the heads topic is refilled "
+        "(0 = only at start and on changes; default %(default)s)",
+    )
     p.add_argument(
         "--max-shots", type=int, default=env_default("max_shots", 16, kind=int), help="reference images per fit (limit)"
     )
@@ -63,6 +83,8 @@ def settings_from(args: argparse.Namespace) -> CalibratorSettings:
         advertised_address=args.advertised_address,
         max_shots=args.max_shots,
         fit_precision=args.fit_precision,
+        heads_key=read_key(args.heads_key_file) if args.heads_key_file else None,
+        reannounce_s=args.reannounce_s,
     )
 
 
@@ -86,6 +108,8 @@ def main(args: argparse.Namespace) -> int:
         security=s.security,
         max_shots=s.max_shots,
         fit_precision=s.fit_precision,
+        signer=HeadSigner(s.heads_key) if s.heads_key is not None else None,
+        reannounce_s=s.reannounce_s,
     )
     checks = {"backbone": lambda: (True, bb.spec)}
     if s.kafka is not None:

@@ -18,6 +18,7 @@ import grpc
 
 from inspection_core.env import env_default
 from inspection_core.errors import ConfigError
+from inspection_core.trust import is_loopback
 
 log = logging.getLogger(__name__)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -161,17 +162,12 @@ class ClientSecurity:
                 address, grpc.ssl_channel_credentials(root_certificates=_read(self.tls_ca, "TLS CA")), options=opts
             )
         else:
-            if self.token and not _is_loopback(address):
+            if self.token and not is_loopback(address):
                 log.warning("sending the calibrator token to %s without TLS; set --tls-ca", address)
             ch = grpc.insecure_channel(address, options=opts)
         if self.token:
             ch = grpc.intercept_channel(ch, _AuthClientInterceptor(self.token))
         return ch
-
-
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def add_token_args(p: argparse.ArgumentParser, what: str) -> None:

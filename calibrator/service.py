@@ -28,6 +28,7 @@ from calibrator.store import HeadStore, StoreError, manifest_ref
 from inspection_core.errors import ConfigError, HeadError, ImageError
 from inspection_core.ids import check_product_id
 from inspection_core.names import METHODS
+from inspection_core.trust import HeadSigner
 from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc
 from monitoring import metrics
 from scorer.artifact import load_head
@@ -397,8 +398,14 @@ def serve(
     security: ServerSecurity | None = None,
     max_shots: int = MAX_SHOTS,
     fit_precision: str = "fp32",
+    signer: HeadSigner | None = None,
+    reannounce_s: float = 30.0,
 ) -> tuple[grpc.Server, int]:
-    """Start the service; returns (server, bound port). ``port=0`` picks a free port."""
+    """Start the service; returns (server, bound port). ``port=0`` picks a free port.
+
+    With ``kafka``, active heads are announced now and every ``reannounce_s`` seconds (0: only at start and on
+    changes), signed with ``signer`` when given; ``server.stop`` also stops the repeats.
+    """
     security = security or ServerSecurity()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
@@ -422,9 +429,7 @@ def serve(
         raise ConfigError(f"max_shots must be in 1..64, got {max_shots}")
     creds = security.credentials()
     try:
-        bound = (
-            server.add_secure_port(f"{host}:{port}", creds) if creds else server.add_insecure_port(f"{host}:{port}")
-        )
+        bound = server.add_secure_port(f"{host}:{port}", creds) if creds else server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -434,9 +439,18 @@ def serve(
         from calibrator.announce import Announcer
 
         address = advertised_address or f"{socket.getfqdn() if host in ('0.0.0.0', '::', '[::]') else host}:{bound}"
-        service.announcer = Announcer(kafka, address)
-        n = service.announcer.announce_all(store)
-        log.info("re-announced %d active heads", n)
+        announcer = Announcer(kafka, address, signer)
+        service.announcer = announcer
+        n = announcer.announce_all(store)
+        log.info("re-announced %d active heads%s", n, " (signed)" if signer is not None else "")
+        announcer.repeat_every(store, reannounce_s)
+        stop = server.stop
+
+        def stop_all(grace: float | None) -> threading.Event:
+            announcer.stop()
+            return stop(grace)
+
+        server.stop = stop_all  # type: ignore[method-assign]
     hs.set("", health_pb2.HealthCheckResponse.SERVING)
     hs.set(names[0], health_pb2.HealthCheckResponse.SERVING)
     return server, bound

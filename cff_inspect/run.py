@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import secrets
 import signal
 import sys
 import threading
@@ -116,6 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from inspection_core.ids import head_id
     from inspection_core.kafka import KafkaConfig, ensure_topics, quiet_kafka
     from inspection_core.runtime import wait_for
+    from inspection_core.trust import HeadSigner, HeadTrust
     from monitoring.http import MetricsServer
     from monitoring.prom import Prometheus, find_prometheus
     from scorer.data import discover, draw_references
@@ -154,7 +156,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         bb = backbone_from(args)
         refs = draw_references(cat.train, args.shots, 0)
         store = HeadStore(out / "heads")
-        server, cal_port = serve(store, bb, port=args.calibrator_port, kafka=kafka)
+        # One process, so the heads key never touches a disk: announcements are signed and the worker pins the
+        # calibrator, as a plant deployment should (README: Security).
+        heads_key = secrets.token_bytes(32)
+        server, cal_port = serve(store, bb, port=args.calibrator_port, kafka=kafka, signer=HeadSigner(heads_key))
         calibrator = f"127.0.0.1:{cal_port}"
         print(f"calibrator on {calibrator} (store {out / 'heads'})", file=sys.stderr, flush=True)
         worker = Worker(
@@ -178,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 ).start()
                 summary["prometheus"] = prom.url
                 print(f"prometheus on {prom.url} (rules and alerts loaded)", file=sys.stderr, flush=True)
-        HeadFollower(kafka, worker, bb).start()
+        HeadFollower(kafka, worker, bb, trust=HeadTrust(key=heads_key, addresses=(calibrator,))).start()
         ready = threading.Event()
         wt = threading.Thread(target=worker.run, kwargs={"ready": ready}, name="worker", daemon=True)
         wt.start()

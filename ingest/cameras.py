@@ -180,6 +180,7 @@ class Ingest:
         buffer_size: int = 64,
         max_frames: int | None = None,
         backoff_max_s: float = 30.0,
+        publish_timeout_s: float = 30.0,
     ) -> None:
         if buffer_size < 1:
             raise ConfigError(f"buffer_size must be >= 1, got {buffer_size}")
@@ -189,6 +190,8 @@ class Ingest:
         self.buffer_size = buffer_size
         self.max_frames = max_frames
         self.backoff_max_s = backoff_max_s
+        self.publish_timeout_s = publish_timeout_s
+        self.publish_error: str | None = None  # why publishing fails, while it does
         self.stats = IngestStats()
         metrics.init_zero_series(cameras=tuple(c.id for c in cameras))
         self.stop_event = threading.Event()
@@ -253,8 +256,17 @@ class Ingest:
                 backoff = min(self.backoff_max_s, backoff * 2)
 
     def _sender(self) -> None:
+        """Publish the buffer's oldest frame until acknowledged; on failure keep it, drop the producer and back off.
+
+        A fresh producer per failure matters: after a broker restart the old client's idempotent session
+        fails for good (``InitProducerIdResponse UnknownError`` forever), and a broker that lost its topics
+        gets them back from :func:`ensure_topics`. ``publish_error`` (readiness) says why while it fails.
+        """
+        from inspection_core.kafka import discard_producer, ensure_topics
+
         producer = None
         topic = self.kafka.topic("frames")
+        failures = 0
         while True:
             with self._cv:
                 while not self.buffer and not (self.stop_event.is_set() or self._cameras_done()):
@@ -264,22 +276,46 @@ class Ingest:
                 frame = self.buffer[0]
             try:
                 if producer is None:
+                    if failures:
+                        ensure_topics(self.kafka)
                     producer = self.kafka.producer()
-                producer.send(topic, key=frame.camera_id.encode(), value=frame.SerializeToString()).get(timeout=30)
+                producer.send(topic, key=frame.camera_id.encode(), value=frame.SerializeToString()).get(
+                    timeout=self.publish_timeout_s
+                )
             except Exception as exc:  # broker slow or down: keep the frame, back off, buffer stays bounded
-                log.warning("publishing to %s failed (%s); buffering", self.kafka.bootstrap_servers, exc)
-                self.stop_event.wait(1.0)
-                if self.stop_event.is_set():
+                failures += 1
+                self.publish_error = f"{type(exc).__name__}: {exc}"
+                metrics.INGEST_PUBLISH_FAILURES.inc()
+                delay = min(self.backoff_max_s, 0.5 * 2 ** min(failures - 1, 6))
+                if failures == 1 or failures % 10 == 0:
+                    log.warning(
+                        "publishing to %s failed (%s); buffering, new producer in %.1fs (attempt %d)",
+                        self.kafka.bootstrap_servers,
+                        self.publish_error,
+                        delay,
+                        failures,
+                    )
+                if producer is not None:
+                    discard_producer(producer)
+                    producer = None
+                if self.stop_event.wait(delay):
                     break
                 continue
+            if failures:
+                log.info("publishing to %s again after %d failed attempts", self.kafka.bootstrap_servers, failures)
+            failures = 0
+            self.publish_error = None
             with self._cv:
                 if self.buffer and self.buffer[0] is frame:
                     self.buffer.popleft()
                 self.stats.publish(frame.camera_id)
                 metrics.INGEST_BUFFER.set(len(self.buffer))
         if producer is not None:
-            producer.flush(10)
-            producer.close(10)
+            try:
+                producer.flush(10)
+                producer.close(10)
+            except Exception as exc:  # noqa: BLE001 - shutting down: say so, do not hide the summary
+                log.warning("closing the producer failed: %s", exc)
         self._drop_remaining()
 
     def _drop_remaining(self) -> None:

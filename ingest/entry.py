@@ -62,13 +62,17 @@ def settings_from(args: argparse.Namespace) -> IngestSettings:
 
 
 def ingest_checks(kafka: KafkaConfig, ing: Ingest) -> dict[str, Check]:
-    """Ready = the broker answers and at least one camera delivers frames."""
+    """Ready = the broker answers, at least one camera delivers frames and the last publish was acknowledged."""
 
     def cameras() -> tuple[bool, str]:
         up = [c for c, ok in ing.stats.camera_up.items() if ok]
         return bool(up), f"{len(up)}/{len(ing.cameras)} cameras up"
 
-    return {"broker": broker_check(kafka.bootstrap_servers), "cameras": cameras}
+    def publishing() -> tuple[bool, str]:
+        err = ing.publish_error
+        return (err is None, f"{len(ing.buffer)} frames buffered" if err is None else f"publishing fails: {err[:200]}")
+
+    return {"broker": broker_check(kafka.bootstrap_servers), "cameras": cameras, "publishing": publishing}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from inspection_core.env import env_default
+from inspection_core.env import env_default, env_name
 from inspection_core.errors import ConfigError, KafkaError
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,27 @@ class KafkaConfig:
             raise KafkaError(f"cannot create a consumer for {self.bootstrap_servers}: {exc}") from None
 
 
+def discard_producer(producer) -> None:  # noqa: ANN001 - a kafka-python KafkaProducer
+    """Throw away a producer whose broker failed it, without waiting for what it still holds.
+
+    kafka-python's ``close(0)`` flushes first and raises ``KafkaTimeoutError`` while records are pending, before
+    it stops its sender thread, and its ``__del__`` then tries (and fails) again. The caller keeps the records
+    itself and sends them with a new producer, so here the sender is stopped at once.
+    """
+    try:
+        producer.close(0)
+        return
+    except Exception:  # noqa: BLE001 - pending records or a dead connection: force it below
+        pass
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        try:
+            sender.force_close()
+        except Exception:  # noqa: BLE001
+            pass
+    producer._closed = True  # what close() sets last; stops __del__ from closing again
+
+
 def ensure_topics(cfg: KafkaConfig) -> list[str]:
     """Create the system's topics that are missing; returns the names created."""
     from kafka.admin import KafkaAdminClient, NewTopic
@@ -175,5 +196,10 @@ def kafka_from(args: argparse.Namespace) -> KafkaConfig:
 
 
 def quiet_kafka() -> None:
-    """kafka-python logs every reconnect at INFO; services keep their own log readable."""
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    """kafka-python logs every reconnect (at ERROR, once a second while a broker is down); the services report
+    broker trouble themselves, rate-limited, and in readiness. ``CFF_INSPECT_KAFKA_LOG_LEVEL=INFO`` brings the
+    client's own lines back for debugging."""
+    level = os.environ.get(env_name("kafka_log_level"), "CRITICAL").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"{env_name('kafka_log_level')}={level!r} is not a log level (DEBUG ... CRITICAL)")
+    logging.getLogger("kafka").setLevel(level)

@@ -42,6 +42,10 @@ FRAMES_DROPPED = Counter(
     "Frames dropped before reaching the broker (reason: buffer_full, shutdown)",
     ["camera", "reason"],
 )
+INGEST_PUBLISH_FAILURES = Counter(
+    "inspection_ingest_publish_failures_total",
+    "Publish attempts the broker did not acknowledge (the frame stays buffered, the producer is recreated)",
+)
 CAMERA_UP = Gauge("inspection_camera_up", "1 while the camera source delivers frames, 0 while reconnecting", ["camera"])
 CAMERA_RECONNECTS = Counter("inspection_camera_reconnects_total", "Camera source reconnect attempts", ["camera"])
 INGEST_BUFFER = Gauge("inspection_ingest_buffer_frames", "Frames waiting in the bounded ingest buffer")
@@ -83,9 +87,23 @@ HEAD_INFO = Gauge(
     "inspection_active_head_info", "1 for the head version a worker scores a product with", ["product", "version"]
 )
 HEAD_VERSION = Gauge("inspection_active_head_version", "Active head version per product (numeric)", ["product"])
+# backbone: built for another backbone; sha256: the artifact is not the announced one; download: the calibrator
+# did not serve it; invalid: bad artifact, id or record; signature: unsigned or wrongly signed announcement;
+# address: names a calibrator this worker does not trust; replay: older than the announcement already applied.
+RECORDS_DROPPED = Counter(
+    "inspection_worker_records_dropped_total",
+    "Records a worker could not publish and skipped (topic: results, defects, frames.dlq; reason: too_large)",
+    ["topic", "reason"],
+)
+PUBLISH_FAILURES = Counter(
+    "inspection_worker_publish_failures_total",
+    "Batches the broker did not acknowledge; each is kept and published again with a fresh producer",
+)
+COMMIT_FAILURES = Counter("inspection_worker_commit_failures_total", "Offset commits the broker refused")
+HEAD_REFUSALS = ("backbone", "sha256", "download", "invalid", "signature", "address", "replay")
 HEADS_REFUSED = Counter(
     "inspection_heads_refused_total",
-    "Announced heads a worker did not apply (reason: backbone, sha256, download, invalid)",
+    "Announced heads a worker did not apply (reason: one of HEAD_REFUSALS)",
     ["reason"],
 )
 HEAD_SWAPS = Counter("inspection_head_swaps_total", "Heads swapped in between batches", ["product"])
@@ -135,8 +153,10 @@ def init_zero_series(*, cameras: tuple[str, ...] = (), worker: bool = False) -> 
     if worker:
         for dl in DeadLetterReason:
             DEAD_LETTERED.labels(reason=dl.value).inc(0)
-        for reason in ("backbone", "sha256", "download", "invalid"):
+        for reason in HEAD_REFUSALS:
             HEADS_REFUSED.labels(reason=reason).inc(0)
+        for topic in ("results", "defects", "frames.dlq"):
+            RECORDS_DROPPED.labels(topic=topic, reason="too_large").inc(0)
 
 
 def status_label(name: str) -> str:

@@ -38,6 +38,9 @@ class WorkerConfig:
     # of fp32, see BENCHMARKS.md), otherwise what the head was saved with.
     bank_dtype: str = "auto"
     publish_timeout_s: float = 30.0  # how long a batch's results may wait for the broker's acknowledgement
+    # A dead letter keeps at most this much of the bad record: far below any broker's message limit, and
+    # enough to see what was sent.
+    dlq_max_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -50,6 +53,8 @@ class WorkerConfig:
             raise ConfigError(f"bank_dtype must be auto, float32, bfloat16 or float16, got {self.bank_dtype!r}")
         if self.device_decode not in DEVICE_DECODE:
             raise ConfigError(f"device_decode must be auto, always or never, got {self.device_decode!r}")
+        if not 1024 <= self.dlq_max_bytes <= 8 << 20:
+            raise ConfigError(f"dlq_max_bytes must be in 1 KiB..8 MiB, got {self.dlq_max_bytes}")
         if self.publish_timeout_s <= 0:
             raise ConfigError(f"publish_timeout_s must be > 0, got {self.publish_timeout_s}")
 

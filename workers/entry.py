@@ -13,6 +13,7 @@ from inspection_core.errors import ConfigError, HeadError
 from inspection_core.ids import check_product_id
 from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
 from inspection_core.runtime import stop_on_signals
+from inspection_core.trust import HeadTrust, read_key
 from monitoring.http import Check, add_metrics_args, broker_check, start_metrics
 from scorer.options import add_backbone_args, resolve_device, resolve_precision
 from workers.config import BANK_DTYPES, DEVICE_DECODE, ActiveHead, WorkerConfig, head_ref
@@ -58,6 +59,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "memory-bank search dtype (auto: bfloat16 on a GPU, the head's own on the CPU)",
     )
     p.add_argument(
+        "--calibrator-address",
+        action="append",
+        default=env_default("calibrator_address", None, many=True),
+        help="HOST:PORT of a calibrator this worker may download heads from (repeatable; env: space-separated); "
+        "announcements naming any other address are refused (without one, only loopback calibrators)",
+    )
+    p.add_argument(
+        "--heads-key-file",
+        default=env_default("heads_key_file"),
+        help="accept only head announcements signed with this shared key (the calibrator's --heads-key-file)",
+    )
+    p.add_argument(
         "--no-follow-heads",
         dest="follow_heads",
         action="store_false",
@@ -80,6 +93,13 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
         device_decode=args.device_decode,
         bank_dtype=args.bank_dtype,
         **({"worker_id": args.worker_id} if args.worker_id else {}),
+    )
+
+
+def trust_from(args: argparse.Namespace) -> HeadTrust:
+    return HeadTrust(
+        key=read_key(args.heads_key_file) if args.heads_key_file else None,
+        addresses=tuple(args.calibrator_address or ()),
     )
 
 
@@ -113,7 +133,8 @@ def load_file_heads(
 
 
 def worker_checks(kafka: KafkaConfig, worker: Worker) -> dict[str, Check]:
-    """Ready = the broker answers, the worker holds at least one head and polls the broker."""
+    """Ready = the broker answers, the worker holds at least one head, polls the broker and its results are
+    acknowledged (false from the first failed publish until one succeeds)."""
 
     def heads() -> tuple[bool, str]:
         names = sorted(worker.heads)
@@ -126,7 +147,16 @@ def worker_checks(kafka: KafkaConfig, worker: Worker) -> dict[str, Check]:
         age = time.monotonic() - t
         return age < 30, f"last poll {age:.1f}s ago"
 
-    return {"broker": broker_check(kafka.bootstrap_servers), "heads": heads, "consuming": consuming}
+    def publishing() -> tuple[bool, str]:
+        err = worker.publish_error
+        return (err is None, "results acknowledged" if err is None else f"publishing fails: {err[:200]}")
+
+    return {
+        "broker": broker_check(kafka.bootstrap_servers),
+        "heads": heads,
+        "consuming": consuming,
+        "publishing": publishing,
+    }
 
 
 def main(args: argparse.Namespace) -> int:
@@ -136,6 +166,7 @@ def main(args: argparse.Namespace) -> int:
     quiet_kafka()
     kafka = kafka_from(args)
     cfg = config_from(args)
+    trust = trust_from(args)  # bad key files and addresses fail before any model is loaded
     if args.threads:
         import torch
 
@@ -149,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
     ms = start_metrics(args, "worker", **worker_checks(kafka, w))
     stop_on_signals(w.stop_event)
     if args.follow_heads:
-        HeadFollower(kafka, w, bb, client_security_from(args)).start()
+        HeadFollower(kafka, w, bb, client_security_from(args), trust).start()
     try:
         w.run()
     finally:

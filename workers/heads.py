@@ -1,9 +1,12 @@
 """Workers learn heads from the compacted ``heads`` topic and download them over gRPC.
 
 Each announcement names the product's active head version, its sha256 and the
-calibrator address. The worker downloads the artifact, verifies the sha256 and
-that it was built for this worker's backbone, and swaps it in between batches; a
-head for another backbone is ignored with a log line and a counter.
+calibrator address. The worker checks the announcement's signature and that the
+address is one it trusts (:mod:`inspection_core.trust`), downloads the artifact,
+verifies the sha256 and that it was built for this worker's backbone, and swaps it
+in between batches; a head for another backbone is ignored with a log line and a
+counter. Nothing from an announcement becomes a path: the temporary artifact file is
+named from the checked product id and version, in a folder deleted once the head is loaded.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ import tempfile
 import threading
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from calibrator.client import CalibratorClient, CalibratorError
 from calibrator.security import ClientSecurity
-from inspection_core.errors import HeadError
+from inspection_core.errors import ConfigError, HeadError, InspectionError
+from inspection_core.ids import check_product_id, head_id
 from inspection_core.kafka import KafkaConfig
+from inspection_core.trust import HeadTrust, TrustError
 from inspection_pb.v1 import heads_pb2
 from monitoring import metrics
 from scorer.artifact import load_head
@@ -34,22 +41,75 @@ def download(address: str, product: str, version: int, security: ClientSecurity 
 
 
 class HeadFollower(threading.Thread):
+    """Applies announcements from the heads topic that pass :class:`HeadTrust` (signature, pinned address)."""
+
     def __init__(
-        self, kafka: KafkaConfig, worker: Worker, backbone: Backbone, security: ClientSecurity | None = None
+        self,
+        kafka: KafkaConfig,
+        worker: Worker,
+        backbone: Backbone,
+        security: ClientSecurity | None = None,
+        trust: HeadTrust | None = None,
     ) -> None:
         super().__init__(name="head-follower", daemon=True)
         self.security = security
+        self.trust = trust or HeadTrust()
         self.kafka = kafka
         self.worker = worker
         self.backbone = backbone
         self.stop = worker.stop_event
-        self.dir = Path(tempfile.mkdtemp(prefix="cff-heads-"))
+        self._seen: dict[str, float] = {}  # product -> announcement time of the last one applied
+        if not self.trust.signed:
+            log.warning(
+                "head announcements are not authenticated: anyone who can write %s can change this worker's "
+                "heads; give the calibrator and the workers the same --heads-key-file",
+                kafka.topic("heads"),
+            )
+
+    def _refuse(self, reason: str, counter: str, message: str) -> None:
+        self.worker.counters[counter] += 1
+        metrics.HEADS_REFUSED.labels(reason=reason).inc()
+        raise HeadError(message)
+
+    def receive(self, key: bytes | None, value: bytes, headers: list | None = None) -> None:
+        """One record of the heads topic: verified, parsed, checked and applied (raises what it refuses)."""
+        try:
+            self.trust.check_signature(key, value, headers)
+        except TrustError as exc:
+            self._refuse("signature", "heads_bad_signature", f"head announcement for {_short(key)}: {exc}")
+        try:
+            a = heads_pb2.HeadAnnouncement.FromString(value)
+        except DecodeError:
+            self._refuse("invalid", "heads_unparseable", f"record {_short(key)} is not a HeadAnnouncement")
+        if key is not None and key != a.head.product_id.encode():
+            self._refuse(
+                "invalid", "heads_key_mismatch", f"record key {_short(key)} does not match its product in the value"
+            )
+        self.apply(a)
 
     def apply(self, a: heads_pb2.HeadAnnouncement) -> None:
-        product = a.head.product_id
+        try:
+            product = check_product_id(a.head.product_id)
+        except ConfigError as exc:
+            self._refuse("invalid", "heads_bad_id", f"head announcement refused: {exc}")
+        t = a.activated_time.seconds + a.activated_time.nanos / 1e9
+        if t < self._seen.get(product, float("-inf")):
+            self._refuse(
+                "replay",
+                "heads_replayed",
+                f"head announcement for {product} v{a.head.version} is older than the one already applied",
+            )
         if not a.active:
+            self._seen[product] = t
             self.worker.remove_head(product)
             return
+        if a.head.version < 1 or a.head.head_id != head_id(product, a.head.version):
+            self._refuse(
+                "invalid",
+                "heads_bad_id",
+                f"head announcement for {product}: head id {a.head.head_id[:80]!r} is not "
+                f"{head_id(product, max(1, a.head.version))!r}",
+            )
         if a.backbone != self.backbone.spec:
             self.worker.counters["heads_ignored_backbone"] += 1
             metrics.HEADS_REFUSED.labels(reason="backbone").inc()
@@ -57,30 +117,38 @@ class HeadFollower(threading.Thread):
                 "ignoring head %s: built for %s, this worker serves %s", a.head.head_id, a.backbone, self.backbone.spec
             )
             return
+        try:
+            address = self.trust.check_address(a.calibrator_address)
+        except TrustError as exc:
+            self._refuse("address", "heads_untrusted_address", f"head {a.head.head_id}: {exc}")
         current = self.worker.heads.get(product)
         if current is not None and current.ref.sha256 == a.head.sha256:
+            self._seen[product] = t
             return
         try:
-            data = download(a.calibrator_address, product, a.head.version, self.security)
+            data = download(address, product, a.head.version, self.security)
         except CalibratorError:
             metrics.HEADS_REFUSED.labels(reason="download").inc()
             raise
         sha = hashlib.sha256(data).hexdigest()
         if sha != a.head.sha256:
-            self.worker.counters["heads_bad_sha256"] += 1
-            metrics.HEADS_REFUSED.labels(reason="sha256").inc()
-            raise HeadError(
-                f"head {a.head.head_id} from {a.calibrator_address}: sha256 {sha[:12]} != announced "
-                f"{a.head.sha256[:12]}"
+            self._refuse(
+                "sha256",
+                "heads_bad_sha256",
+                f"head {a.head.head_id} from {address}: sha256 {sha[:12]} != announced {a.head.sha256[:12]}",
             )
-        path = self.dir / f"{a.head.head_id}.safetensors"
-        path.write_bytes(data)
-        try:
-            head = load_head(path, self.backbone)  # checks backbone, weights, taps, size
-        except HeadError:
-            metrics.HEADS_REFUSED.labels(reason="invalid").inc()
-            raise
+        # The file name comes from the checked product id and version, never from the announced head id; the
+        # folder lives only while the artifact is loaded (the head is in memory afterwards).
+        with tempfile.TemporaryDirectory(prefix="cff-heads-") as tmp:
+            path = Path(tmp) / f"{head_id(product, a.head.version)}.safetensors"
+            path.write_bytes(data)
+            try:
+                head = load_head(path, self.backbone)  # checks backbone, weights, taps, size
+            except HeadError:
+                metrics.HEADS_REFUSED.labels(reason="invalid").inc()
+                raise
         self.worker.set_head(product, ActiveHead(head, a.head))
+        self._seen[product] = t
         self.worker.counters["heads_applied"] += 1
         log.info("worker %s now scores %s with %s", self.worker.cfg.worker_id, product, a.head.head_id)
 
@@ -91,8 +159,15 @@ class HeadFollower(threading.Thread):
                 for msgs in c.poll(timeout_ms=500).values():
                     for m in msgs:
                         try:
-                            self.apply(heads_pb2.HeadAnnouncement.FromString(m.value))
-                        except (HeadError, CalibratorError, ValueError) as exc:
+                            self.receive(m.key, m.value, m.headers)
+                        except (InspectionError, CalibratorError, ValueError) as exc:
                             log.warning("head announcement not applied: %s", exc)
         finally:
             c.close()
+
+
+def _short(key: bytes | None) -> str:
+    if key is None:
+        return "(no key)"
+    text = key[:64].decode(errors="replace")
+    return repr(text) + (f"... ({len(key)} bytes)" if len(key) > 64 else "")

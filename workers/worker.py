@@ -3,7 +3,8 @@
 Stage 2 of three (pre-processing in :mod:`workers.codec`, post-processing in :mod:`workers.post`): the
 consume / batch / score / publish / commit loop. Every parseable Frame yields exactly one InspectionResult
 (OK, NO_HEAD, BAD_FRAME or STALE); bytes that do not parse as a Frame and undecodable images go to the
-dead-letter topic with the reason in headers. Offsets are committed only after the broker acknowledged
+dead-letter topic with the reason in headers (cut to ``dlq_max_bytes``, the original size in a header, so a
+huge bad record can never block its partition). Offsets are committed only after the broker acknowledged
 the batch's results (at-least-once; results carry the frame id so consumers can drop duplicates). A batch
 is formed across partitions up to ``max_batch`` frames or ``max_wait_ms`` after its first frame.
 """
@@ -84,6 +85,8 @@ class Worker:
         self.consumer = None
         self.producer = None
         self.last_poll_ok: float | None = None  # monotonic time of the last poll that reached the broker
+        self.publish_error: str | None = None  # why the last publish failed, while it keeps failing
+        self._failures = 0
         self._lag_t = 0.0
         self._lag_partitions: set[int] = set()
         metrics.init_zero_series(worker=True)
@@ -231,24 +234,65 @@ class Worker:
                 break
         return batch
 
-    def _publish(self, out: Outputs) -> None:
-        assert self.producer is not None
+    def _records(self, out: Outputs) -> list[tuple[str, bytes | None, bytes, list | None]]:
+        """(topic, key, value, headers) of a batch; a dead letter larger than ``dlq_max_bytes`` is cut there."""
         t = self.kafka.topics
-        futures = []
-        t0 = time.perf_counter()
+        recs: list[tuple[str, bytes | None, bytes, list | None]] = []
         for r in out.results:
-            futures.append(self.producer.send(t["results"], key=r.camera_id.encode(), value=r.SerializeToString()))
+            recs.append((t["results"], r.camera_id.encode(), r.SerializeToString(), None))
         for d in out.defects:
-            futures.append(self.producer.send(t["defects"], key=d.product_id.encode(), value=d.SerializeToString()))
+            recs.append((t["defects"], d.product_id.encode(), d.SerializeToString(), None))
         for dl in out.dead_letters:
             headers = [("reason", dl.detail.encode()[:1000]), ("worker", self.cfg.worker_id.encode())]
-            futures.append(self.producer.send(t["frames.dlq"], key=dl.key, value=dl.value, headers=headers))
+            value = dl.value
+            if len(value) > self.cfg.dlq_max_bytes:
+                headers.append(("truncated-from-bytes", str(len(value)).encode()))
+                value = value[: self.cfg.dlq_max_bytes]
+                self.counters["dlq_truncated"] += 1
+            recs.append((t["frames.dlq"], dl.key[:1000] if dl.key else dl.key, value, headers))
+        return recs
+
+    def _publish(self, out: Outputs) -> None:
+        """Send a batch's records and wait for the broker's acknowledgement of each.
+
+        A record the broker (or the client) refuses as too large is counted and skipped, never retried: a
+        retry would fail the same way and the partition would be stuck on it forever. Any other failure
+        raises, so the batch is published again and not committed.
+        """
+        from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
+
+        too_large = (MessageSizeTooLargeError, RecordListTooLargeError)
+        assert self.producer is not None
+        futures = []
+        t0 = time.perf_counter()
+        for topic, key, value, headers in self._records(out):
+            try:
+                futures.append((topic, len(value), self.producer.send(topic, key=key, value=value, headers=headers)))
+            except too_large as exc:
+                self._dropped(topic, len(value), exc)
         self.producer.flush(self.cfg.publish_timeout_s)
-        for f in futures:
-            f.get(timeout=self.cfg.publish_timeout_s)  # raises if the broker did not acknowledge
-        self.counters["published"] += len(futures)
+        sent = 0
+        for topic, size, f in futures:
+            try:
+                f.get(timeout=self.cfg.publish_timeout_s)  # raises if the broker did not acknowledge
+                sent += 1
+            except too_large as exc:
+                self._dropped(topic, size, exc)
+        self.counters["published"] += sent
         self.last_publish_s = time.perf_counter() - t0
         self._observe(out, self.last_publish_s)
+
+    def _dropped(self, topic: str, size: int, exc: Exception) -> None:
+        self.counters["records_too_large"] += 1
+        short = next((k for k, v in self.kafka.topics.items() if v == topic), "other")
+        metrics.RECORDS_DROPPED.labels(topic=short, reason="too_large").inc()
+        log.error(
+            "worker %s: a %d-byte record for %s was refused as too large and skipped: %s",
+            self.cfg.worker_id,
+            size,
+            topic,
+            exc,
+        )
 
     def _observe(self, out: Outputs, publish_s: float) -> None:
         """Metrics for an acknowledged batch: what was published is what is counted."""
@@ -310,12 +354,62 @@ class Worker:
                 offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
         self.consumer.commit(offsets)
 
+    def _reconnect(self, why: Exception) -> None:
+        """A fresh producer after a publish failure (a restarted broker fails the old one's idempotent
+        session for good); topics a broker lost are created again. Waits with backoff, until ``stop_event``."""
+        from inspection_core.kafka import discard_producer, ensure_topics
+
+        self._failures += 1
+        self.publish_error = f"{type(why).__name__}: {why}"
+        delay = min(30.0, 0.5 * 2 ** min(self._failures - 1, 6))
+        if self._failures == 1 or self._failures % 10 == 0:
+            log.warning(
+                "worker %s: %s did not take a batch (%s); keeping it and retrying (attempt %d, next in %.1fs)",
+                self.cfg.worker_id,
+                self.kafka.bootstrap_servers,
+                self.publish_error,
+                self._failures,
+                delay,
+            )
+        metrics.PUBLISH_FAILURES.inc()
+        if self.producer is not None:
+            discard_producer(self.producer)
+        self.producer = None
+        if self.stop_event.wait(delay):
+            return
+        try:
+            ensure_topics(self.kafka)
+            self.producer = self.kafka.producer()
+        except KafkaError as exc:
+            log.debug("reconnect failed: %s", exc)
+
+    def _publish_until_acknowledged(self, out: Outputs) -> bool:
+        """True once the broker took the batch; False if the worker was stopped first (nothing committed)."""
+        from kafka.errors import KafkaError as ClientError
+
+        while not self.stop_event.is_set():
+            if self.producer is None:
+                self._reconnect(KafkaError("no producer"))
+                continue
+            try:
+                self._publish(out)
+            except (ClientError, KafkaError) as exc:
+                self._reconnect(exc)
+                continue
+            if self._failures:
+                log.info("worker %s: publishing again after %d failed attempts", self.cfg.worker_id, self._failures)
+            self._failures = 0
+            self.publish_error = None
+            return True
+        return False
+
     def run(self, *, ready: threading.Event | None = None) -> None:
         """Consume, score, publish and commit until ``stop_event``.
 
-        A batch the broker does not acknowledge (or whose offsets it does not take) stops the worker with a
-        :class:`KafkaError` naming the broker, without committing: its frames are scored again by whoever
-        takes the partitions. kafka-python's own exceptions never escape (the CLI prints one line, exit 2).
+        A batch the broker does not acknowledge is kept and published again with a fresh producer (backoff up
+        to 30 s; readiness says why meanwhile), and committed only once acknowledged: a broker restart costs
+        latency, never a frame, and never the worker. A failed commit is logged and retried with the next
+        batch's offsets (at-least-once: its frames may be scored twice after a rebalance).
         """
         from kafka.errors import KafkaError as ClientError
 
@@ -336,20 +430,25 @@ class Worker:
                 if not records:
                     continue
                 metrics.BATCH_SIZE.observe(len(records))
-                self._publish(self.process(records))
-                self._commit(records)
+                if not self._publish_until_acknowledged(self.process(records)):
+                    break
+                try:
+                    self._commit(records)
+                except ClientError as exc:
+                    metrics.COMMIT_FAILURES.inc()
+                    log.warning(
+                        "worker %s: committing offsets failed (%s); the next batch commits past them",
+                        self.cfg.worker_id,
+                        exc,
+                    )
                 self.counters["batches"] += 1
                 self.counters["frames"] += len(records)
-        except ClientError as exc:
-            raise KafkaError(
-                f"worker {self.cfg.worker_id}: {self.kafka.bootstrap_servers} did not take a batch "
-                f"({type(exc).__name__}: {exc}); nothing of it was committed"
-            ) from exc
         finally:
             log.info("worker %s stopping: %s", self.cfg.worker_id, dict(self.counters))
             try:
-                self.producer.flush(min(10.0, self.cfg.publish_timeout_s))
-                self.producer.close(min(10.0, self.cfg.publish_timeout_s))
+                if self.producer is not None:
+                    self.producer.flush(min(10.0, self.cfg.publish_timeout_s))
+                    self.producer.close(min(10.0, self.cfg.publish_timeout_s))
             except ClientError as exc:  # the broker is gone: closing must not hide why the loop ended
                 log.warning("worker %s: closing the producer failed: %s", self.cfg.worker_id, exc)
             finally:

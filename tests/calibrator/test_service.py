@@ -162,7 +162,7 @@ def test_worker_refuses_tampered_or_foreign_heads(client, refs, tiny_vit, tiny_v
 
     stub, channel, store = client
     info = list(stub.FitHead(_fit_stream("widget", refs)))[-1].result
-    address = channel._channel.target().decode()
+    address = channel._channel.target().decode().removeprefix("dns:///")
     worker = Worker(KafkaConfig(bootstrap_servers="127.0.0.1:1"), WorkerConfig())
     ann = heads_pb2.HeadAnnouncement(backbone="tiny-vit", calibrator_address=address, active=True)
     ann.head.CopyFrom(info.head)
