@@ -38,9 +38,32 @@ def test_eval_writes_report_and_table(demo, tmp_path, capsys) -> None:
         ]
     )
     assert rc == 0
-    rep = json.loads(out.read_text())
+    rep = json.loads(out.read_text(), parse_constant=_refuse)  # strict JSON
     assert [r["shots"] for r in rep["records"]] == [1, 2]
     assert "| demo_texture | demo_texture | knn | 1 |" in capsys.readouterr().out
+    assert all(len(p["image_scores"]) == 6 for r in rep["records"] for p in r["per_seed"])
+    assert rep["plots"] == ["r_demo_texture_curves.png", "r_demo_texture_k_vs_metric.png"]
+    for name in rep["plots"]:
+        png = tmp_path / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+        assert Image.open(png).size[0] > 800
+
+
+def _refuse(name: str) -> None:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_no_plots(demo, tmp_path, monkeypatch, how: str) -> None:
+    argv = ["eval", "--data", str(demo), "--backbone", "tiny-vit", "--shots", "1", "--seeds", "0"]
+    argv += ["--method", "knn-mean", "--out", str(tmp_path / "r.json")]
+    if how == "flag":
+        argv.append("--no-plots")
+    else:
+        monkeypatch.setenv("CFF_INSPECT_NO_PLOTS", "1")
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert "plots" not in json.loads((tmp_path / "r.json").read_text())
 
 
 def test_options_from_environment(demo, tmp_path, monkeypatch) -> None:
