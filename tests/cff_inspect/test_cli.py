@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from cff_inspect.cli import main
+from cff_inspect.commands import output_stem, score_paths
 from scorer.demo import make_demo_dataset
 
 
@@ -122,16 +123,38 @@ def test_heads_fit_inspect_threshold_and_score(demo, tmp_path, capsys) -> None:
     out = tmp_path / "scores"
     rc = main(["score", "--head", str(art2), str(imgs), "--out", str(out)])
     assert rc == 1  # one unreadable file; the others are still scored
-    bad = json.loads((out / "broken.json").read_text())
+    bad = json.loads((out / f"{output_stem(imgs / 'broken.png')}.json").read_text())
     assert bad["status"] == "BAD_IMAGE" and "broken.png" in bad["error"]
-    good = json.loads((out / "000.json").read_text())
+    good = json.loads((out / f"{output_stem(imgs / '000.png')}.json").read_text())
     assert good["status"] == "OK" and good["image_threshold"] == pytest.approx(0.5)
     assert good["normalized_score"] == pytest.approx(good["image_score"] / 0.5, rel=1e-5)
     assert good["verdict"] == ("DEFECT" if good["image_score"] >= 0.5 else "OK")
-    overlay = np.asarray(Image.open(out / "000_overlay.png"))
+    overlay = np.asarray(Image.open(good["overlay"]))
     assert overlay.shape == (192, 192, 3)
     for r in good["regions"]:
         assert 0 <= r["x_min"] < r["x_max"] <= 192 and 0 <= r["y_min"] < r["y_max"] <= 192
+
+
+def test_score_outputs_of_same_named_inputs_do_not_collide(demo, tiny_vit, references, tmp_path) -> None:
+    from scorer.head import knn_head
+
+    head = knn_head(tiny_vit, tiny_vit.embed(references)).with_thresholds(image=0.5, pixel=0.5)
+    src = sorted((demo / "test" / "scratch").glob("*.png"))
+    paths = []
+    for folder, img in (("a", src[0]), ("b", src[1])):  # two different images, both called img.png
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "img.png")
+        paths[-1].write_bytes(img.read_bytes())
+    out = tmp_path / "out"
+    recs = score_paths(head, paths, out)
+    assert len({r["overlay"] for r in recs}) == 2
+    assert len(list(out.glob("*.json"))) == 2 and len(list(out.glob("*_overlay.png"))) == 2
+    for p, r in zip(paths, recs, strict=True):
+        assert json.loads((out / f"{output_stem(p)}.json").read_text())["image"] == str(p)
+        assert r["overlay"] == str(out / f"{output_stem(p)}_overlay.png") and output_stem(p).startswith("img-")
+    assert output_stem(paths[0]) == output_stem(tmp_path / "a" / ".." / "a" / "img.png")  # stable per file
+    a, b = (np.asarray(Image.open(r["overlay"])) for r in recs)
+    assert not np.array_equal(a, b)  # neither overwrote the other
 
 
 def test_invalid_product_id(demo, capsys) -> None:
