@@ -35,6 +35,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from scorer.evaluate import EvalConfig, markdown_table, run_eval, write_report
     from scorer.head import ScoreOptions
 
+    plots = bool(args.out) and not args.no_plots
+
     data = args.data or ([str(default_data_root())] if default_data_root() else [])
     if not data:
         raise ConfigError("no --data given and ../shared/datasets does not exist")
@@ -75,6 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             fit_options = replace(fit_options, lr_stage2=args.fit_lr_stage2)
         if args.bank_features is not None:
             fit_options = replace(fit_options, bank_features=args.bank_features)
+    histograms: dict | None = {} if plots else None  # pixel-score histograms for the pixel-level curves
     report = run_eval(
         data,
         bb,
@@ -82,17 +85,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base_head=base_head,
         base_head_path=args.base_head,
         fit_options=fit_options,
+        pixel_histograms=histograms,
         progress=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(markdown_table(report))
     if args.out:
-        write_report(report, args.out)
+        write_report(report, args.out)  # first, so a plotting failure cannot cost the run's figures
         print(f"report written to {args.out}", file=sys.stderr)
+    if plots:
+        from scorer.plots import write_plots
+
+        pngs = write_plots(report, args.out, histograms)
+        report["plots"] = [p.name for p in pngs]
+        write_report(report, args.out)
+        print(f"{len(pngs)} plots written beside it: {', '.join(p.name for p in pngs)}", file=sys.stderr)
     return 0
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="few-shot evaluation on MVTec-layout folders")
+    p = sub.add_parser(
+        "eval",
+        help="few-shot evaluation on MVTec-layout folders",
+        description="Few-shot evaluation on MVTec-layout folders: a markdown table on stdout and, with --out, a "
+        "strict JSON report (null where a metric is undefined) holding every test image's score per method, K "
+        "and seed, with PNG plots beside it: <stem>_<category>_curves.png (image and pixel ROC / PR per K, one "
+        "line per seed; pixel curves from a 2048-bin score histogram per run, the metrics themselves stay exact) and "
+        "<stem>_<category>_k_vs_metric.png.",
+    )
     add_data_arg(p, "category folder or root of categories (repeatable; default ../shared/datasets)")
     p.add_argument("--shots", type=int, nargs="+", default=_env("shots", [1, 2, 4], kind=int, many=True))
     p.add_argument("--seeds", type=int, nargs="+", default=_env("seeds", [0, 1, 2], kind=int, many=True))
@@ -111,7 +130,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="aspect-preserving resize (pad to square) instead of squashing; maps cover the source only",
     )
     p.add_argument("--base-head", default=_env("base_head"), help="base head from train-base (cross-dataset protocol)")
-    p.add_argument("--out", default=_env("out"), help="JSON report path")
+    p.add_argument("--out", default=_env("out"), help="JSON report path; the plots are written beside it (same stem)")
+    p.add_argument(
+        "--no-plots",
+        action="store_true",
+        default=env_flag("no_plots"),
+        help="write the JSON report only, no ROC / PR / K-vs-metric PNGs (env CFF_INSPECT_NO_PLOTS=1)",
+    )
     p.add_argument(
         "--per-stage",
         action="store_true",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -58,15 +59,24 @@ def _load_head_and_backbone(args: argparse.Namespace):  # noqa: ANN202
 
 
 # -- score ----------------------------------------------------------------------
+def output_stem(path: Path) -> str:
+    """``<stem>-<8 hex of the resolved path>``: a/img.png and b/img.png (or img.jpg) must not overwrite each other."""
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    return f"{path.stem}-{digest}"
+
+
 def score_paths(head, paths: list[Path], out_dir: Path, *, overlays: bool = True) -> list[dict]:  # noqa: ANN001
-    """Score files one by one; an unreadable file gets an error record, the rest go on."""
+    """Score files one by one; an unreadable file gets an error record, the rest go on.
+
+    Outputs are named by :func:`output_stem`, so inputs with the same file name in other folders never collide.
+    """
     from scorer.images import load_image
     from scorer.visualize import overlay
 
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for p in paths:
-        stem = p.stem
+        stem = output_stem(p)
         try:
             img = load_image(p)
         except ImageError as exc:
@@ -124,7 +134,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def add_score(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("score", help="score images with a head: verdict, scores, regions (JSON) and overlay PNGs")
+    p = sub.add_parser(
+        "score",
+        help="score images with a head: verdict, scores, regions (JSON) and overlay PNGs",
+        description="Score images with a head. Per image, <stem>-<hash>.json and <stem>-<hash>_overlay.png in "
+        "--out; <hash> is 8 hex digits "
+        "of the input's resolved path, so files with the same name in different folders do not overwrite each other.",
+    )
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--head", required=_env("head") is None, default=_env("head"), help="head artifact (.safetensors)")
     p.add_argument("--out", default=_env("out", "score-out"), help="output folder (default: %(default)s)")

@@ -3,6 +3,12 @@
 Features are extracted once per image and reused by every method, shot count and
 seed; all pixel metrics come from one sort (``scorer.metrics``) at the output map
 resolution. Image scores and thresholds are never normalised with test data.
+
+The report keeps every test image's score per method, K and seed (so image-level
+curves and any other figure can be redrawn from the JSON alone) and is strict JSON:
+undefined values (a metric of a split without anomalous pixels, say) are ``null``.
+Pixel-level curves need the maps, which are dropped after each run, so ``run_eval``
+can fill a caller's dict with one small :class:`~scorer.curves.ScoreHistogram` per run.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +31,7 @@ from PIL import Image
 from inspection_core.errors import ConfigError
 from inspection_core.names import EVAL_METHODS
 from scorer.backbones.base import Backbone, BackboneOutput, concat_outputs
+from scorer.curves import ScoreHistogram
 from scorer.data import Category, discover, draw_references
 from scorer.features import FeatureCache
 from scorer.head import Head, ScoreOptions, knn_head
@@ -34,6 +41,9 @@ from scorer.metrics import image_metrics, pixel_metrics, summarise
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("i_auroc", "i_ap", "i_f1", "p_auroc", "p_ap", "p_f1", "aupro")
+
+# (data_root, dataset, category, method, K, seed) of a run -> its pixel-score histogram
+HistogramKey = tuple[str, str, str, str, int, int]
 
 
 @dataclass(frozen=True)
@@ -132,15 +142,28 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(im) > 127
 
 
+def _relative(path: Path, root: Path) -> str:
+    """Image path as the report names it: relative to the ``--data`` folder, so reports move with the data."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 def evaluate_category(
     cat: Category,
     backbone: Backbone,
     cfg: EvalConfig,
     factory: HeadFactory,
     *,
+    data_root: Path | None = None,
+    pixel_histograms: MutableMapping[HistogramKey, ScoreHistogram] | None = None,
     progress: Callable[[str], None] = lambda s: None,
 ) -> list[dict]:
+    """Records of one category; ``pixel_histograms`` (optional) receives each run's pixel-score histogram."""
+    root = Path(data_root) if data_root is not None else cat.root
     tests = _subsample(cat.test, cfg.max_test)
+    names = [_relative(s.path, root) for s in tests]
     labels = np.array([s.label for s in tests])
     if labels.min() == labels.max():
         raise ConfigError(f"{cat.key}: the test split needs both normal and defective images")
@@ -191,10 +214,17 @@ def evaluate_category(
                 head = head.with_options(**{f: getattr(cfg.score, f) for f in keep})
                 scores, maps, stages = head.score_features(test_feats, batch=cfg.batch_size, per_stage=cfg.per_stage)
                 m = {**image_metrics(scores, labels), **pixel_metrics(maps, masks)}
+                if pixel_histograms is not None:
+                    key = (str(root), cat.dataset, cat.name, method, k, seed)
+                    pixel_histograms[key] = ScoreHistogram.of(maps, masks)
                 slot["per_seed"].append(
                     {
                         "seed": seed,
                         "metrics": m,
+                        "image_scores": [
+                            {"image": name, "label": int(s.label), "defect": s.defect, "score": float(sc)}
+                            for name, s, sc in zip(names, tests, scores, strict=True)
+                        ],
                         "references": [str(p) for p in paths],
                         "image_threshold": head.image_threshold,
                         "pixel_threshold": head.pixel_threshold,
@@ -218,6 +248,7 @@ def evaluate_category(
         rec = {
             "dataset": cat.dataset,
             "category": cat.name,
+            "data_root": str(root),
             "method": method,
             "shots": k,
             "seeds": list(cfg.seeds),
@@ -247,11 +278,13 @@ def run_eval(
     base_head_path: str | None = None,
     fit_options: object | None = None,
     factory: HeadFactory | None = None,
+    pixel_histograms: MutableMapping[HistogramKey, ScoreHistogram] | None = None,
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict:
-    cats: list[Category] = []
+    """The report (plain JSON data, NaN where undefined: ``write_report`` turns those into null)."""
+    cats: list[tuple[Path, Category]] = []
     for d in data:
-        cats.extend(discover(d))
+        cats.extend((Path(d), c) for c in discover(d))
     from scorer.fit import FitOptions
 
     fo = fit_options if isinstance(fit_options, FitOptions) else FitOptions()
@@ -259,8 +292,12 @@ def run_eval(
     factory = factory or default_head_factory(base_head, fit_options)
     t0 = time.perf_counter()
     records: list[dict] = []
-    for cat in cats:
-        records.extend(evaluate_category(cat, backbone, cfg, factory, progress=progress))
+    for root, cat in cats:
+        records.extend(
+            evaluate_category(
+                cat, backbone, cfg, factory, data_root=root, pixel_histograms=pixel_histograms, progress=progress
+            )
+        )
     return {
         "format": "cff-inspect-eval/1",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -312,9 +349,29 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def json_safe(obj: object) -> object:
+    """Plain JSON values: non-finite floats become None (strict parsers reject NaN), numpy scalars Python ones."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
 def write_report(report: dict, path: str | Path) -> None:
+    """Atomic, strict JSON (``null`` for undefined values, never a bare NaN or Infinity)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=True))
+    tmp.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     tmp.replace(p)

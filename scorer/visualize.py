@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from scorer.head import Region
 
@@ -19,6 +20,17 @@ def jet(x: np.ndarray) -> np.ndarray:
     return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
 
 
+def label_font_size(height: int) -> int:
+    """Verdict text size in pixels: 4 % of the image height, so it stays readable on a 4000-pixel frame."""
+    return max(10, round(0.04 * height))
+
+
+@lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Scalable built-in font (Pillow >= 10.1; the bitmap default is 11 px); cached, workers draw per defect."""
+    return ImageFont.load_default(size=size)
+
+
 def overlay(
     image: np.ndarray,
     amap: np.ndarray,
@@ -28,7 +40,10 @@ def overlay(
     alpha: float = 0.45,
     verdict: str | None = None,
 ) -> Image.Image:
-    """Source-size overlay; colour scale: 0 -> blue, threshold -> orange, 1.5 x threshold -> red."""
+    """Source-size overlay; colour scale: 0 -> blue, threshold -> orange, 1.5 x threshold -> red.
+
+    The verdict label is sized from the image height (:func:`label_font_size`), so it reads the same at any size.
+    """
     h, w = image.shape[:2]
     m = np.asarray(Image.fromarray(amap.astype(np.float32)).resize((w, h), Image.BILINEAR))
     scale = pixel_threshold if np.isfinite(pixel_threshold) and pixel_threshold > 0 else float(m.max() or 1.0)
@@ -41,6 +56,10 @@ def overlay(
             [r.x_min, r.y_min, max(r.x_min, r.x_max - 1), max(r.y_min, r.y_max - 1)], outline=(255, 0, 0), width=2
         )
     if verdict:
-        draw.rectangle([0, 0, 8 * len(verdict) + 8, 14], fill=(0, 0, 0))
-        draw.text((4, 1), verdict, fill=(255, 64, 64) if verdict.startswith("DEFECT") else (64, 255, 64))
+        size = label_font_size(h)
+        font = _font(size)
+        pad = max(2, size // 4)
+        _, _, x1, y1 = draw.textbbox((pad, pad), verdict, font=font)
+        draw.rectangle([0, 0, x1 + pad, y1 + pad], fill=(0, 0, 0))
+        draw.text((pad, pad), verdict, font=font, fill=(255, 64, 64) if verdict.startswith("DEFECT") else (64, 255, 64))
     return pil

@@ -93,3 +93,10 @@ def test_help_does_not_import_torch() -> None:
     assert r.returncode == 0 and "usage: cff-inspect" in r.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
     assert "cff_inspect.cli" in imported and "torch" not in imported
+    assert "matplotlib" not in imported  # plots import it when they draw
+
+
+def test_evaluation_loads_matplotlib_only_to_plot() -> None:
+    code = "import sys, scorer.evaluate, scorer.visualize, cff_inspect.commands\nassert 'matplotlib' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

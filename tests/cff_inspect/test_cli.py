@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from cff_inspect.cli import main
+from cff_inspect.commands import output_stem, score_paths
 from scorer.demo import make_demo_dataset
 
 
@@ -38,9 +39,32 @@ def test_eval_writes_report_and_table(demo, tmp_path, capsys) -> None:
         ]
     )
     assert rc == 0
-    rep = json.loads(out.read_text())
+    rep = json.loads(out.read_text(), parse_constant=_refuse)  # strict JSON
     assert [r["shots"] for r in rep["records"]] == [1, 2]
     assert "| demo_texture | demo_texture | knn | 1 |" in capsys.readouterr().out
+    assert all(len(p["image_scores"]) == 6 for r in rep["records"] for p in r["per_seed"])
+    assert rep["plots"] == ["r_demo_texture_curves.png", "r_demo_texture_k_vs_metric.png"]
+    for name in rep["plots"]:
+        png = tmp_path / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+        assert Image.open(png).size[0] > 800
+
+
+def _refuse(name: str) -> None:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_no_plots(demo, tmp_path, monkeypatch, how: str) -> None:
+    argv = ["eval", "--data", str(demo), "--backbone", "tiny-vit", "--shots", "1", "--seeds", "0"]
+    argv += ["--method", "knn-mean", "--out", str(tmp_path / "r.json")]
+    if how == "flag":
+        argv.append("--no-plots")
+    else:
+        monkeypatch.setenv("CFF_INSPECT_NO_PLOTS", "1")
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert "plots" not in json.loads((tmp_path / "r.json").read_text())
 
 
 def test_options_from_environment(demo, tmp_path, monkeypatch) -> None:
@@ -99,16 +123,38 @@ def test_heads_fit_inspect_threshold_and_score(demo, tmp_path, capsys) -> None:
     out = tmp_path / "scores"
     rc = main(["score", "--head", str(art2), str(imgs), "--out", str(out)])
     assert rc == 1  # one unreadable file; the others are still scored
-    bad = json.loads((out / "broken.json").read_text())
+    bad = json.loads((out / f"{output_stem(imgs / 'broken.png')}.json").read_text())
     assert bad["status"] == "BAD_IMAGE" and "broken.png" in bad["error"]
-    good = json.loads((out / "000.json").read_text())
+    good = json.loads((out / f"{output_stem(imgs / '000.png')}.json").read_text())
     assert good["status"] == "OK" and good["image_threshold"] == pytest.approx(0.5)
     assert good["normalized_score"] == pytest.approx(good["image_score"] / 0.5, rel=1e-5)
     assert good["verdict"] == ("DEFECT" if good["image_score"] >= 0.5 else "OK")
-    overlay = np.asarray(Image.open(out / "000_overlay.png"))
+    overlay = np.asarray(Image.open(good["overlay"]))
     assert overlay.shape == (192, 192, 3)
     for r in good["regions"]:
         assert 0 <= r["x_min"] < r["x_max"] <= 192 and 0 <= r["y_min"] < r["y_max"] <= 192
+
+
+def test_score_outputs_of_same_named_inputs_do_not_collide(demo, tiny_vit, references, tmp_path) -> None:
+    from scorer.head import knn_head
+
+    head = knn_head(tiny_vit, tiny_vit.embed(references)).with_thresholds(image=0.5, pixel=0.5)
+    src = sorted((demo / "test" / "scratch").glob("*.png"))
+    paths = []
+    for folder, img in (("a", src[0]), ("b", src[1])):  # two different images, both called img.png
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "img.png")
+        paths[-1].write_bytes(img.read_bytes())
+    out = tmp_path / "out"
+    recs = score_paths(head, paths, out)
+    assert len({r["overlay"] for r in recs}) == 2
+    assert len(list(out.glob("*.json"))) == 2 and len(list(out.glob("*_overlay.png"))) == 2
+    for p, r in zip(paths, recs, strict=True):
+        assert json.loads((out / f"{output_stem(p)}.json").read_text())["image"] == str(p)
+        assert r["overlay"] == str(out / f"{output_stem(p)}_overlay.png") and output_stem(p).startswith("img-")
+    assert output_stem(paths[0]) == output_stem(tmp_path / "a" / ".." / "a" / "img.png")  # stable per file
+    a, b = (np.asarray(Image.open(r["overlay"])) for r in recs)
+    assert not np.array_equal(a, b)  # neither overwrote the other
 
 
 def test_invalid_product_id(demo, capsys) -> None:
