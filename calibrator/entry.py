@@ -7,11 +7,11 @@ import threading
 from dataclasses import dataclass, field
 
 from calibrator.security import ServerSecurity, add_token_args, read_token
-from inspection_core.env import env_default
+from inspection_core.env import env_default, env_flag
 from inspection_core.errors import ConfigError
 from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
 from inspection_core.runtime import stop_on_signals
-from inspection_core.trust import HeadSigner, read_key
+from inspection_core.trust import HeadSigner, is_loopback, read_key
 from monitoring.http import add_metrics_args, broker_check, start_metrics
 from scorer.options import add_backbone_args, add_fit_precision_arg, backbone_from
 
@@ -29,10 +29,21 @@ class CalibratorSettings:
     fit_precision: str = "fp32"
     heads_key: bytes | None = field(default=None, repr=False)  # signs head announcements
     reannounce_s: float = 30.0
+    allow_loopback_announce: bool = False
 
     def __post_init__(self) -> None:
         if self.reannounce_s < 0:
             raise ConfigError(f"reannounce interval must be >= 0 seconds, got {self.reannounce_s}")
+        if self.kafka is None or self.allow_loopback_announce:
+            return
+        announced = self.advertised_address or f"{self.host}:{self.port}"
+        servers = [b.strip() for b in self.kafka.bootstrap_servers.split(",") if b.strip()]
+        if is_loopback(announced) and not all(is_loopback(b) for b in servers):
+            raise ConfigError(
+                f"the calibrator would announce {announced} on {self.kafka.bootstrap_servers}, where workers on "
+                "other machines cannot download from a loopback address: set --advertised-address HOST:PORT "
+                "(and --host 0.0.0.0), or --allow-loopback-announce if every worker runs on this machine"
+            )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--heads-key-file",
         default=env_default("heads_key_file"),
         help="sign head announcements with this shared key (workers verify with the same file)",
+    )
+    p.add_argument(
+        "--allow-loopback-announce",
+        action="store_true",
+        default=env_flag("allow_loopback_announce"),
+        help="announce a loopback address even though Kafka is remote (every worker on this machine)",
     )
     p.add_argument(
         "--reannounce-s",
@@ -85,6 +102,7 @@ def settings_from(args: argparse.Namespace) -> CalibratorSettings:
         fit_precision=args.fit_precision,
         heads_key=read_key(args.heads_key_file) if args.heads_key_file else None,
         reannounce_s=args.reannounce_s,
+        allow_loopback_announce=args.allow_loopback_announce,
     )
 
 
@@ -117,7 +135,15 @@ def main(args: argparse.Namespace) -> int:
     ms = start_metrics(args, "calibrator", **checks)
     print(
         f"calibrator serving {bb.spec} heads from {s.store} on {s.host}:{port} "
-        f"(TLS {'on' if s.security.tls else 'off'}, token {'required' if s.security.token else 'not required'})",
+        f"(TLS {'on' if s.security.tls else 'off'}, token {'required' if s.security.token else 'not required'}, "
+        + (
+            "no announcements"
+            if s.kafka is None
+            else f"announcements signed with key {HeadSigner(s.heads_key).key_id}"
+            if s.heads_key is not None
+            else "announcements NOT signed: set --heads-key-file"
+        )
+        + ")",
         flush=True,
     )
     stop = threading.Event()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -307,6 +308,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrator-port", type=int, default=_env("calibrator_port", 0, kind=int), help="0 = a free port")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=int, default=100)
-    p.add_argument("--bootstrap-servers", default=None, help="use this Kafka instead of the embedded broker")
+    p.add_argument(
+        "--bootstrap-servers",
+        default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+        help="use this Kafka instead of the embedded broker (env KAFKA_BOOTSTRAP_SERVERS)",
+    )
     add_backbone_args(p)
     p.set_defaults(func=cmd_run)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from inspection_core.env import env_default
 from inspection_core.errors import KafkaError
-from inspection_core.kafka import KafkaConfig, add_topic_args, ensure_topics, quiet_kafka
+from inspection_core.kafka import add_topic_args, ensure_topics, kafka_from, quiet_kafka
 from inspection_core.runtime import stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,7 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     stop_on_signals(stop)
     with EmbeddedBroker(port=args.port) as b:
-        ensure_topics(
-            KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix=args.topic_prefix, partitions=args.partitions)
-        )
+        ensure_topics(kafka_from(argparse.Namespace(**{**vars(args), "bootstrap_servers": b.bootstrap})))
         print(f"embedded broker (Tansu, memory storage, development only) on {b.bootstrap}", flush=True)
         while not stop.is_set() and b.proc is not None and b.proc.poll() is None:
             stop.wait(0.5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 from inspection_core.env import env_default, env_name
@@ -16,6 +17,49 @@ from inspection_core.errors import ConfigError, KafkaError
 
 log = logging.getLogger(__name__)
 TOPICS = ("frames", "results", "defects", "frames.dlq", "heads")
+# Topic configs this system sets when it creates a topic (a --topic-setting overrides them; everything else is
+# the broker's default). Frames carry JPEGs: 6 h of them is a replay window, not an archive.
+TOPIC_DEFAULTS: dict[str, dict[str, str]] = {
+    "frames": {"retention.ms": str(6 * 3600 * 1000)},
+    "frames.dlq": {"retention.ms": str(7 * 24 * 3600 * 1000)},
+    "heads": {"cleanup.policy": "compact"},
+}
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+_CONFIG_KEY = re.compile(r"[a-z][a-z0-9.]*[a-z0-9]")
+
+
+def parse_topic_setting(spec: str) -> tuple[str, str, str]:
+    """``frames.retention.ms=3600000`` -> ("frames", "retention.ms", "3600000"); the topic is one of TOPICS."""
+    name, eq, value = spec.partition("=")
+    topic = next((t for t in sorted(TOPICS, key=len, reverse=True) if name.startswith(t + ".")), None)
+    if not eq or topic is None or not value.strip():
+        raise ConfigError(
+            f"--topic-setting {spec[:120]!r}: expected TOPIC.KEY=VALUE with TOPIC one of {', '.join(TOPICS)} "
+            "(e.g. frames.retention.ms=3600000, results.partitions=12, defects.replication.factor=3)"
+        )
+    key = name[len(topic) + 1 :]
+    if not _CONFIG_KEY.fullmatch(key):
+        raise ConfigError(f"--topic-setting {spec[:120]!r}: {key!r} is not a Kafka topic config name")
+    if key in ("partitions", "replication.factor"):
+        try:
+            n = int(value)
+        except ValueError:
+            raise ConfigError(f"--topic-setting {spec[:120]!r}: {key} must be an integer") from None
+        if n < 1 and not (key == "replication.factor" and n == -1):
+            raise ConfigError(
+                f"--topic-setting {spec[:120]!r}: {key} must be >= 1 (replication.factor -1: broker default)"
+            )
+    return topic, key, value.strip()
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """What :func:`ensure_topics` asks the broker for when it creates one topic."""
+
+    name: str
+    partitions: int
+    replication_factor: int  # -1: the broker's default.replication.factor
+    configs: dict[str, str]
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -35,6 +79,8 @@ class KafkaConfig:
     ssl_certfile: str | None = field(default_factory=lambda: _env("KAFKA_SSL_CERTFILE"))
     ssl_keyfile: str | None = field(default_factory=lambda: _env("KAFKA_SSL_KEYFILE"))
     partitions: int = 6
+    replication_factor: int = -1  # -1: the broker's default (3 on a typical production cluster)
+    topic_settings: tuple[tuple[str, str, str], ...] = ()  # (topic, key, value) from --topic-setting
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers.strip():
@@ -46,6 +92,33 @@ class KafkaConfig:
             raise ConfigError(f"security protocol {self.security_protocol} needs a SASL mechanism")
         if self.partitions < 1:
             raise ConfigError(f"partitions must be >= 1, got {self.partitions}")
+        if self.replication_factor < 1 and self.replication_factor != -1:
+            raise ConfigError(f"replication factor must be >= 1 or -1 (broker default), got {self.replication_factor}")
+        if not _TOPIC_NAME.fullmatch(self.topic("frames.dlq")):
+            raise ConfigError(
+                f"topic prefix {self.topic_prefix[:80]!r} makes invalid topic names (Kafka allows a-z A-Z 0-9 . _ -, "
+                "up to 249 characters)"
+            )
+
+    def topic_specs(self) -> list[TopicSpec]:
+        """Every topic of the system as it would be created: defaults, then --partitions and
+        --replication-factor, then each --topic-setting."""
+        parts = {"frames": self.partitions, "results": self.partitions, "defects": max(1, self.partitions // 2)}
+        specs = []
+        for short in TOPICS:
+            n, rf = parts.get(short, 1), self.replication_factor
+            configs = dict(TOPIC_DEFAULTS.get(short, {}))
+            for topic, key, value in self.topic_settings:
+                if topic != short:
+                    continue
+                if key == "partitions":
+                    n = int(value)
+                elif key == "replication.factor":
+                    rf = int(value)
+                else:
+                    configs[key] = value
+            specs.append(TopicSpec(self.topic(short), n, rf, configs))
+        return specs
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
@@ -132,8 +205,14 @@ def discard_producer(producer) -> None:  # noqa: ANN001 - a kafka-python KafkaPr
 
 
 def ensure_topics(cfg: KafkaConfig) -> list[str]:
-    """Create the system's topics that are missing; returns the names created."""
-    from kafka.admin import KafkaAdminClient, NewTopic
+    """Create the system's topics that are missing (:meth:`KafkaConfig.topic_specs`); returns the names created.
+
+    Existing topics are left as they are: partitions, replication and configs of a live topic are the
+    cluster operator's. A refused creation (too few brokers for the replication factor, a policy, an
+    authorisation) is a :class:`KafkaError` naming the topic, what was asked and the broker's answer.
+    """
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError as ClientError
     from kafka.errors import TopicAlreadyExistsError
 
     try:
@@ -141,27 +220,28 @@ def ensure_topics(cfg: KafkaConfig) -> list[str]:
     except Exception as exc:
         raise KafkaError(f"cannot reach Kafka at {cfg.bootstrap_servers}: {exc}") from None
     try:
-        existing = set(admin.list_topics())
-        parts = {
-            "frames": cfg.partitions,
-            "results": cfg.partitions,
-            "defects": max(1, cfg.partitions // 2),
-            "frames.dlq": 1,
-            "heads": 1,
-        }
-        new = []
-        for short, name in cfg.topics.items():
-            if name in existing:
-                continue
-            conf = {"cleanup.policy": "compact"} if short == "heads" else {}
-            new.append(NewTopic(name, num_partitions=parts[short], replication_factor=1, topic_configs=conf))
+        try:
+            existing = set(admin.list_topics())
+        except ClientError as exc:
+            raise KafkaError(f"cannot list topics on {cfg.bootstrap_servers}: {exc}") from None
         created = []
-        for t in new:
+        for t in cfg.topic_specs():
+            if t.name in existing:
+                continue
+            options = {"num_partitions": t.partitions, "replication_factor": t.replication_factor, "configs": t.configs}
+            request = {t.name: options}
             try:
-                admin.create_topics([t])
+                admin.create_topics(request)
                 created.append(t.name)
             except TopicAlreadyExistsError:
                 pass
+            except ClientError as exc:
+                rf = "broker default" if t.replication_factor == -1 else t.replication_factor
+                raise KafkaError(
+                    f"{cfg.bootstrap_servers} refused to create topic {t.name} (partitions {t.partitions}, replication "
+                    f"factor {rf}, configs {t.configs or 'none'}): {type(exc).__name__}: {exc}; adjust "
+                    "--replication-factor / --topic-setting, or create the topic yourself"
+                ) from None
         if created:
             log.info("created topics %s", ", ".join(created))
         return created
@@ -185,13 +265,32 @@ def add_topic_args(p: argparse.ArgumentParser) -> None:
         "--partitions",
         type=int,
         default=env_default("partitions", 6, kind=int),
-        help="partitions for topics this process creates",
+        help="partitions of frames and results (defects: half) for topics this process creates",
+    )
+    p.add_argument(
+        "--replication-factor",
+        type=int,
+        default=env_default("replication_factor", -1, kind=int),
+        help="replication factor of topics this process creates (-1 = the broker's default; default %(default)s)",
+    )
+    p.add_argument(
+        "--topic-setting",
+        action="append",
+        default=env_default("topic_setting", None, many=True),
+        metavar="TOPIC.KEY=VALUE",
+        help="per-topic partitions, replication.factor or any Kafka topic config for topics this process creates, "
+        "e.g. frames.retention.ms=3600000 results.partitions=12 (repeatable; env: space-separated; defaults: "
+        "frames 6 h retention, frames.dlq 7 days, heads compacted)",
     )
 
 
 def kafka_from(args: argparse.Namespace) -> KafkaConfig:
     return KafkaConfig(
-        bootstrap_servers=args.bootstrap_servers, topic_prefix=args.topic_prefix, partitions=args.partitions
+        bootstrap_servers=args.bootstrap_servers,
+        topic_prefix=args.topic_prefix,
+        partitions=args.partitions,
+        replication_factor=args.replication_factor,
+        topic_settings=tuple(parse_topic_setting(t) for t in args.topic_setting or ()),
     )
 
 
