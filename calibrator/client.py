@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from calibrator.security import ClientSecurity
-from inspection_core.errors import InspectionError
+from inspection_core.errors import EXIT_RUNTIME, EXIT_USAGE, InspectionError
 from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc
 
 CHUNK = 1 << 20
@@ -22,6 +22,24 @@ class CalibratorError(InspectionError):
         super().__init__(f"calibrator {address}: {rpc}: {code}: {details}")
         self.code = code
         self.details = details
+
+    # What the caller sent was refused (fix the command) vs the call failed (retry later): see errors.EXIT_*.
+    CALLER_CODES = frozenset(
+        {
+            "INVALID_ARGUMENT",
+            "NOT_FOUND",
+            "ALREADY_EXISTS",
+            "FAILED_PRECONDITION",
+            "OUT_OF_RANGE",
+            "RESOURCE_EXHAUSTED",
+            "UNAUTHENTICATED",
+            "PERMISSION_DENIED",
+        }
+    )
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return EXIT_USAGE if self.code in self.CALLER_CODES else EXIT_RUNTIME
 
 
 def _fit_requests(

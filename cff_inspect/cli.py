@@ -1,8 +1,9 @@
 """``cff-inspect``: the one console script, one subcommand per part of the system.
 
 Every option is also settable by an environment variable named
-``CFF_INSPECT_<OPTION>`` (upper case, dashes as underscores); a flag wins over
-the variable. Errors of this project are printed as one line and exit 2.
+``CFF_INSPECT_<OPTION>`` (upper case, dashes as underscores; :func:`inspection_core.env.bind_env`); a flag
+wins over the variable. Errors are printed as one line: exit 2 when the command or its input was wrong
+(argparse's usage code), 3 when something failed at run time (broker, calibrator, head), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from inspection_core.env import bind_env, check_env, env_flag
 from inspection_core.env import env_default as _env
-from inspection_core.env import env_flag
 from inspection_core.errors import ConfigError, InspectionError
+from inspection_core.logs import FORMATS, LEVELS, configure
 from inspection_core.names import EVAL_METHODS
 from scorer.options import add_backbone_args, add_data_arg, add_fit_precision_arg, backbone_from
 
@@ -216,11 +218,28 @@ def _add_services(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=module.main)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cff-inspect")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cff_inspect import commands, run
 
     parser = argparse.ArgumentParser(prog="cff-inspect", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", default=env_flag("verbose"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="same as --log-level DEBUG")
+    parser.add_argument("--log-level", choices=LEVELS, type=str.upper, default="INFO", help="default %(default)s")
+    parser.add_argument("--log-format", choices=FORMATS, default="text", help="json: one object per line")
     sub = parser.add_subparsers(dest="command", required=True)
     run.add_run(sub)
     _add_eval(sub)
@@ -229,21 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_heads(sub)
     _add_services(sub)
     _add_bench(sub)
-    return parser
+    return bind_env(parser, defer_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        args = check_env(parser.parse_args(argv))
+        configure("DEBUG" if args.verbose else args.log_level, args.log_format)
         return int(args.func(args) or 0)
     except InspectionError as exc:
-        print(f"cff-inspect: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"cff-inspect: error: {_one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 

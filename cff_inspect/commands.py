@@ -20,8 +20,7 @@ from scorer.options import (
     add_data_arg,
     add_method_arg,
     backbone_from,
-    resolve_device,
-    resolve_precision,
+    refuse_local_backbone_options,
 )
 
 
@@ -49,13 +48,11 @@ def _expand_images(items: list[str]) -> list[Path]:
 
 def _load_head_and_backbone(args: argparse.Namespace):  # noqa: ANN202
     from scorer.artifact import load_head, read_manifest
-    from scorer.backbones import load_backbone
 
     manifest = read_manifest(args.head)
-    spec = args.backbone or manifest["backbone"]
-    dev = resolve_device(args.device)
-    bb = load_backbone(spec, weights=args.weights, image_size=manifest["image_size"], device=dev)
-    return load_head(args.head, bb.set_precision(resolve_precision(args, dev))), manifest
+    ns = argparse.Namespace(**{**vars(args), "backbone": args.backbone or manifest["backbone"]})
+    bb = backbone_from(ns, image_size=manifest["image_size"])  # threads, compile and precision apply too
+    return load_head(args.head, bb), manifest
 
 
 # -- score ----------------------------------------------------------------------
@@ -145,7 +142,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", required=_env("head") is None, default=_env("head"), help="head artifact (.safetensors)")
     p.add_argument("--out", default=_env("out", "score-out"), help="output folder (default: %(default)s)")
     p.add_argument("--no-overlay", action="store_true", help="write JSON only")
-    add_backbone_args(p, default=None)
+    add_backbone_args(p, default=None, sized=False)
     p.set_defaults(func=cmd_score)
 
 
@@ -186,6 +183,9 @@ def cmd_heads_fit(args: argparse.Namespace) -> int:
         raise ConfigError("no reference images given")
     options = _fit_option_strings(args)
     if args.out is None:
+        refuse_local_backbone_options(args, "the calibrator fits with its own backbone; they apply with --out")
+        if args.base_head or args.version != 1:
+            raise ConfigError("--base-head and --version apply to offline fits (--out); the calibrator has its own")
         return _heads_fit_remote(args, product, paths, options)
     return _heads_fit_offline(args, product, paths, options)
 
@@ -365,10 +365,18 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     i = hs.add_parser("inspect", help="print a head artifact's manifest")
     i.add_argument("head")
     i.set_defaults(func=cmd_heads_inspect)
-    for name in ("list", "activate", "rollback", "delete", "download"):
+    versions = {
+        "list": None,  # every version
+        "activate": "version to activate (default: the newest)",
+        "rollback": None,  # always the previously active one
+        "delete": "version to delete (required: deleting the active head stops inspection of the product)",
+        "download": "version to download (default: the active one)",
+    }
+    for name, version_help in versions.items():
         q = hs.add_parser(name, help=f"{name} heads on the calibrator service")
         q.add_argument("--product", required=name != "list", default=None)
-        q.add_argument("--version", type=int, default=0, help="0 = active (activate: newest)")
+        if version_help is not None:
+            q.add_argument("--version", type=int, required=name == "delete", default=0, help=version_help)
         if name == "download":
             q.add_argument("--out", required=True, help="artifact file to write (sha256 verified)")
         _add_remote(q)
@@ -395,6 +403,8 @@ def cmd_heads_remote(args: argparse.Namespace) -> int:
         elif args.heads_command == "rollback":
             heads = [c.rollback(product)]
         else:
+            if args.version < 1:
+                raise ConfigError(f"--version must be >= 1, got {args.version}")
             heads = [c.delete(product, args.version)]
     for h in heads:
         _print_info(h)

@@ -51,8 +51,10 @@ class CameraConfig:
         if not self.id or len(self.id) > 128:
             raise ConfigError(f"camera id {self.id!r} must be 1-128 characters")
         check_product_id(self.product)
-        if not self.fps > 0:
-            raise ConfigError(f"camera {self.id}: fps must be > 0, got {self.fps}")
+        if isinstance(self.fps, bool) or not isinstance(self.fps, int | float) or not 0 < self.fps <= 1000:
+            raise ConfigError(f"camera {self.id}: fps must be a number in (0, 1000], got {self.fps!r}")
+        if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int):
+            raise ConfigError(f"camera {self.id}: jpeg_quality must be an integer 1..100, got {self.jpeg_quality!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError(f"camera {self.id}: jpeg_quality must be 1..100, got {self.jpeg_quality}")
         if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 8):
@@ -71,8 +73,8 @@ def load_cameras(path: str | Path) -> list[CameraConfig]:
             if "resize" in c:
                 c["resize"] = tuple(c["resize"])
             cams.append(CameraConfig(**c))
-        except TypeError as exc:
-            raise ConfigError(f"{p}: camera {i}: {exc}") from None
+        except TypeError as exc:  # an unknown or missing key
+            raise ConfigError(f"{p}: camera {i}: {exc}".replace("CameraConfig.__init__() ", "")) from None
     if not cams:
         raise ConfigError(f"{p}: no [[camera]] entries")
     ids = [c.id for c in cams]
@@ -92,7 +94,10 @@ def parse_camera(spec: str) -> CameraConfig:
     for kv in filter(None, opts.split(",")):
         k, _, v = kv.partition("=")
         if k == "fps":
-            kw["fps"] = float(v)
+            try:
+                kw["fps"] = float(v)
+            except ValueError:
+                raise ConfigError(f"--camera {cid}: fps must be a number, got {v!r}") from None
         elif k == "loop":
             kw["loop"] = v.lower() in ("1", "true", "yes")
         else:

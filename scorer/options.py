@@ -17,20 +17,25 @@ if TYPE_CHECKING:
     from scorer.backbones import Backbone
 
 
-def add_backbone_args(p: argparse.ArgumentParser, *, default: str | None = "dinov2-vits14") -> None:
-    """``--backbone`` (``default=None``: taken from the head's manifest), weights, size, device, precision."""
+def add_backbone_args(p: argparse.ArgumentParser, *, default: str | None = "dinov2-vits14", sized: bool = True) -> None:
+    """``--backbone`` (``default=None``: taken from the head's manifest), weights, size, device, precision.
+
+    ``sized=False`` for commands that score with existing heads: their input size is the heads' own, so an
+    ``--image-size`` there could only be ignored or break them — it is not offered.
+    """
     p.add_argument(
         "--backbone",
         default=env_default("backbone", default),
         help="dinov2-vits14 | clip:<open_clip name> | tiny-vit | tiny-clip (default: %(default)s)",
     )
     p.add_argument("--weights", default=env_default("weights"), help="local checkpoint path for the backbone")
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=env_default("image_size", None, kind=int),
-        help="backbone input size (default: the backbone's, 448 for dinov2-vits14)",
-    )
+    if sized:
+        p.add_argument(
+            "--image-size",
+            type=int,
+            default=env_default("image_size", None, kind=int),
+            help="backbone input size (default: the backbone's, 448 for dinov2-vits14)",
+        )
     p.add_argument("--device", default=env_default("device", "auto"), help="cpu | cuda | auto (default: %(default)s)")
     p.add_argument("--threads", type=int, default=env_default("threads", None, kind=int), help="torch CPU threads")
     add_choice(
@@ -88,8 +93,24 @@ def resolve_precision(args: argparse.Namespace, device: str) -> str:
     return p
 
 
-def backbone_from(args: argparse.Namespace) -> Backbone:
-    """The backbone the options of :func:`add_backbone_args` describe, on its device, at its precision."""
+LOCAL_BACKBONE_OPTIONS = {"weights": None, "image_size": None, "device": "auto", "threads": None, "compile": "off"}
+
+
+def refuse_local_backbone_options(args: argparse.Namespace, why: str) -> None:
+    """Where no backbone runs in this process (a fit on the calibrator), its options would be silently dropped."""
+    given = [k for k, d in LOCAL_BACKBONE_OPTIONS.items() if getattr(args, k, d) not in (d, None)]
+    if getattr(args, "precision", "auto") != "auto":
+        given.append("precision")
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        from inspection_core.errors import ConfigError
+
+        raise ConfigError(f"{flags}: no backbone runs here ({why})")
+
+
+def backbone_from(args: argparse.Namespace, *, image_size: int | None = None) -> Backbone:
+    """The backbone the options of :func:`add_backbone_args` describe, on its device, at its precision, with its
+    threads and compile mode (``image_size``: a head's, over the option)."""
     import torch
 
     from scorer.backbones import load_backbone
@@ -97,7 +118,8 @@ def backbone_from(args: argparse.Namespace) -> Backbone:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
-    bb = load_backbone(args.backbone, weights=args.weights, image_size=args.image_size, device=dev)
+    size = image_size or getattr(args, "image_size", None)
+    bb = load_backbone(args.backbone, weights=args.weights, image_size=size, device=dev)
     if getattr(args, "compile", "off") != "off":
         bb.enable_compile(args.compile)
     return bb.set_precision(resolve_precision(args, dev))

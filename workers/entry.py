@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_kafka_args(p)
     add_client_security_args(p)
     add_metrics_args(p, "worker")
-    add_backbone_args(p, default=None)
+    add_backbone_args(p, default=None, sized=False)
 
 
 def config_from(args: argparse.Namespace) -> WorkerConfig:

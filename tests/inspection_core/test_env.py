@@ -30,7 +30,7 @@ def test_anything_else_is_an_error_naming_the_variable(monkeypatch: pytest.Monke
     monkeypatch.setenv("CFF_INSPECT_VERBOSE", "maybe")
     with pytest.raises(ConfigError, match="CFF_INSPECT_VERBOSE='maybe' is not a boolean"):
         env_flag("verbose")
-    assert main(["broker", "--help"]) == 2  # the CLI reports it as one line, exit 2
+    assert main(["heads", "list"]) == 2  # the CLI reports it as one line, exit 2, before running anything
     assert "CFF_INSPECT_VERBOSE" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="x='2'"):
         parse_bool("2", name="x")
