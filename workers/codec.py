@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from inspection_core.errors import ImageError, InspectionError
-from inspection_core.ids import PRODUCT_ID
+from inspection_core.errors import ConfigError, ImageError, InspectionError, cut
+from inspection_core.ids import check_product_id
 from inspection_core.names import DeadLetterReason
 from inspection_pb.v1 import frames_pb2
 from scorer.images import check_size, open_checked, to_rgb_uint8
@@ -56,8 +56,11 @@ def parse_frame(value: bytes | None) -> frames_pb2.Frame:
 
 
 def check_product(frame: frames_pb2.Frame) -> None:
-    if not PRODUCT_ID.fullmatch(frame.product_id):
-        raise BadFrame(f"invalid product id {frame.product_id!r}", DeadLetterReason.INVALID_PRODUCT)
+    """BadFrame (INVALID_PRODUCT) for an id that breaks the rule; the reason repeats only the id's start."""
+    try:
+        check_product_id(frame.product_id)
+    except ConfigError as exc:
+        raise BadFrame(str(exc), DeadLetterReason.INVALID_PRODUCT) from None
 
 
 def ts_seconds(ts) -> float:  # noqa: ANN001 - protobuf Timestamp
@@ -82,7 +85,7 @@ def decode_frame_image(
     """H x W x 3 uint8 array; with ``device``, a checked JPEG is returned for :func:`decode_jpegs` there."""
     if not frame.image:
         raise BadFrame("empty image")
-    name = f"frame {frame.frame_id}"
+    name = f"frame {cut(frame.frame_id)}"
     enc = frame.encoding
     if enc == frames_pb2.ENCODING_RAW_RGB8:
         w, h = frame.width, frame.height

@@ -1,4 +1,5 @@
-"""Limits of the calibrator over real gRPC: image bombs refused from the header."""
+"""Limits of the calibrator over real gRPC: image bombs refused from the header, and errors that never repeat
+unbounded input."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from calibrator.service import serve
 from calibrator.store import HeadStore
+from inspection_core.errors import ECHO_LIMIT
 from inspection_core.names import MAX_PIXELS
 from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc
 
@@ -65,3 +67,36 @@ def test_pixel_bombs_are_refused_from_the_header(stub, png_bomb) -> None:
         assert msg.startswith(f"{name}: ") and size in msg and f"limit of {MAX_PIXELS} pixels" in msg, msg
         assert "refused from its header, before decoding" in msg
         assert elapsed < 10, f"{name}: refused after {elapsed:.1f} s"
+
+
+def test_long_input_is_not_echoed_in_errors(stub) -> None:
+    """A 10 kB product id (or backbone, method, option or file name) comes back as its first characters only."""
+    long = "a" * 10_000
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 120, 150)).save(buf, format="PNG")
+    ok = {"r.png": buf.getvalue()}
+    sel = calibrator_pb2.HeadSelector(product_id=long)
+    calls = {
+        "FitHead": lambda: list(stub.FitHead(_fit(ok, product=long), timeout=30)),
+        "GetHead": lambda: stub.GetHead(sel, timeout=30),
+        "ActivateHead": lambda: stub.ActivateHead(sel, timeout=30),
+        "DownloadHead": lambda: list(stub.DownloadHead(sel, timeout=30)),
+        "ListHeads": lambda: stub.ListHeads(calibrator_pb2.ListHeadsRequest(product_id=long), timeout=30),
+    }
+    for rpc, call in calls.items():
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        msg = e.value.details()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (rpc, e.value.code())
+        assert len(msg) < 300 and "too long" in msg and "(10000 chars)" in msg, (rpc, msg[:400])
+    for stream, code in (
+        (_fit(ok, backbone=long), grpc.StatusCode.FAILED_PRECONDITION),
+        (_fit(ok, method=long), grpc.StatusCode.INVALID_ARGUMENT),
+        (_fit({long: b"\x89PNG broken"}), grpc.StatusCode.INVALID_ARGUMENT),  # the file name
+        (_fit(ok, **{long: "1"}), grpc.StatusCode.INVALID_ARGUMENT),
+        (_fit(ok, steps=long), grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        err = _refused(stub, stream)
+        msg = err.details()
+        assert err.code() == code and "(10000 chars)" in msg and long[: ECHO_LIMIT + 1] not in msg, msg[:400]
+        assert len(msg) < 400, msg  # the echo is cut; the fixed text (e.g. the list of known options) remains

@@ -74,3 +74,15 @@ def test_frames_get_the_calibrators_size_limits(png_bomb) -> None:
     raw.image = bytes(raw.width * 3)
     with pytest.raises(BadFrame, match=f"raw frame strip: image size {MAX_SIDE + 1}x1 .* px a side"):
         decode_frame_image(raw, cfg)
+
+
+def test_refusals_never_repeat_unbounded_input(png_bomb) -> None:
+    """A 10 kB product or frame id comes back cut to its start: the reason lands in headers and results."""
+    with pytest.raises(BadFrame) as e:
+        check_product(frames_pb2.Frame(frame_id="x", product_id="a" * 10_000))
+    assert e.value.reason is DeadLetterReason.INVALID_PRODUCT
+    assert "too long" in str(e.value) and "(10000 chars)" in str(e.value) and len(str(e.value)) < 300
+    f = frames_pb2.Frame(frame_id="f" * 10_000, encoding=frames_pb2.ENCODING_PNG, image=png_bomb(30000, 30000))
+    with pytest.raises(BadFrame, match="exceeds the limit") as e:
+        decode_frame_image(f, WorkerConfig())
+    assert "(10000 chars)" in str(e.value) and len(str(e.value)) < 300
