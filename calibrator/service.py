@@ -402,7 +402,8 @@ def serve(
     security = security or ServerSecurity()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
-        options=[("grpc.max_receive_message_length", 8 << 20)],
+        # grpcio sets SO_REUSEPORT by default: a second calibrator on a taken port would start and share its calls
+        options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.so_reuseport", 0)],
         interceptors=[MetricsInterceptor(), *security.interceptors()],
     )
     service = CalibratorService(
@@ -422,13 +423,14 @@ def serve(
         raise ConfigError(f"max_shots must be in 1..64, got {max_shots}")
     creds = security.credentials()
     try:
-        bound = (
-            server.add_secure_port(f"{host}:{port}", creds) if creds else server.add_insecure_port(f"{host}:{port}")
-        )
+        bound = server.add_secure_port(f"{host}:{port}", creds) if creds else server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if bound == 0:
-        raise ConfigError(f"cannot listen on {host}:{port}")
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: the address is already in use (another calibrator?) "
+            "or not available on this host"
+        )
     server.start()
     if kafka is not None:
         from calibrator.announce import Announcer

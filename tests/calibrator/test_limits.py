@@ -1,22 +1,28 @@
-"""Limits of the calibrator over real gRPC: image bombs refused from the header, and errors that never repeat
-unbounded input."""
+"""Limits of the calibrator over real gRPC: image bombs refused from the header, one server per port, and errors
+that never repeat unbounded input."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from PIL import Image
 
+from calibrator.client import CalibratorClient, CalibratorError
+from calibrator.security import ServerSecurity
 from calibrator.service import serve
 from calibrator.store import HeadStore
-from inspection_core.errors import ECHO_LIMIT
+from inspection_core.errors import ECHO_LIMIT, ConfigError
 from inspection_core.names import MAX_PIXELS
 from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 64 << 10
 
 
@@ -100,3 +106,36 @@ def test_long_input_is_not_echoed_in_errors(stub) -> None:
         msg = err.details()
         assert err.code() == code and "(10000 chars)" in msg and long[: ECHO_LIMIT + 1] not in msg, msg[:400]
         assert len(msg) < 400, msg  # the echo is cut; the fixed text (e.g. the list of known options) remains
+
+
+def test_a_second_calibrator_on_a_taken_port_refuses_to_start(tmp_path, tiny_vit) -> None:
+    """grpcio's default SO_REUSEPORT let a second, tokenless calibrator share the port and answer calls."""
+    token = "s3cret-token-for-tests"
+    first, port = serve(HeadStore(tmp_path / "a"), tiny_vit, port=0, security=ServerSecurity(token=token))
+    try:
+        try:
+            second, _ = serve(HeadStore(tmp_path / "b"), tiny_vit, port=port)
+        except ConfigError as exc:
+            assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in str(exc)
+        else:
+            second.stop(0)
+            pytest.fail(f"a second calibrator started on port {port}, which the first one holds")
+        for _ in range(5):  # every connection reaches the first one: a call without its token is refused
+            with CalibratorClient(f"127.0.0.1:{port}") as anon, pytest.raises(CalibratorError) as e:
+                anon.list()
+            assert e.value.code == "UNAUTHENTICATED"
+        cmd = [sys.executable, "-m", "cff_inspect", "calibrator", "--port", str(port), "--no-kafka", "--no-metrics",
+               "--backbone", "tiny-vit", "--device", "cpu", "--store", str(tmp_path / "c")]  # fmt: skip
+        try:
+            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("cff-inspect calibrator kept running on a taken port")
+        assert r.returncode == 2, r.stderr
+        assert (
+            r.stderr.strip()
+            .splitlines()[-1]
+            .startswith(f"cff-inspect: error: cannot listen on 127.0.0.1:{port}: the address is already in use")
+        ), r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        first.stop(0)
