@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from calibrator.security import ServerSecurity
 from calibrator.store import HeadStore, StoreError, manifest_ref
-from inspection_core.errors import ConfigError, HeadError, ImageError
+from inspection_core.errors import ConfigError, HeadError, ImageError, cut, quoted
 from inspection_core.ids import check_product_id
 from inspection_core.names import METHODS
 from inspection_core.trust import HeadSigner
@@ -188,12 +188,12 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
             self._abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"this calibrator serves backbone {self.backbone.spec!r}, not {h.backbone!r}",
+                f"this calibrator serves backbone {self.backbone.spec!r}, not {quoted(h.backbone)}",
             )
         method = h.method or METHODS[0]
         if method not in METHODS:
             known = ", ".join(METHODS)
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown method {method!r}; known: {known}")
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown method {quoted(method)}; known: {known}")
         if h.shots < 1:
             self._abort(
                 context,
@@ -217,7 +217,7 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
             if c.index >= h.shots:
                 self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"chunk for image {c.index} but shots={h.shots}")
             parts.setdefault(c.index, []).append(c.data)
-            names[c.index] = c.name or names.get(c.index, f"image {c.index}")
+            names[c.index] = cut(c.name) if c.name else names.get(c.index, f"image {c.index}")  # echoed in errors
             if sum(map(len, parts[c.index])) > self.max_image_bytes:
                 self._abort(
                     context,
@@ -409,7 +409,8 @@ def serve(
     security = security or ServerSecurity()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
-        options=[("grpc.max_receive_message_length", 8 << 20)],
+        # grpcio sets SO_REUSEPORT by default: a second calibrator on a taken port would start and share its calls
+        options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.so_reuseport", 0)],
         interceptors=[MetricsInterceptor(), *security.interceptors()],
     )
     service = CalibratorService(
@@ -433,7 +434,10 @@ def serve(
     except RuntimeError:
         bound = 0
     if bound == 0:
-        raise ConfigError(f"cannot listen on {host}:{port}")
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: the address is already in use (another calibrator?) "
+            "or not available on this host"
+        )
     server.start()
     if kafka is not None:
         from calibrator.announce import Announcer

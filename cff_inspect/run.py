@@ -171,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         checks = {f"worker_{k}": v for k, v in worker_checks(kafka, worker).items()}
         ms = MetricsServer("ingest+worker+calibrator", host=args.metrics_host, port=args.metrics_port)
         ms.add_checks(**checks).start()
-        print(f"metrics on {ms.url}/metrics, health on /healthz and /readyz", file=sys.stderr, flush=True)
+        print(f"metrics on {ms.listening}: /metrics, /healthz and /readyz", file=sys.stderr, flush=True)
         if args.prometheus:
             if find_prometheus() is None:
                 print("--prometheus: prometheus is not installed (apt-get install -y prometheus)", file=sys.stderr)

@@ -3,7 +3,7 @@
 Services subclass :class:`InspectionError` in their own packages; what more than one
 package raises (bad options, images, heads, the broker) is defined here, in the base. Every message names the file,
 product, backbone or option that was wrong, so a user never has to read a
-traceback from deep inside torch.
+traceback from deep inside torch. Messages repeat user input through :func:`quoted`, which cuts it short.
 
 ``exit_code`` is what the CLI exits with: 2 when the user gave something wrong (an option, a file, a dataset —
 the same code argparse uses for usage errors), 3 when something failed at run time (the broker, a head, the
@@ -14,6 +14,19 @@ from __future__ import annotations
 
 EXIT_USAGE = 2
 EXIT_RUNTIME = 3
+ECHO_LIMIT = 64  # characters of user input a message repeats; more is cut (a 10 kB id must not come back whole)
+
+
+def cut(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` as it is, or its first ``limit`` characters and its length: user input in a message stays short."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def quoted(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr`` of user input for an error message, cut to ``limit`` characters with the full length named."""
+    if not isinstance(value, str):
+        return cut(repr(value), limit)
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} chars)"
 
 
 class InspectionError(Exception):

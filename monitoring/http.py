@@ -26,6 +26,7 @@ from monitoring import metrics
 
 log = logging.getLogger(__name__)
 Check = Callable[[], tuple[bool, str]]
+ALL_INTERFACES = ("0.0.0.0", "", "::", "[::]")  # wildcard binds: reachable from the network, not only this host
 
 
 def update_gpu_metrics() -> None:
@@ -138,7 +139,7 @@ class MetricsServer:
 
     def start(self) -> MetricsServer:
         self._thread.start()
-        log.info("metrics, /healthz and /readyz on http://%s:%d", self.host, self.port)
+        log.info("metrics, /healthz and /readyz on %s", self.listening)
         return self
 
     def stop(self) -> None:
@@ -146,9 +147,21 @@ class MetricsServer:
         self._httpd.server_close()
 
     @property
+    def all_interfaces(self) -> bool:
+        return self.host in ALL_INTERFACES
+
+    @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
+        """Where this host scrapes the server: a wildcard bind is reached on 127.0.0.1 (not what it exposes)."""
+        host = "127.0.0.1" if self.all_interfaces else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    @property
+    def listening(self) -> str:
+        """The address actually bound, for logs: says so when every interface (the network) can reach it."""
+        host = self.host or "0.0.0.0"
+        where = f"{f'[{host}]' if ':' in host else host}:{self.port}"
+        return f"{where} (all interfaces; local {self.url})" if self.all_interfaces else where
 
 
 def add_metrics_args(p: argparse.ArgumentParser, service: str) -> None:
@@ -172,5 +185,5 @@ def start_metrics(args: argparse.Namespace, service: str, **checks: Check) -> Me
     if args.no_metrics:
         return None
     m = MetricsServer(service, host=args.metrics_host, port=args.metrics_port).add_checks(**checks).start()
-    print(f"{service}: metrics on {m.url}/metrics, health on /healthz and /readyz", file=sys.stderr, flush=True)
+    print(f"{service}: metrics on {m.listening}: /metrics, /healthz and /readyz", file=sys.stderr, flush=True)
     return m

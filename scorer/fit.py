@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from inspection_core.errors import ConfigError, HeadError, ImageError
+from inspection_core.errors import ConfigError, HeadError, ImageError, cut, quoted
 from inspection_core.names import METHODS
 from scorer.backbones.base import Backbone, BackboneOutput, letterbox_box
 from scorer.head import BANK_FEATURES, Head, ScoreOptions, build_bank, check_compatible, image_score
@@ -90,7 +90,7 @@ class FitOptions:
         if self.steps_stage1 < 0 or self.steps_stage2 < 0:
             raise ConfigError("step counts must be >= 0")
         if self.bank_features not in BANK_FEATURES:
-            raise ConfigError(f"bank_features must be one of {BANK_FEATURES}, got {self.bank_features!r}")
+            raise ConfigError(f"bank_features must be one of {BANK_FEATURES}, got {quoted(self.bank_features)}")
         if not 0 < self.image_far < 0.5 or not 0 < self.pixel_far < 0.5:
             raise ConfigError("image_far and pixel_far must be in (0, 0.5)")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -100,7 +100,7 @@ class FitOptions:
         if self.n_validation < 1:
             raise ConfigError(f"n_validation must be >= 1, got {self.n_validation}")
         if self.knn_taps not in KNN_TAPS:
-            raise ConfigError(f"knn_taps must be one of {', '.join(KNN_TAPS)}, got {self.knn_taps!r}")
+            raise ConfigError(f"knn_taps must be one of {', '.join(KNN_TAPS)}, got {quoted(self.knn_taps)}")
 
     def with_steps(self, steps: int) -> FitOptions:
         return replace(self, steps_stage1=steps, steps_stage2=max(1, steps // 2))
@@ -118,21 +118,21 @@ class FitOptions:
                 continue
             if key in ("guard", "letterbox"):
                 if str(raw).lower() not in ("true", "false", "1", "0"):
-                    raise ConfigError(f"fit option {key}={raw!r} must be true or false")
+                    raise ConfigError(f"fit option {key}={quoted(raw)} must be true or false")
                 on = str(raw).lower() in ("true", "1")
                 out = replace(out, guard=on) if key == "guard" else replace(out, score=replace(out.score, letterbox=on))
                 continue
             if key not in STRING_OPTIONS:
                 known = ", ".join(sorted([*STRING_OPTIONS, "bank_features", "guard", "knn_taps", "letterbox"]))
-                raise ConfigError(f"unknown fit option {key!r}; known: {known}")
+                raise ConfigError(f"unknown fit option {quoted(key)}; known: {known}")
             kind, lo, hi = STRING_OPTIONS[key]
             try:
                 value = kind(raw)
             except (TypeError, ValueError):
                 what = "an integer" if kind is int else "a number"
-                raise ConfigError(f"fit option {key}={raw!r} is not {what}") from None
+                raise ConfigError(f"fit option {key}={quoted(raw)} is not {what}") from None
             if not (math.isfinite(value) and lo <= value <= hi):
-                raise ConfigError(f"fit option {key}={raw} is out of range [{lo}, {hi}]")
+                raise ConfigError(f"fit option {key}={cut(str(raw))} is out of range [{lo}, {hi}]")
             if key == "seed":
                 seed = int(value)
             elif key == "steps":
@@ -556,9 +556,8 @@ def guard(calibrated: Head, training_free: Head) -> Head:
     qk = training_free.meta["fit_metrics"]["held_out_quality"]
     keep = qc["score"] > qk["score"]
     chosen = calibrated if keep else training_free
-    why = (
-        f"held-out score {qc['score']:.3f} (cff) vs {qk['score']:.3f} (training-free knn): "
-        + ("the calibrated head is better" if keep else "calibration does not beat the training-free head")
+    why = f"held-out score {qc['score']:.3f} (cff) vs {qk['score']:.3f} (training-free knn): " + (
+        "the calibrated head is better" if keep else "calibration does not beat the training-free head"
     )
     out = replace(chosen, meta={**chosen.meta})
     out.meta["guard"] = {"requested": "cff", "chosen": chosen.method, "reason": why, "cff": qc, "knn": qk}

@@ -2,18 +2,23 @@
 
 Factory datasets are often grayscale or 16-bit; those are converted, never
 refused. Only data that cannot be decoded is an error, and the error names the
-file (or frame) it came from.
+file (or frame) it came from. Every opener checks the size the header states
+against one limit (``inspection_core.names``) before a pixel is decoded: a small
+file can claim a huge image (a decompression bomb).
 """
 
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from inspection_core.errors import ImageError
+from inspection_core.names import MAX_PIXELS, MAX_SIDE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -66,12 +71,51 @@ def to_rgb_uint8(img: Image.Image | np.ndarray, *, name: str = "image") -> np.nd
     raise ImageError(f"{name}: unsupported pixel type {arr.dtype}")
 
 
-def decode_image(data: bytes, *, name: str = "frame") -> np.ndarray:
-    """Encoded bytes (PNG, JPEG, ...) -> RGB uint8; raises ImageError naming ``name``."""
+def check_size(width: int, height: int, *, name: str, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> None:
+    """ImageError unless the image is non-empty and within the pixel and side limits (checked from the header)."""
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{name}: image size {width}x{height} is empty")
+    if width * height > max_pixels or max(width, height) > max_side:
+        raise ImageError(
+            f"{name}: image size {width}x{height} ({width * height} pixels) exceeds the limit of "
+            f"{max_pixels} pixels and {max_side} px a side; refused from its header, before decoding"
+        )
+
+
+def open_checked(
+    source: BinaryIO | Path, *, name: str, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE
+) -> Image.Image:
+    """``Image.open`` whose stated size passed :func:`check_size`; nothing is decoded yet (the caller closes it).
+
+    PIL's own bomb guard fires inside ``Image.open``, before the size is known here: its error (past ~179 Mpx), and
+    its warning (past ~89 Mpx) where warnings are errors, become the same ImageError. Our limit is the lower one, so
+    an image PIL only warns about is refused below all the same.
+    """
+    try:
+        im = Image.open(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        stated = re.search(r"\((\d+) pixels\)", str(exc))  # PIL names the count, not the sides
+        size = f"image of {stated[1]} pixels" if stated else f"image too large ({exc})"
+        raise ImageError(
+            f"{name}: {size} exceeds the limit of {max_pixels} pixels and {max_side} px a side; "
+            "refused from its header, before decoding"
+        ) from None
+    try:
+        check_size(*im.size, name=name, max_pixels=max_pixels, max_side=max_side)
+    except ImageError:
+        im.close()
+        raise
+    return im
+
+
+def decode_image(
+    data: bytes, *, name: str = "frame", max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE
+) -> np.ndarray:
+    """Encoded bytes (PNG, JPEG, ...) -> RGB uint8; raises ImageError naming ``name``, also for too large images."""
     if not data:
         raise ImageError(f"{name}: empty image data")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_checked(io.BytesIO(data), name=name, max_pixels=max_pixels, max_side=max_side) as im:
             im.load()
             return to_rgb_uint8(im, name=name)
     except ImageError:
@@ -80,23 +124,31 @@ def decode_image(data: bytes, *, name: str = "frame") -> np.ndarray:
         raise ImageError(f"{name}: cannot decode image ({exc})") from None
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8; truncated or unreadable files raise ImageError."""
+def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> np.ndarray:
+    """Read an image file as RGB uint8; truncated, unreadable or too large files raise ImageError."""
     p = Path(path)
     try:
         data = p.read_bytes()
     except OSError as exc:
         raise ImageError(f"{p}: cannot read file ({exc.strerror or exc})") from None
-    return decode_image(data, name=str(p))
+    return decode_image(data, name=str(p), max_pixels=max_pixels, max_side=max_side)
 
 
-def load_mask(path: str | Path, size_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Binary mask (H x W bool, > 127 is defect); its size must equal the image's."""
+def load_mask(
+    path: str | Path,
+    size_hw: tuple[int, int] | None = None,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    max_side: int = MAX_SIDE,
+) -> np.ndarray:
+    """Binary mask (H x W bool, > 127 is defect); its size must equal the image's, within the same limits."""
     p = Path(path)
     try:
-        with Image.open(p) as im:
+        with open_checked(p, name=str(p), max_pixels=max_pixels, max_side=max_side) as im:
             im.load()
             arr = np.asarray(im.convert("L") if im.mode not in ("I;16", "I", "F") else im)
+    except ImageError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{p}: cannot read mask ({exc})") from None
     if arr.ndim == 3:

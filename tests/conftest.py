@@ -9,9 +9,11 @@ variants with ``dataclasses.replace`` / ``Head.with_thresholds`` instead.
 from __future__ import annotations
 
 import signal
+import struct
 import subprocess
 import sys
 import uuid
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -119,6 +121,26 @@ def make_references(k: int, size_hw: tuple[int, int] = (64, 64), seed: int = 0) 
 def make_refs() -> Callable[..., list[np.ndarray]]:
     """The :func:`make_references` factory, for tests that need other references."""
     return make_references
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG of a few dozen bytes whose header claims ``width`` x ``height`` (8-bit gray), with one row of data.
+
+    A decompression bomb in miniature: only a decoder that trusts the header allocates the full image.
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    row = zlib.compress(b"\0" * (width + 1))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", row) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="session")
+def png_bomb() -> Callable[[int, int], bytes]:
+    """The :func:`png_claiming` factory: ``png_bomb(30000, 30000)`` -> bytes."""
+    return png_claiming
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from google.protobuf.message import DecodeError
-from PIL import Image
 
-from inspection_core.errors import ImageError, InspectionError
-from inspection_core.ids import PRODUCT_ID
+from inspection_core.errors import ConfigError, ImageError, InspectionError, cut
+from inspection_core.ids import check_product_id
 from inspection_core.names import DeadLetterReason
 from inspection_pb.v1 import frames_pb2
-from scorer.images import to_rgb_uint8
+from scorer.images import check_size, open_checked, to_rgb_uint8
 from workers.config import WorkerConfig
 
 if TYPE_CHECKING:
@@ -57,8 +56,11 @@ def parse_frame(value: bytes | None) -> frames_pb2.Frame:
 
 
 def check_product(frame: frames_pb2.Frame) -> None:
-    if not PRODUCT_ID.fullmatch(frame.product_id):
-        raise BadFrame(f"invalid product id {frame.product_id!r}", DeadLetterReason.INVALID_PRODUCT)
+    """BadFrame (INVALID_PRODUCT) for an id that breaks the rule; the reason repeats only the id's start."""
+    try:
+        check_product_id(frame.product_id)
+    except ConfigError as exc:
+        raise BadFrame(str(exc), DeadLetterReason.INVALID_PRODUCT) from None
 
 
 def ts_seconds(ts) -> float:  # noqa: ANN001 - protobuf Timestamp
@@ -83,28 +85,29 @@ def decode_frame_image(
     """H x W x 3 uint8 array; with ``device``, a checked JPEG is returned for :func:`decode_jpegs` there."""
     if not frame.image:
         raise BadFrame("empty image")
+    name = f"frame {cut(frame.frame_id)}"
     enc = frame.encoding
     if enc == frames_pb2.ENCODING_RAW_RGB8:
         w, h = frame.width, frame.height
-        if w == 0 or h == 0 or w * h > cfg.max_pixels:
-            raise BadFrame(f"raw frame size {w}x{h} is zero or too large")
+        try:
+            check_size(w, h, name=name, max_pixels=cfg.max_pixels, max_side=cfg.max_side)
+        except ImageError as exc:
+            raise BadFrame(f"raw {exc}") from None
         if len(frame.image) != w * h * 3:
             raise BadFrame(f"raw frame has {len(frame.image)} bytes, expected {w * h * 3} for {w}x{h}")
         return np.frombuffer(frame.image, dtype=np.uint8).reshape(h, w, 3).copy()
     if enc not in (frames_pb2.ENCODING_JPEG, frames_pb2.ENCODING_PNG):
         raise BadFrame(f"unknown encoding {enc}")
     try:
-        with Image.open(io.BytesIO(frame.image)) as im:
-            w, h = im.size
-            if w == 0 or h == 0 or w * h > cfg.max_pixels or max(w, h) > cfg.max_side:
-                raise BadFrame(f"image size {w}x{h} is zero or exceeds the limit ({cfg.max_pixels} pixels)")
+        # the calibrator's header check; WorkerConfig's limits default to the same inspection_core.names
+        with open_checked(io.BytesIO(frame.image), name=name, max_pixels=cfg.max_pixels, max_side=cfg.max_side) as im:
             if device is not None and enc == frames_pb2.ENCODING_JPEG and im.format == "JPEG":
                 return DeferredJpeg(frame.image, device)  # header checked: size within the limits
             im.load()
-            return to_rgb_uint8(im, name=f"frame {frame.frame_id}")
-    except BadFrame:
-        raise
-    except (ImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return to_rgb_uint8(im, name=name)
+    except ImageError as exc:
+        raise BadFrame(str(exc)) from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise BadFrame(f"cannot decode image: {exc}") from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import socket
@@ -18,7 +19,7 @@ from prometheus_client import REGISTRY
 
 from inspection_core.names import DeadLetterReason
 from monitoring import metrics
-from monitoring.http import MetricsServer, broker_check
+from monitoring.http import MetricsServer, broker_check, start_metrics
 
 
 def _v(name: str, **labels: str) -> float:
@@ -77,6 +78,20 @@ def test_endpoints_and_readiness_name_the_failing_check() -> None:
         assert _get(f"{ms.url}/nothing")[0] == 404
     finally:
         ms.stop()
+
+
+def test_the_printed_metrics_address_is_the_one_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    """A wildcard bind is reachable from the network: the line must say 0.0.0.0, not the local URL it scrapes."""
+    for host in ("0.0.0.0", "127.0.0.1"):
+        args = argparse.Namespace(no_metrics=False, metrics_host=host, metrics_port=0)
+        ms = start_metrics(args, "worker")
+        try:
+            (line,) = capsys.readouterr().err.strip().splitlines()
+            assert line.startswith(f"worker: metrics on {host}:{ms.port}"), line
+            assert ("all interfaces" in line) is (host == "0.0.0.0"), line
+            assert _get(f"{ms.url}/healthz")[0] == 200  # .url stays the address to scrape from this host
+        finally:
+            ms.stop()
 
 
 def test_broker_check_is_a_real_connection() -> None:

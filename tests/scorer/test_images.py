@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from inspection_core.errors import ImageError
-from scorer.images import decode_image, list_images, load_image, load_mask, to_rgb_uint8
+from inspection_core.names import MAX_PIXELS, MAX_SIDE
+from scorer.images import check_size, decode_image, list_images, load_image, load_mask, to_rgb_uint8
 
 
 def _png_bytes(im: Image.Image, fmt: str = "PNG") -> bytes:
@@ -210,3 +211,76 @@ def test_list_images_sorted_and_filtered(tmp_path: Path) -> None:
         (tmp_path / n).write_bytes(b"x")
     (tmp_path / "e.png").mkdir()
     assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png", "d.tiff"]
+
+
+# -- decompression bombs ----------------------------------------------------------
+@pytest.fixture
+def pixel_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Sizes of the images whose pixels PIL decoded during the test (a spy on ``ImageFile.load``)."""
+    seen: list[tuple[int, int]] = []
+    real = ImageFile.ImageFile.load
+
+    def load(self: ImageFile.ImageFile):  # noqa: ANN202 - PIL's own return type
+        seen.append(self.size)
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns about 10000 x 10000
+def test_too_many_pixels_or_too_long_a_side_is_refused_from_the_header(png_bomb, pixel_loads) -> None:
+    """A 79 kB PNG of 9000 x 9000 decodes to 243 MB: refused like PIL's own bombs, before any pixel is decoded."""
+    real_9000 = _png_bytes(Image.new("L", (9000, 9000)))
+    assert len(real_9000) < 100_000
+    cases = {
+        "real-9000.png": (real_9000, "9000x9000 (81000000 pixels)"),  # over MAX_PIXELS, under PIL's guard
+        "claims-30000.png": (png_bomb(30000, 30000), "900000000 pixels"),  # PIL's DecompressionBombError
+        "claims-10000.png": (png_bomb(10000, 10000), "10000x10000"),  # PIL only warns: refused all the same
+        "strip.png": (png_bomb(MAX_SIDE + 1, 8), f"{MAX_SIDE + 1}x8"),  # few pixels, one side too long
+    }
+    for name, (data, size) in cases.items():
+        with pytest.raises(ImageError) as ei:
+            decode_image(data, name=name)
+        msg = str(ei.value)
+        assert msg.startswith(f"{name}: ") and size in msg, msg
+        assert f"limit of {MAX_PIXELS} pixels and {MAX_SIDE} px a side" in msg and "before decoding" in msg
+    assert pixel_loads == []  # no pixel of any of them was decoded
+    decode_image(_png_bytes(Image.new("L", (40, 30))))
+    assert set(pixel_loads) == {(40, 30)}  # the spy sees a decode that happens
+
+
+def test_warning_as_error_is_our_error_too(png_bomb) -> None:
+    """Where warnings are errors, PIL's DecompressionBombWarning (past ~89 Mpx) is raised inside Image.open."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(ImageError, match=r"w\.png: image of 100000000 pixels exceeds the limit"):
+            decode_image(png_bomb(10000, 10000), name="w.png")
+
+
+def test_the_limits_are_the_shared_names_and_can_be_lowered(tmp_path: Path, png_bomb) -> None:
+    rows = MAX_PIXELS // MAX_SIDE
+    check_size(MAX_SIDE, rows, name="x")  # on the limits: accepted
+    for w, h in ((MAX_SIDE, rows + 1), (MAX_SIDE + 1, 1), (0, 5)):
+        with pytest.raises(ImageError, match=rf"x: image size {w}x{h} "):
+            check_size(w, h, name="x")
+    small = _png_bytes(Image.new("RGB", (200, 50)))
+    assert decode_image(small).shape == (50, 200, 3)
+    with pytest.raises(ImageError, match="limit of 9999 pixels"):
+        decode_image(small, name="s", max_pixels=9999)
+    with pytest.raises(ImageError, match="and 199 px a side"):
+        decode_image(small, name="s", max_side=199)
+    # the path loaders check too, and name the file
+    bomb = tmp_path / "bomb_mask.png"
+    bomb.write_bytes(png_bomb(30000, 30000))
+    for load in (load_image, load_mask):
+        with pytest.raises(ImageError, match="exceeds the limit") as ei:
+            load(bomb)
+        assert str(ei.value).startswith(f"{bomb}: ")
+    (tmp_path / "small.png").write_bytes(small)
+    with pytest.raises(ImageError, match="limit of 100 pixels"):
+        load_image(tmp_path / "small.png", max_pixels=100)
+    with pytest.raises(ImageError, match="limit of 100 pixels"):
+        load_mask(tmp_path / "small.png", max_pixels=100)

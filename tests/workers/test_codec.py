@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inspection_core.names import DeadLetterReason
+from inspection_core.names import MAX_PIXELS, MAX_SIDE, DeadLetterReason
 from inspection_pb.v1 import frames_pb2
 from workers.codec import BadFrame, DeferredJpeg, check_product, decode_frame_image, decode_jpegs, parse_frame
 from workers.config import WorkerConfig
@@ -59,3 +59,30 @@ def test_refusals_carry_their_dead_letter_reason() -> None:
         decode_frame_image(frames_pb2.Frame(frame_id="x", product_id="ok"), WorkerConfig())
     assert e.value.reason is DeadLetterReason.BAD_IMAGE
     assert [r.value for r in DeadLetterReason] == ["not_a_frame", "invalid_product", "bad_image"]
+
+
+def test_frames_get_the_calibrators_size_limits(png_bomb) -> None:
+    """One limit for frames and uploads (inspection_core.names), checked from the header, PIL's bombs included."""
+    cfg = WorkerConfig()
+    assert (cfg.max_pixels, cfg.max_side) == (MAX_PIXELS, MAX_SIDE)
+    for w, h in ((30000, 30000), (9000, 9000), (MAX_SIDE + 1, 8)):
+        f = frames_pb2.Frame(frame_id="big", encoding=frames_pb2.ENCODING_PNG, image=png_bomb(w, h))
+        with pytest.raises(BadFrame, match=f"frame big: image .* exceeds the limit of {MAX_PIXELS} pixels") as e:
+            decode_frame_image(f, cfg)
+        assert e.value.reason is DeadLetterReason.BAD_IMAGE
+    raw = frames_pb2.Frame(frame_id="strip", encoding=frames_pb2.ENCODING_RAW_RGB8, width=MAX_SIDE + 1, height=1)
+    raw.image = bytes(raw.width * 3)
+    with pytest.raises(BadFrame, match=f"raw frame strip: image size {MAX_SIDE + 1}x1 .* px a side"):
+        decode_frame_image(raw, cfg)
+
+
+def test_refusals_never_repeat_unbounded_input(png_bomb) -> None:
+    """A 10 kB product or frame id comes back cut to its start: the reason lands in headers and results."""
+    with pytest.raises(BadFrame) as e:
+        check_product(frames_pb2.Frame(frame_id="x", product_id="a" * 10_000))
+    assert e.value.reason is DeadLetterReason.INVALID_PRODUCT
+    assert "too long" in str(e.value) and "(10000 chars)" in str(e.value) and len(str(e.value)) < 300
+    f = frames_pb2.Frame(frame_id="f" * 10_000, encoding=frames_pb2.ENCODING_PNG, image=png_bomb(30000, 30000))
+    with pytest.raises(BadFrame, match="exceeds the limit") as e:
+        decode_frame_image(f, WorkerConfig())
+    assert "(10000 chars)" in str(e.value) and len(str(e.value)) < 300
