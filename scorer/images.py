@@ -120,7 +120,12 @@ def decode_image(
             return to_rgb_uint8(im, name=name)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:  # PIL's text names the BytesIO object, not the file
+        raise ImageError(
+            f"{name}: not an image in a format this reads ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)}); "
+            f"first bytes {data[:8].hex()}"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{name}: cannot decode image ({exc})") from None
 
 

@@ -284,3 +284,10 @@ def test_the_limits_are_the_shared_names_and_can_be_lowered(tmp_path: Path, png_
         load_image(tmp_path / "small.png", max_pixels=100)
     with pytest.raises(ImageError, match="limit of 100 pixels"):
         load_mask(tmp_path / "small.png", max_pixels=100)
+
+
+def test_undecodable_bytes_name_the_frame_not_a_python_object() -> None:
+    with pytest.raises(ImageError) as e:
+        decode_image(b"hello world, not a picture", name="cam-1 frame 7")
+    msg = str(e.value)
+    assert msg.startswith("cam-1 frame 7: not an image") and "BytesIO" not in msg and "0x" not in msg

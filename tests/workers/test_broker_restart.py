@@ -52,7 +52,7 @@ def _metrics_url(proc, timeout: float = 60) -> str:  # noqa: ANN001
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         seen += line
-        m = re.search(rb"(http://[\d.:]+)/metrics", line)
+        m = re.search(rb"(http://[\d.]+:\d+)", line)
         if m:
             return m.group(1).decode()
         if not line and proc.poll() is not None:
