@@ -493,6 +493,22 @@ def overview() -> dict[str, Any]:
             ],
         ),
         panel(
+            33,
+            "Broker trouble: failed publishes, failed commits, skipped records",
+            "Publish attempts the broker did not acknowledge (ingest and workers keep the frames and retry with a "
+            "fresh producer), offset commits it refused, and records a worker skipped because the broker refused "
+            "them as too large; per interval, 0 when none.",
+            [
+                target(f"sum(increase(inspection_ingest_publish_failures_total[{RI}])){ZERO}", "ingest publish"),
+                target(f"sum(increase(inspection_worker_publish_failures_total[{RI}])){ZERO}", "worker publish"),
+                target(f"sum(increase(inspection_worker_commit_failures_total[{RI}])){ZERO}", "worker commit"),
+                target(
+                    f"sum by (topic) (increase(inspection_worker_records_dropped_total[{RI}])){ZERO}",
+                    "skipped {{topic}}",
+                ),
+            ],
+        ),
+        panel(
             28,
             "Ingest buffer",
             "Frames waiting in each ingest process's bounded buffer; a full buffer drops frames (reason buffer_full).",
