@@ -412,7 +412,8 @@ def test_kafka_variables_are_the_ones_the_client_reads() -> None:
 
 def test_the_env_check_catches_an_unknown_or_ignored_variable() -> None:
     assert not honoured(("worker",), "CFF_INSPECT_CALIBRATOR")  # the heads commands' option, not the worker's
-    assert not honoured(("worker",), "CFF_INSPECT_NO_FOLLOW_HEADS")  # a flag without an environment default
+    assert not honoured(("worker",), "CFF_INSPECT_NO_SUCH_OPTION")  # no option of that name
+    assert honoured(("worker",), "CFF_INSPECT_NO_FOLLOW_HEADS")  # every long option is its variable (bind_env)
     assert honoured(("worker",), "CFF_INSPECT_CALIBRATOR_ADDRESS")
 
 
