@@ -84,6 +84,7 @@ def test_the_printed_metrics_address_is_the_one_bound(capsys: pytest.CaptureFixt
     """A wildcard bind is reachable from the network: the line must say 0.0.0.0, not the local URL it scrapes."""
     for host in ("0.0.0.0", "127.0.0.1"):
         args = argparse.Namespace(no_metrics=False, metrics_host=host, metrics_port=0)
+        capsys.readouterr()  # what earlier tests left on stderr is not this call's output
         ms = start_metrics(args, "worker")
         try:
             (line,) = capsys.readouterr().err.strip().splitlines()
