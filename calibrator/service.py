@@ -35,6 +35,7 @@ from scorer.artifact import load_head
 from scorer.backbones.base import Backbone
 from scorer.fit import FitOptions, fit_head
 from scorer.images import decode_image
+from scorer.progress import ProgressEvent
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -224,8 +225,9 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"{names[c.index]}: upload larger than {self.max_image_bytes >> 20} MiB",
                 )
-            if c.last:
+            if c.last and c.index not in done:
                 done.add(c.index)
+                yield calibrator_pb2.FitProgress(stage="receiving", step=len(done), total_steps=h.shots)
         if done != set(range(h.shots)):
             missing = sorted(set(range(h.shots)) - done)
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"images {missing} were not sent completely")
@@ -243,14 +245,18 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
             )
         except ConfigError as exc:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{product}: {exc}")
-        total = {"stage1": opts.steps_stage1, "stage2": opts.steps_stage2}
         q: queue.Queue = queue.Queue()
         result: dict = {}
 
-        def progress(stage: str, step: int, loss: float) -> None:
+        def progress(ev: ProgressEvent) -> None:
+            """Every scorer stage, as it comes (features, held-out, synthesis, stage1, stage2, thresholds)."""
             if not context.is_active():
                 raise _Cancelled()
-            q.put(calibrator_pb2.FitProgress(stage=stage, step=step, total_steps=total.get(stage, 0), loss=loss))
+            q.put(
+                calibrator_pb2.FitProgress(
+                    stage=ev.stage, step=ev.done, total_steps=ev.total, loss=ev.loss, detail=ev.detail
+                )
+            )
 
         def work() -> None:
             t_fit = time.perf_counter()

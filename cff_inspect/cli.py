@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cff_inspect.progress import add_progress_arg, renderer
 from inspection_core.env import bind_env, check_env, env_flag
 from inspection_core.env import env_default as _env
 from inspection_core.errors import ConfigError, InspectionError
@@ -80,16 +81,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.bank_features is not None:
             fit_options = replace(fit_options, bank_features=args.bank_features)
     histograms: dict | None = {} if plots else None  # pixel-score histograms for the pixel-level curves
-    report = run_eval(
-        data,
-        bb,
-        cfg,
-        base_head=base_head,
-        base_head_path=args.base_head,
-        fit_options=fit_options,
-        pixel_histograms=histograms,
-        progress=lambda s: print(s, file=sys.stderr, flush=True),
-    )
+    # the runs counter and the test features stay; each run's fit stages show only while they last
+    with renderer(args, keep=("runs", "features")) as draw:
+        report = run_eval(
+            data,
+            bb,
+            cfg,
+            base_head=base_head,
+            base_head_path=args.base_head,
+            fit_options=fit_options,
+            pixel_histograms=histograms,
+            progress=draw,
+        )
     print(markdown_table(report))
     if args.out:
         write_report(report, args.out)  # first, so a plotting failure cannot cost the run's figures
@@ -182,6 +185,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         default=_env("fit_steps", None, kind=int),
         help="optimisation steps per fitting stage (cff/aprilgan)",
     )
+    add_progress_arg(p)
     add_backbone_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from calibrator.security import add_client_security_args, client_security_from
+from cff_inspect.progress import add_progress_arg, from_fit_progress, renderer
 from inspection_core.env import env_default as _env
 from inspection_core.errors import ConfigError, ImageError
 from inspection_core.ids import check_product_id
@@ -192,16 +193,13 @@ def cmd_heads_fit(args: argparse.Namespace) -> int:
 
 def _heads_fit_remote(args: argparse.Namespace, product: str, paths: list[Path], options: dict[str, str]) -> int:
     t0 = time.perf_counter()
+    with _client(args) as c, renderer(args) as draw:
 
-    def progress(m) -> None:  # noqa: ANN001
-        if m.stage in ("stage1", "stage2") and m.total_steps and m.step % 10 and m.step != m.total_steps:
-            return
-        if m.stage in ("stage1", "stage2"):
-            print(f"{m.stage} {m.step}/{m.total_steps} loss {m.loss:.4f}", file=sys.stderr, flush=True)
-        else:
-            print(f"{m.stage}{': ' + m.detail if m.detail else ''}", file=sys.stderr, flush=True)
+        def progress(msg) -> None:  # noqa: ANN001 - calibrator_pb2.FitProgress: drawn like a local fit
+            ev = from_fit_progress(msg)
+            if ev is not None:
+                draw(ev)
 
-    with _client(args) as c:
         info = c.fit(
             product,
             paths,
@@ -230,15 +228,8 @@ def _heads_fit_offline(args: argparse.Namespace, product: str, paths: list[Path]
     bb = backbone_from(args)
     base = load_head(args.base_head, bb) if args.base_head else None
     t0 = time.perf_counter()
-    head = fit_head(
-        bb,
-        refs,
-        base_head=base,
-        options=opts,
-        method=args.method,
-        seed=seed,
-        progress=lambda st, step, loss: print(f"{st} step {step} loss {loss:.4f}", file=sys.stderr),
-    )
+    with renderer(args) as draw:
+        head = fit_head(bb, refs, base_head=base, options=opts, method=args.method, seed=seed, progress=draw)
     head.meta["reference_sha256"] = [file_sha256(p) for p in paths]
     out = Path(args.out)
     sha = save_head(head, out, product=product, version=args.version)
@@ -349,6 +340,7 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     )
     f.add_argument("--no-activate", dest="activate", action="store_false", help="store without activating")
     f.add_argument("--version", type=int, default=1, help="offline: version written into the manifest")
+    add_progress_arg(f)
     _add_remote(f)
     add_backbone_args(f, default=None)
     f.set_defaults(func=cmd_heads_fit)
@@ -428,9 +420,8 @@ def cmd_train_base(args: argparse.Namespace) -> int:
         seed=args.seed,
         fit=FitOptions(lambda_align=args.lambda_align, lr_stage2=1e-4, loss_resolution=112),
     )
-    head = train_base(
-        bb, args.data, opts, cache_dir=args.cache_dir, progress=lambda s: print(s, file=sys.stderr, flush=True)
-    )
+    with renderer(args) as draw:
+        head = train_base(bb, args.data, opts, cache_dir=args.cache_dir, progress=draw)
     sha = save_head(head, args.out, product=None, version=None)
     print(
         json.dumps(
@@ -463,6 +454,7 @@ def add_train_base(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cache-dir", default=_env("cache_dir"), help="on-disk token cache")
+    add_progress_arg(p)
     add_backbone_args(p)
     p.set_defaults(func=cmd_train_base)
 

@@ -37,6 +37,7 @@ from scorer.features import FeatureCache
 from scorer.head import Head, ScoreOptions, knn_head
 from scorer.images import load_image, load_mask
 from scorer.metrics import image_metrics, pixel_metrics, summarise
+from scorer.progress import Counter, Progress, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,13 @@ HeadFactory = Callable[[str, Backbone, list[np.ndarray], BackboneOutput, int], H
 # each step changes.
 
 
-def default_head_factory(base_head: Head | None = None, fit_options: object | None = None) -> HeadFactory:
-    """Build heads per method; one fit serves every method for the same references."""
+def default_head_factory(
+    base_head: Head | None = None, fit_options: object | None = None, progress: Progress = no_progress
+) -> HeadFactory:
+    """Build heads per method; one fit serves every method for the same references.
+
+    ``progress`` gets each fit's own stages (``held-out``, ``stage1``, ...; see :func:`scorer.fit.fit_head`).
+    """
     cache: dict[tuple, dict[str, Head]] = {}
 
     def make(method: str, backbone: Backbone, images: list[np.ndarray], feats: BackboneOutput, seed: int) -> Head:
@@ -91,7 +97,13 @@ def default_head_factory(base_head: Head | None = None, fit_options: object | No
             return knn_head(backbone, feats, opts.score)
         if method == "knn-auto":
             auto = fit_heads_from_features(
-                backbone, images, feats, options=replace(opts, knn_taps="auto"), seed=seed, methods=("knn",)
+                backbone,
+                images,
+                feats,
+                options=replace(opts, knn_taps="auto"),
+                seed=seed,
+                methods=("knn",),
+                progress=progress,
             )
             return auto["knn"]
         key = (seed, tuple(hashlib.sha256(im.tobytes()).hexdigest() for im in images))
@@ -106,6 +118,7 @@ def default_head_factory(base_head: Head | None = None, fit_options: object | No
                 options=replace(opts, guard=False),
                 seed=seed,
                 methods=wanted,
+                progress=progress,
             )
             heads["cff-unguarded"] = heads["cff"]
             if "knn" in heads:
@@ -158,9 +171,15 @@ def evaluate_category(
     *,
     data_root: Path | None = None,
     pixel_histograms: MutableMapping[HistogramKey, ScoreHistogram] | None = None,
-    progress: Callable[[str], None] = lambda s: None,
+    progress: Progress = no_progress,
+    runs: Counter | None = None,
 ) -> list[dict]:
-    """Records of one category; ``pixel_histograms`` (optional) receives each run's pixel-score histogram."""
+    """Records of one category; ``pixel_histograms`` (optional) receives each run's pixel-score histogram.
+
+    ``progress`` gets stage ``features`` (test images embedded, of the split) and ``runs``: the
+    (method, K, seed) runs done, counted by ``runs`` across categories when given (``run_eval``), so the ETA
+    covers the whole evaluation.
+    """
     root = Path(data_root) if data_root is not None else cat.root
     tests = _subsample(cat.test, cfg.max_test)
     names = [_relative(s.path, root) for s in tests]
@@ -174,10 +193,16 @@ def evaluate_category(
     for i, (s, img) in enumerate(zip(tests, images, strict=True)):
         if s.mask_path is not None:
             masks[i] = _resize_mask(load_mask(s.mask_path, img.shape[:2]), size)
-    progress(f"{cat.key}: extracting features of {len(tests)} test images")
     del images
+    if runs is None:
+        runs = Counter(progress, "runs", len(cfg.methods) * len(cfg.shots) * len(cfg.seeds))
+        runs.start()
     test_feats = FeatureCache(cfg.cache_dir).embed_paths(
-        backbone, [s.path for s in tests], batch_size=cfg.batch_size, letterbox=cfg.score.letterbox
+        backbone,
+        [s.path for s in tests],
+        batch_size=cfg.batch_size,
+        letterbox=cfg.score.letterbox,
+        progress=Counter(progress, "features", len(tests), detail=f"{cat.key} test images").callback(),
     )
     t_feat = time.perf_counter() - t0
     per_image_s = t_feat / len(tests)
@@ -241,7 +266,9 @@ def evaluate_category(
                         sc = torch.from_numpy(sm).flatten(1).topk(n_top, 1).values.mean(1).numpy()
                         st.append({**image_metrics(sc, labels), **pixel_metrics(sm, masks)})
                     slot["stages"].append(st)
-                progress(f"{cat.key} {method} K={k} seed={seed}: " + " ".join(f"{q}={m[q]:.3f}" for q in METRIC_KEYS))
+                what = f"{cat.key} {method} K={k} seed={seed}"
+                log.info("%s: %s", what, " ".join(f"{q}={m[q]:.3f}" for q in METRIC_KEYS))
+                runs.step(detail=what)
     records = []
     for (method, k), slot in acc.items():
         mean, std = summarise([p["metrics"] for p in slot["per_seed"]])
@@ -279,9 +306,12 @@ def run_eval(
     fit_options: object | None = None,
     factory: HeadFactory | None = None,
     pixel_histograms: MutableMapping[HistogramKey, ScoreHistogram] | None = None,
-    progress: Callable[[str], None] = lambda s: None,
+    progress: Progress = no_progress,
 ) -> dict:
-    """The report (plain JSON data, NaN where undefined: ``write_report`` turns those into null)."""
+    """The report (plain JSON data, NaN where undefined: ``write_report`` turns those into null).
+
+    ``progress``: see :func:`evaluate_category`; ``runs`` counts every category's runs.
+    """
     cats: list[tuple[Path, Category]] = []
     for d in data:
         cats.extend((Path(d), c) for c in discover(d))
@@ -289,13 +319,22 @@ def run_eval(
 
     fo = fit_options if isinstance(fit_options, FitOptions) else FitOptions()
     fit_options = replace(fo, score=replace(fo.score, letterbox=cfg.score.letterbox))
-    factory = factory or default_head_factory(base_head, fit_options)
+    factory = factory or default_head_factory(base_head, fit_options, progress)
     t0 = time.perf_counter()
     records: list[dict] = []
+    runs = Counter(progress, "runs", len(cats) * len(cfg.methods) * len(cfg.shots) * len(cfg.seeds))
+    runs.start()
     for root, cat in cats:
         records.extend(
             evaluate_category(
-                cat, backbone, cfg, factory, data_root=root, pixel_histograms=pixel_histograms, progress=progress
+                cat,
+                backbone,
+                cfg,
+                factory,
+                data_root=root,
+                pixel_histograms=pixel_histograms,
+                progress=progress,
+                runs=runs,
             )
         )
     return {

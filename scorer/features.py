@@ -45,7 +45,10 @@ class FeatureCache:
         letterbox: bool = False,
         progress: Callable[[int, int], None] = lambda done, total: None,
     ) -> BackboneOutput:
-        """Tokens of every file (CPU, float16), from the cache where present."""
+        """Tokens of every file (CPU, float16), from the cache where present.
+
+        ``progress(done, total)`` counts every path: the cached ones at once, then each extracted batch.
+        """
         n = len(paths)
         results: list[list[torch.Tensor] | None] = [None] * n
         boxes: list[torch.Tensor | None] = [None] * n
@@ -64,6 +67,8 @@ class FeatureCache:
                     except (SafetensorError, OSError, KeyError):
                         f.unlink(missing_ok=True)
             todo.append(i)
+        cached = n - len(todo)
+        progress(cached, n)
         for s in range(0, len(todo), batch_size):
             chunk = todo[s : s + batch_size]
             out = backbone.embed([load_image(paths[i]) for i in chunk], batch_size=batch_size, letterbox=letterbox)
@@ -79,7 +84,7 @@ class FeatureCache:
                         stored["content"] = boxes[i]
                     save_file(stored, tmp)
                     os.replace(tmp, self.root / f"{keys[i]}.safetensors")
-            progress(min(s + batch_size, len(todo)), len(todo))
+            progress(cached + min(s + batch_size, len(todo)), n)
         tokens = [torch.stack([r[j] for r in results if r is not None]) for j in range(len(backbone.taps))]
         content = torch.stack([b for b in boxes if b is not None]) if letterbox else None
         return BackboneOutput(tokens=tokens, grid=backbone.grid, content=content)

@@ -42,6 +42,7 @@ from scorer.backbones.base import Backbone, BackboneOutput, letterbox_box
 from scorer.head import BANK_FEATURES, Head, ScoreOptions, build_bank, check_compatible, image_score
 from scorer.losses import alignment_loss, dice_loss, focal_loss, two_channel_probs
 from scorer.metrics import image_metrics
+from scorer.progress import Counter, Progress, ProgressEvent, no_progress, report_every
 from scorer.synth import synthesize
 
 log = logging.getLogger(__name__)
@@ -163,13 +164,6 @@ STRING_OPTIONS: dict[str, tuple[type, float, float]] = {
 }
 
 
-Progress = Callable[[str, int, float], None]
-
-
-def _noop(stage: str, step: int, loss: float) -> None:
-    pass
-
-
 def check_references(references: Sequence[np.ndarray]) -> list[np.ndarray]:
     if len(references) == 0:
         raise ConfigError("at least one reference image is needed")
@@ -232,7 +226,7 @@ def train_stage1(
     steps: int,
     batch_size: int,
     seed: int,
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Projection learning (April-GAN): per-stage focal + dice, summed over stages (A17).
 
@@ -269,6 +263,9 @@ def train_stage1(
     params = list(proj.parameters()) + ([protos] if text is None else [])
     optim = _adam(params, opts.lr_stage1, opts)
     g = torch.Generator().manual_seed(seed)
+    every = report_every(steps)
+    if steps:
+        progress(ProgressEvent("stage1", 0, steps))
     for step in range(steps):
         idx = torch.randint(0, n_train, (min(batch_size, n_train),), generator=g)
         tgt = targets[idx]
@@ -283,8 +280,8 @@ def train_stage1(
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
-        if step % 10 == 0 or step == steps - 1:
-            progress("stage1", step, loss.item())
+        if (step + 1) % every == 0 or step == steps - 1:
+            progress(ProgressEvent("stage1", step + 1, steps, loss.item()))
     proj_w = [w.detach().clone() for w in proj.w]
     proj_b = [b.detach().clone() for b in proj.b]
     return proj_w, proj_b, F.normalize(protos.detach(), dim=1)
@@ -302,7 +299,7 @@ def train_stage2(
     batch_size: int,
     seed: int,
     init: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor] | None] | None = None,
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
     """CFF calibration: projections frozen, C_n from identity (or ``init``), total objective.
 
@@ -321,6 +318,9 @@ def train_stage2(
     optim = _adam(list(calib.parameters()), opts.lr_stage2, opts)
     g = torch.Generator().manual_seed(seed + 7)
     last = float("nan")
+    every = report_every(steps)
+    if steps:
+        progress(ProgressEvent("stage2", 0, steps))
     for step in range(steps):
         idx = torch.randint(0, n_train, (min(batch_size, n_train),), generator=g)
         tgt = targets[idx]
@@ -347,8 +347,8 @@ def train_stage2(
         loss.backward()
         optim.step()
         last = loss.item()
-        if step % 10 == 0 or step == steps - 1:
-            progress("stage2", step, last)
+        if (step + 1) % every == 0 or step == steps - 1:
+            progress(ProgressEvent("stage2", step + 1, steps, last))
     return [w.detach().clone() for w in calib.w], [b.detach().clone() for b in calib.b], last
 
 
@@ -361,7 +361,7 @@ def fit_heads_from_features(
     options: FitOptions | None = None,
     seed: int = 0,
     methods: Sequence[str] = ("aprilgan", "cff"),
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
 ) -> dict[str, Head]:
     """Fit once and return the asked heads (``knn``, ``aprilgan``, ``cff``) on the same references.
 
@@ -395,10 +395,26 @@ class HeldOut:
 
 
 def held_out_set(
-    backbone: Backbone, refs: Sequence[np.ndarray], ref_feats: BackboneOutput, opts: FitOptions, seed: int
+    backbone: Backbone,
+    refs: Sequence[np.ndarray],
+    ref_feats: BackboneOutput,
+    opts: FitOptions,
+    seed: int,
+    progress: Progress = no_progress,
 ) -> HeldOut:
+    """The held-out set; its embedding is reported as stage ``held-out`` (images done / total)."""
     lb = opts.score.letterbox
     k = len(refs)
+    n_views = 0 if k >= 2 else max(1, opts.n_augment_k1)
+    total = n_views + opts.n_validation
+
+    def part(offset: int) -> Callable[[int, int], None]:
+        def cb(done: int, _: int) -> None:
+            if done or not offset:  # the second embedding's start is the first one's end
+                progress(ProgressEvent("held-out", offset + done, total))
+
+        return cb
+
     # Nothing is trained on the held-out set: it is embedded at the precision the head will score frames at
     # (the backbone's own; bf16 on GPUs and bf16 CPUs, 1.8x faster here), so the thresholds are set on the
     # scores production sees. The references themselves stay at the fit's precision.
@@ -407,10 +423,11 @@ def held_out_set(
             normals, normal_src, how = ref_feats, list(range(k)), "leave-one-out"
         else:
             rng = np.random.default_rng(seed + 101)
-            views = [_augment(refs[0], rng) for _ in range(max(1, opts.n_augment_k1))]
-            normals, normal_src, how = backbone.embed(views, letterbox=lb), [None] * len(views), "augmented views"
+            views = [_augment(refs[0], rng) for _ in range(n_views)]
+            normals = backbone.embed(views, letterbox=lb, progress=part(0))
+            normal_src, how = [None] * len(views), "augmented views"
         synth = synthesize(refs, opts.n_validation, seed + 7919)
-        anomalies = backbone.embed([x[0] for x in synth], letterbox=lb)
+        anomalies = backbone.embed([x[0] for x in synth], letterbox=lb, progress=part(n_views))
     masks = _mask_targets([x[1] for x in synth], opts.score.map_size).numpy() > 0.5
     src: list[int | None] = [x[2] if k >= 2 else None for x in synth]
     return HeldOut(normals, normal_src, anomalies, src, masks, how)
@@ -517,8 +534,7 @@ def _fit_heads(
         check_compatible(base_head, backbone)
         if base_head.proj_w is None:
             raise HeadError("the base head has no projections (is it a knn head?)")
-    progress("features", 0, math.nan)
-    held = held_out_set(backbone, refs, ref_feats, opts, seed)
+    held = held_out_set(backbone, refs, ref_feats, opts, seed, progress)
     heads: dict[str, Head] = {}
     knn: Head | None = None
     knn_record: dict | None = None
@@ -528,9 +544,12 @@ def _fit_heads(
     meta: dict = {"shots": len(refs), "base_head": base_head is not None}
     if "aprilgan" in methods or "cff" in methods:
         learned, meta = _fit_learned(backbone, refs, ref_feats, base_head, opts, seed, "cff" in methods, progress)
-    progress("thresholds", 0, math.nan)
+    # every head asked for, and the guard's training-free reference, is thresholded on the held-out set
+    thresholds = Counter(progress, "thresholds", (knn is not None) + sum(name in methods for name in learned))
+    thresholds.start()
     if knn is not None:
         knn = calibrate_thresholds(knn, ref_feats, held, opts, meta={"shots": len(refs)})
+        thresholds.step(detail="knn")
         if knn_record is not None:
             knn.meta["tap_choice"] = knn_record
         if "knn" in methods:
@@ -538,6 +557,7 @@ def _fit_heads(
     for name, h in learned.items():
         if name in methods:
             heads[name] = calibrate_thresholds(h, ref_feats, held, opts, meta=meta)
+            thresholds.step(detail=name)
     if "cff" in heads and knn is not None:
         heads["cff"] = guard(heads["cff"], knn)
     total = time.perf_counter() - t_start
@@ -582,7 +602,9 @@ def _fit_learned(
     res = opts.loss_resolution
     lb = opts.score.letterbox
     synth = synthesize(refs, opts.n_synthetic, seed)
-    synth_feats = backbone.embed([x[0] for x in synth], letterbox=lb)
+    synth_feats = backbone.embed(
+        [x[0] for x in synth], letterbox=lb, progress=Counter(progress, "synthesis", len(synth)).callback()
+    )
     tokens = [torch.cat([ref_feats.tokens[i].float(), synth_feats.tokens[i].float()]) for i in range(n_stages)]
     blank = [np.zeros(r.shape[:2], dtype=bool) for r in refs]
     targets = _mask_targets(blank + [x[1] for x in synth], res, letterbox=lb)
@@ -682,7 +704,7 @@ def fit_head_from_features(
     base_head: Head | None = None,
     options: FitOptions | None = None,
     seed: int = 0,
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
 ) -> Head:
     method = method or ("cff" if base_head is not None else DEFAULT_METHOD)
     return fit_heads_from_features(
@@ -705,11 +727,14 @@ def fit_head(
     options: FitOptions | None = None,
     method: str | None = None,
     seed: int = 0,
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
 ) -> Head:
     """The scorer API: a head for a new product from its K normal reference images.
 
     ``method`` defaults to the training-free ``knn`` head, or to ``cff`` when a base head is given.
+    ``progress`` receives :class:`~scorer.progress.ProgressEvent` s, in order: ``features`` (references
+    embedded, of K), ``held-out`` and ``synthesis`` (images embedded), ``stage1`` / ``stage2`` (steps, with the
+    loss; learned methods only) and ``thresholds`` (heads thresholded).
     """
     refs = check_references(references)
     method = method or ("cff" if base_head is not None else DEFAULT_METHOD)
@@ -717,7 +742,10 @@ def fit_head(
         raise ConfigError(f"unknown method {method!r}; known: {', '.join(FIT_METHODS)}")
     opts = options or FitOptions()
     with backbone.precision_scope(opts.precision):
-        feats = backbone.embed(refs, letterbox=opts.score.letterbox)
+        # stage "features": the K references embedded (total K)
+        feats = backbone.embed(
+            refs, letterbox=opts.score.letterbox, progress=Counter(progress, "features", len(refs)).callback()
+        )
         return fit_head_from_features(
             backbone, refs, feats, method=method, base_head=base_head, options=opts, seed=seed, progress=progress
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from scorer.features import FeatureCache
 from scorer.fit import FitOptions, _mask_targets, _token_normal, train_stage1, train_stage2
 from scorer.head import Head
 from scorer.images import load_mask
+from scorer.progress import Counter, Progress, no_progress
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,10 @@ def train_base(
     options: TrainOptions | None = None,
     *,
     cache_dir: str | Path | None = None,
-    progress: Callable[[str], None] = lambda s: None,
+    progress: Progress = no_progress,
 ) -> Head:
+    """A base head; ``progress`` gets stage ``features`` (auxiliary images embedded) then ``stage1`` and
+    ``stage2`` (steps of their totals, with the loss)."""
     opts = options or TrainOptions()
     with backbone.precision_scope(opts.fit.precision):  # train on fp32 tokens unless asked otherwise
         return _train_base(backbone, data, opts, cache_dir=cache_dir, progress=progress)
@@ -86,15 +89,13 @@ def _train_base(
     opts: TrainOptions,
     *,
     cache_dir: str | Path | None,
-    progress: Callable[[str], None],
+    progress: Progress,
 ) -> Head:
     fo = opts.fit
     t0 = time.perf_counter()
     paths, mask_paths = _collect(data, opts)
-    progress(f"extracting tokens of {len(paths)} auxiliary images")
-    feats = FeatureCache(cache_dir).embed_paths(
-        backbone, paths, progress=lambda done, total: progress(f"  features {done}/{total}") if done % 64 == 0 else None
-    )
+    features = Counter(progress, "features", len(paths), detail="auxiliary images")
+    feats = FeatureCache(cache_dir).embed_paths(backbone, paths, progress=features.callback())
     t_feat = time.perf_counter() - t0
     masks = []
     from PIL import Image
@@ -117,10 +118,6 @@ def _train_base(
     steps2 = opts.epochs_stage2 * math.ceil(n / opts.batch_stage2)
     torch.manual_seed(opts.seed)
 
-    def report(stage: str, step: int, loss: float) -> None:
-        if step % 50 == 0:
-            progress(f"{stage} step {step}/{steps1 if stage == 'stage1' else steps2} loss {loss:.4f}")
-
     proj_w, proj_b, protos = train_stage1(
         feats.tokens,
         targets,
@@ -131,7 +128,7 @@ def _train_base(
         steps=steps1,
         batch_size=opts.batch_stage1,
         seed=opts.seed,
-        progress=report,
+        progress=progress,
     )
     with torch.no_grad():
         projected = [
@@ -149,7 +146,7 @@ def _train_base(
         steps=steps2,
         batch_size=opts.batch_stage2,
         seed=opts.seed,
-        progress=report,
+        progress=progress,
     )
     e = proj_w[0].shape[0]
     bank_dim = {"raw": proj_w[0].shape[1]}.get(fo.bank_features, e)

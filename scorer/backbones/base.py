@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,11 +213,25 @@ class Backbone(nn.Module):
         return px.to(self.device)
 
     @torch.inference_mode()
-    def embed(self, images: Sequence[np.ndarray], *, batch_size: int = 8, letterbox: bool = False) -> BackboneOutput:
-        """Extract tokens for many images in batches, results on the CPU in float32."""
+    def embed(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        batch_size: int = 8,
+        letterbox: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> BackboneOutput:
+        """Extract tokens for many images in batches, results on the CPU in float32.
+
+        ``progress(done, total)`` is called before the first batch and after each one.
+        """
         outs: list[BackboneOutput] = []
+        if progress is not None:
+            progress(0, len(images))
         for start in range(0, len(images), batch_size):
             outs.append(self.forward_images(images[start : start + batch_size], letterbox=letterbox))
+            if progress is not None:
+                progress(min(start + batch_size, len(images)), len(images))
         return concat_outputs(outs)
 
 
