@@ -123,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monitoring.prom import Prometheus, find_prometheus
     from scorer.data import discover, draw_references
     from scorer.demo import make_demo_dataset
-    from workers.entry import worker_checks
+    from workers.entry import serve_evidence, worker_checks
     from workers.heads import HeadFollower
     from workers.worker import Worker, WorkerConfig
 
@@ -172,6 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ms = MetricsServer("ingest+worker+calibrator", host=args.metrics_host, port=args.metrics_port)
         ms.add_checks(**checks).start()
         print(f"metrics on {ms.listening}: /metrics, /healthz and /readyz", file=sys.stderr, flush=True)
+        serve_evidence(worker, ms)
         if args.prometheus:
             if find_prometheus() is None:
                 print("--prometheus: prometheus is not installed (apt-get install -y prometheus)", file=sys.stderr)
@@ -218,7 +219,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         watcher.start()
         stream = _stream_folder(cat.root, out / "stream")
         cams = [
-            CameraConfig(id=f"cam-{i + 1}", product=product, source=str(stream), fps=args.fps)
+            CameraConfig(
+                id=f"cam-{i + 1}", product=product, source=str(stream), fps=args.fps, attributes={"line": "demo"}
+            )
             for i in range(args.cameras)
         ]
         ing = Ingest(kafka, cams, buffer_size=32)

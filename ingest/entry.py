@@ -34,7 +34,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cameras", default=env_default("cameras"), help="TOML camera list ([[camera]] id, product, source, ...)"
     )
-    p.add_argument("--camera", action="append", help="ID=PRODUCT@SOURCE[,fps=N] (repeatable)")
+    p.add_argument(
+        "--camera", action="append", help="ID=PRODUCT@SOURCE[,fps=N][,loop=0|1][,attr.KEY=VALUE] (repeatable)"
+    )
+    p.add_argument(
+        "--attribute",
+        action="append",
+        metavar="KEY=VALUE",
+        help="attribute every camera's frames carry into their results and defect events, e.g. line=L3 "
+        "(repeatable; a camera's own attributes win; per camera: attributes = { ... } in the TOML list)",
+    )
     p.add_argument(
         "--buffer-size",
         type=int,
@@ -48,10 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> IngestSettings:
-    from ingest.cameras import load_cameras, parse_camera
+    from ingest.cameras import load_cameras, parse_attribute, parse_camera, with_attributes
 
     cams = load_cameras(args.cameras) if args.cameras else []
     cams += [parse_camera(c) for c in args.camera or []]
+    cams = with_attributes(cams, dict(parse_attribute(a) for a in args.attribute or []))
     return IngestSettings(
         kafka=kafka_from(args),
         cameras=tuple(cams),

@@ -24,8 +24,24 @@ TOPIC_DEFAULTS: dict[str, dict[str, str]] = {
     "frames.dlq": {"retention.ms": str(7 * 24 * 3600 * 1000)},
     "heads": {"cleanup.policy": "compact"},
 }
+# Output topics whose encoding a deployment may choose (--topic-encoding); frames stay protobuf (they carry
+# images), the heads topic too (its signatures cover the exact protobuf bytes), dead letters keep what came in.
+ENCODABLE_TOPICS = ("results", "defects")
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _CONFIG_KEY = re.compile(r"[a-z][a-z0-9.]*[a-z0-9]")
+
+
+def parse_topic_encoding(spec: str) -> tuple[str, str]:
+    """``defects=json`` -> ("defects", "json")."""
+    from inspection_core.wire import ENCODINGS
+
+    topic, eq, enc = spec.partition("=")
+    if not eq or topic not in ENCODABLE_TOPICS or enc not in ENCODINGS:
+        raise ConfigError(
+            f"--topic-encoding {spec[:120]!r}: expected TOPIC=ENCODING with TOPIC one of {', '.join(ENCODABLE_TOPICS)} "
+            f"and ENCODING one of {', '.join(ENCODINGS)} (e.g. defects=json)"
+        )
+    return topic, enc
 
 
 def parse_topic_setting(spec: str) -> tuple[str, str, str]:
@@ -81,6 +97,7 @@ class KafkaConfig:
     partitions: int = 6
     replication_factor: int = -1  # -1: the broker's default (3 on a typical production cluster)
     topic_settings: tuple[tuple[str, str, str], ...] = ()  # (topic, key, value) from --topic-setting
+    topic_encodings: tuple[tuple[str, str], ...] = ()  # (topic, protobuf | json) from --topic-encoding
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers.strip():
@@ -94,6 +111,8 @@ class KafkaConfig:
             raise ConfigError(f"partitions must be >= 1, got {self.partitions}")
         if self.replication_factor < 1 and self.replication_factor != -1:
             raise ConfigError(f"replication factor must be >= 1 or -1 (broker default), got {self.replication_factor}")
+        for topic, enc in self.topic_encodings:
+            parse_topic_encoding(f"{topic}={enc}")
         if not _TOPIC_NAME.fullmatch(self.topic("frames.dlq")):
             raise ConfigError(
                 f"topic prefix {self.topic_prefix[:80]!r} makes invalid topic names (Kafka allows a-z A-Z 0-9 . _ -, "
@@ -119,6 +138,10 @@ class KafkaConfig:
                     configs[key] = value
             specs.append(TopicSpec(self.topic(short), n, rf, configs))
         return specs
+
+    def encoding(self, short: str) -> str:
+        """How records of topic ``short`` are written (the last --topic-encoding for it wins)."""
+        return next((e for t, e in reversed(self.topic_encodings) if t == short), "protobuf")
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
@@ -282,6 +305,14 @@ def add_topic_args(p: argparse.ArgumentParser) -> None:
         "e.g. frames.retention.ms=3600000 results.partitions=12 (repeatable; env: space-separated; defaults: "
         "frames 6 h retention, frames.dlq 7 days, heads compacted)",
     )
+    p.add_argument(
+        "--topic-encoding",
+        action="append",
+        default=None,
+        metavar="TOPIC=ENCODING",
+        help="write results or defects as protobuf (default) or json (protobuf's canonical JSON mapping); every "
+        "record names its encoding in a content-type header (repeatable, e.g. defects=json)",
+    )
 
 
 def kafka_from(args: argparse.Namespace) -> KafkaConfig:
@@ -291,6 +322,7 @@ def kafka_from(args: argparse.Namespace) -> KafkaConfig:
         partitions=args.partitions,
         replication_factor=args.replication_factor,
         topic_settings=tuple(parse_topic_setting(t) for t in args.topic_setting or ()),
+        topic_encodings=tuple(parse_topic_encoding(t) for t in getattr(args, "topic_encoding", None) or ()),
     )
 
 
