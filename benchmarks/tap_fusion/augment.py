@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sweep  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.tap_fusion import sweep  # noqa: E402
 
 from scorer.images import load_image  # noqa: E402
 
