@@ -27,7 +27,7 @@ from PIL import Image
 from inspection_core.env import parse_bool
 from inspection_core.errors import ConfigError, InspectionError, cut
 from inspection_core.ids import check_product_id
-from inspection_core.kafka import KafkaConfig
+from inspection_core.kafka import KafkaConfig, Reconnector
 from inspection_core.wire import encode
 from inspection_pb.v1 import frames_pb2
 from monitoring import metrics
@@ -244,10 +244,12 @@ class Ingest:
         self.max_frames = max_frames
         self.backoff_max_s = backoff_max_s
         self.publish_timeout_s = publish_timeout_s
-        self.publish_error: str | None = None  # why publishing fails, while it does
         self.stats = IngestStats()
         metrics.init_zero_series(cameras=tuple(c.id for c in cameras))
         self.stop_event = threading.Event()
+        self._reconnector = Reconnector(
+            kafka, "ingest", self.stop_event, metrics.INGEST_PUBLISH_FAILURES.inc, max_delay_s=self.backoff_max_s
+        )
         self._cv = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._seq: dict[str, int] = defaultdict(int)
@@ -316,11 +318,9 @@ class Ingest:
         fails for good (``InitProducerIdResponse UnknownError`` forever), and a broker that lost its topics
         gets them back from :func:`ensure_topics`. ``publish_error`` (readiness) says why while it fails.
         """
-        from inspection_core.kafka import discard_producer, ensure_topics
-
         producer = None
         topic = self.kafka.topic("frames")
-        failures = 0
+        rc = self._reconnector
         while True:
             with self._cv:
                 while not self.buffer and not (self.stop_event.is_set() or self._cameras_done()):
@@ -330,36 +330,17 @@ class Ingest:
                 frame = self.buffer[0]
             try:
                 if producer is None:
-                    if failures:
-                        ensure_topics(self.kafka)
-                    producer = self.kafka.producer()
+                    producer = rc.producer()
                 value, headers = encode(frame)
                 producer.send(topic, key=frame.camera_id.encode(), value=value, headers=headers).get(
                     timeout=self.publish_timeout_s
                 )
             except Exception as exc:  # broker slow or down: keep the frame, back off, buffer stays bounded
-                failures += 1
-                self.publish_error = f"{type(exc).__name__}: {exc}"
-                metrics.INGEST_PUBLISH_FAILURES.inc()
-                delay = min(self.backoff_max_s, 0.5 * 2 ** min(failures - 1, 6))
-                if failures == 1 or failures % 10 == 0:
-                    log.warning(
-                        "publishing to %s failed (%s); buffering, new producer in %.1fs (attempt %d)",
-                        self.kafka.bootstrap_servers,
-                        self.publish_error,
-                        delay,
-                        failures,
-                    )
-                if producer is not None:
-                    discard_producer(producer)
-                    producer = None
-                if self.stop_event.wait(delay):
+                producer, dead = None, producer
+                if not rc.failed(exc, dead):
                     break
                 continue
-            if failures:
-                log.info("publishing to %s again after %d failed attempts", self.kafka.bootstrap_servers, failures)
-            failures = 0
-            self.publish_error = None
+            rc.succeeded()
             with self._cv:
                 if self.buffer and self.buffer[0] is frame:
                     self.buffer.popleft()
@@ -372,6 +353,11 @@ class Ingest:
             except Exception as exc:  # noqa: BLE001 - shutting down: say so, do not hide the summary
                 log.warning("closing the producer failed: %s", exc)
         self._drop_remaining()
+
+    @property
+    def publish_error(self) -> str | None:
+        """Why publishing fails, while it does (readiness)."""
+        return self._reconnector.error
 
     def _drop_remaining(self) -> None:
         with self._cv:

@@ -10,6 +10,8 @@ import argparse
 import logging
 import os
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from inspection_core.env import env_default, env_name
@@ -225,6 +227,63 @@ def discard_producer(producer) -> None:  # noqa: ANN001 - a kafka-python KafkaPr
         except Exception:  # noqa: BLE001
             pass
     producer._closed = True  # what close() sets last; stops __del__ from closing again
+
+
+class Reconnector:
+    """What a publisher does when the broker did not take a record, shared by ingest and the workers.
+
+    Keep the record (the caller's job), drop the producer (a restarted broker fails the old one's idempotent
+    session for good), back off up to ``max_delay_s``, then recreate lost topics and a fresh producer. The
+    warning is rate-limited (the first failure and every tenth), ``error`` says why while it keeps failing
+    (readiness), and ``on_failure`` counts each one (a metric).
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        who: str,
+        stop: threading.Event,
+        on_failure: Callable[[], None] = lambda: None,
+        max_delay_s: float = 30.0,
+    ) -> None:
+        self.kafka = kafka
+        self.who = who
+        self.stop = stop
+        self.on_failure = on_failure
+        self.max_delay_s = max_delay_s
+        self.failures = 0
+        self.error: str | None = None
+
+    def failed(self, why: Exception, producer: object | None) -> bool:
+        """Record a failure, discard ``producer`` and wait out the backoff; False when stopped meanwhile."""
+        self.failures += 1
+        self.error = f"{type(why).__name__}: {why}"
+        delay = min(self.max_delay_s, 0.5 * 2 ** min(self.failures - 1, 6))
+        if self.failures == 1 or self.failures % 10 == 0:
+            log.warning(
+                "%s: %s did not take what was sent (%s); keeping it, new producer in %.1fs (attempt %d)",
+                self.who,
+                self.kafka.bootstrap_servers,
+                self.error,
+                delay,
+                self.failures,
+            )
+        self.on_failure()
+        if producer is not None:
+            discard_producer(producer)
+        return not self.stop.wait(delay)
+
+    def producer(self):  # noqa: ANN201 - kafka-python type
+        """A fresh producer; after a failure the topics a restarted broker lost are created first."""
+        if self.failures:
+            ensure_topics(self.kafka)
+        return self.kafka.producer()
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.info("%s: publishing again after %d failed attempts", self.who, self.failures)
+        self.failures = 0
+        self.error = None
 
 
 def ensure_topics(cfg: KafkaConfig) -> list[str]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from inspection_core.errors import KafkaError
-from inspection_core.kafka import KafkaConfig
+from inspection_core.kafka import KafkaConfig, Reconnector
 from inspection_core.names import DeadLetterReason
 from inspection_core.wire import CONTENT_TYPE, content_type, encode, header
 from inspection_pb.v1 import frames_pb2, results_pb2
@@ -89,8 +89,7 @@ class Worker:
         self.consumer = None
         self.producer = None
         self.last_poll_ok: float | None = None  # monotonic time of the last poll that reached the broker
-        self.publish_error: str | None = None  # why the last publish failed, while it keeps failing
-        self._failures = 0
+        self._reconnector = Reconnector(kafka, f"worker {cfg.worker_id}", self.stop_event, metrics.PUBLISH_FAILURES.inc)
         self._lag_t = 0.0
         self._lag_partitions: set[int] = set()
         metrics.init_zero_series(worker=True)
@@ -375,54 +374,29 @@ class Worker:
                 offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
         self.consumer.commit(offsets)
 
-    def _reconnect(self, why: Exception) -> None:
-        """A fresh producer after a publish failure (a restarted broker fails the old one's idempotent
-        session for good); topics a broker lost are created again. Waits with backoff, until ``stop_event``."""
-        from inspection_core.kafka import discard_producer, ensure_topics
-
-        self._failures += 1
-        self.publish_error = f"{type(why).__name__}: {why}"
-        delay = min(30.0, 0.5 * 2 ** min(self._failures - 1, 6))
-        if self._failures == 1 or self._failures % 10 == 0:
-            log.warning(
-                "worker %s: %s did not take a batch (%s); keeping it and retrying (attempt %d, next in %.1fs)",
-                self.cfg.worker_id,
-                self.kafka.bootstrap_servers,
-                self.publish_error,
-                self._failures,
-                delay,
-            )
-        metrics.PUBLISH_FAILURES.inc()
-        if self.producer is not None:
-            discard_producer(self.producer)
-        self.producer = None
-        if self.stop_event.wait(delay):
-            return
-        try:
-            ensure_topics(self.kafka)
-            self.producer = self.kafka.producer()
-        except KafkaError as exc:
-            log.debug("reconnect failed: %s", exc)
-
     def _publish_until_acknowledged(self, out: Outputs) -> bool:
         """True once the broker took the batch; False if the worker was stopped first (nothing committed)."""
         from kafka.errors import KafkaError as ClientError
 
+        rc = self._reconnector
         while not self.stop_event.is_set():
-            if self.producer is None:
-                self._reconnect(KafkaError("no producer"))
-                continue
             try:
+                if self.producer is None:
+                    self.producer = rc.producer()
                 self._publish(out)
             except (ClientError, KafkaError) as exc:
-                self._reconnect(exc)
+                producer, self.producer = self.producer, None
+                if not rc.failed(exc, producer):
+                    return False
                 continue
-            if self._failures:
-                log.info("worker %s: publishing again after %d failed attempts", self.cfg.worker_id, self._failures)
-            self._failures = 0
-            self.publish_error = None
+            rc.succeeded()
             return True
         return False
+
+    @property
+    def publish_error(self) -> str | None:
+        """Why the last publish failed, while it keeps failing (readiness)."""
+        return self._reconnector.error
 
     def run(self, *, ready: threading.Event | None = None) -> None:
         """Consume, score, publish and commit until ``stop_event``.
@@ -434,6 +408,7 @@ class Worker:
         """
         from kafka.errors import KafkaError as ClientError
 
+        self._reconnector.stop = self.stop_event  # `cff-inspect run` shares one stop event among its parts
         self.consumer = self.kafka.consumer(self.kafka.topics["frames"], group_id=self.cfg.group_id)
         self.producer = self.kafka.producer()
         log.info(
