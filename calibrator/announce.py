@@ -16,6 +16,7 @@ import threading
 from calibrator.store import HeadStore, StoreError, manifest_ref
 from inspection_core.kafka import KafkaConfig, ensure_topics
 from inspection_core.trust import HeadSigner
+from inspection_core.wire import encode
 from inspection_pb.v1 import common_pb2, heads_pb2
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ class Announcer:
         try:
             for a in announcements:
                 key = a.head.product_id.encode()
-                value = a.SerializeToString()
-                headers = self.signer.headers(key, value) if self.signer is not None else None
+                value, headers = encode(a)  # protobuf always: the signature covers these exact bytes
+                if self.signer is not None:
+                    headers += self.signer.headers(key, value)
                 producer.send(self.kafka.topic("heads"), key=key, value=value, headers=headers).get(30)
                 log.log(
                     level,

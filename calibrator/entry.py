@@ -7,7 +7,6 @@ import threading
 from dataclasses import dataclass, field
 
 from calibrator.security import ServerSecurity, add_token_args, read_token
-from inspection_core.env import env_default, env_flag
 from inspection_core.errors import ConfigError
 from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
 from inspection_core.runtime import stop_on_signals
@@ -47,41 +46,41 @@ class CalibratorSettings:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=env_default("store", "heads"), help="head store folder (default: %(default)s)")
-    p.add_argument("--host", default=env_default("host", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=env_default("port", 50051, kind=int))
-    p.add_argument("--base-head", default=env_default("base_head"), help="base head from train-base")
+    p.add_argument("--store", default="heads", help="head store folder (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--base-head", default=None, help="base head from train-base")
     p.add_argument(
         "--advertised-address",
-        default=env_default("advertised_address"),
+        default=None,
         help="host:port workers download heads from (announced on the heads topic)",
     )
     p.add_argument("--no-kafka", action="store_true", help="do not announce heads on Kafka")
     p.add_argument(
         "--heads-key-file",
-        default=env_default("heads_key_file"),
+        default=None,
         help="sign head announcements with this shared key (workers verify with the same file)",
     )
     p.add_argument(
         "--allow-loopback-announce",
         action="store_true",
-        default=env_flag("allow_loopback_announce"),
+        default=False,
         help="announce a loopback address even though Kafka is remote (every worker on this machine)",
     )
     p.add_argument(
         "--reannounce-s",
         type=float,
-        default=env_default("reannounce_s", 30.0, kind=float),
+        default=30.0,
         help="re-announce active heads this often, so a broker that lost the heads topic is refilled "
         "(0 = only at start and on changes; default %(default)s)",
     )
     p.add_argument(
-        "--max-shots", type=int, default=env_default("max_shots", 16, kind=int), help="reference images per fit (limit)"
+        "--max-shots", type=int, default=16, help="reference images per fit (limit)"
     )
     add_fit_precision_arg(p, "precision of head fits, whatever --precision scoring uses")
     add_token_args(p, "require this bearer token on every call")
-    p.add_argument("--tls-cert", default=env_default("tls_cert"), help="PEM certificate chain: serve TLS")
-    p.add_argument("--tls-key", default=env_default("tls_key"), help="PEM private key for --tls-cert")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     add_kafka_args(p)
     add_metrics_args(p, "calibrator")
     add_backbone_args(p)

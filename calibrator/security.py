@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 
-from inspection_core.env import env_default
 from inspection_core.errors import ConfigError
 from inspection_core.trust import is_loopback
 
@@ -173,18 +172,18 @@ class ClientSecurity:
 def add_token_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--token",
-        default=env_default("token"),
+        default=None,
         help=f"{what} (env CFF_INSPECT_TOKEN; prefer --token-file: flags show in ps)",
     )
-    p.add_argument("--token-file", default=env_default("token_file"), help="file whose first line is the token")
+    p.add_argument("--token-file", default=None, help="file whose first line is the token")
 
 
 def add_client_security_args(p: argparse.ArgumentParser) -> None:
     """Token and TLS options of a calibrator client (``heads`` commands, workers that download heads)."""
     add_token_args(p, "bearer token for the calibrator")
-    p.add_argument("--tls-ca", default=env_default("tls_ca"), help="PEM root certificate: talk TLS to the calibrator")
+    p.add_argument("--tls-ca", default=None, help="PEM root certificate: talk TLS to the calibrator")
     p.add_argument(
-        "--tls-server-name", default=env_default("tls_server_name"), help="name to check the certificate for"
+        "--tls-server-name", default=None, help="name to check the certificate for"
     )
 
 

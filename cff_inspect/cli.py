@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cff_inspect.progress import add_progress_arg, renderer
-from inspection_core.env import bind_env, check_env, env_flag
-from inspection_core.env import env_default as _env
+from inspection_core.env import bind_env, check_env
 from inspection_core.errors import ConfigError, InspectionError
 from inspection_core.logs import FORMATS, LEVELS, configure
 from inspection_core.names import EVAL_METHODS
@@ -118,71 +117,71 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "<stem>_<category>_k_vs_metric.png.",
     )
     add_data_arg(p, "category folder or root of categories (repeatable; default ../shared/datasets)")
-    p.add_argument("--shots", type=int, nargs="+", default=_env("shots", [1, 2, 4], kind=int, many=True))
-    p.add_argument("--seeds", type=int, nargs="+", default=_env("seeds", [0, 1, 2], kind=int, many=True))
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
         "--method",
         nargs="+",
         choices=EVAL_METHODS,
-        default=_env("method", list(EVAL_METHODS), many=True),
+        default=list(EVAL_METHODS),
         help="knn: the default head (mid-level taps); knn-mean: every tap averaged; knn-auto: taps chosen on "
         "held-out data; cff: the calibrated head behind its guard; cff-unguarded: without it",
     )
     p.add_argument(
         "--letterbox",
         action="store_true",
-        default=env_flag("letterbox"),
+        default=False,
         help="aspect-preserving resize (pad to square) instead of squashing; maps cover the source only",
     )
-    p.add_argument("--base-head", default=_env("base_head"), help="base head from train-base (cross-dataset protocol)")
-    p.add_argument("--out", default=_env("out"), help="JSON report path; the plots are written beside it (same stem)")
+    p.add_argument("--base-head", default=None, help="base head from train-base (cross-dataset protocol)")
+    p.add_argument("--out", default=None, help="JSON report path; the plots are written beside it (same stem)")
     p.add_argument(
         "--no-plots",
         action="store_true",
-        default=env_flag("no_plots"),
+        default=False,
         help="write the JSON report only, no ROC / PR / K-vs-metric PNGs (env CFF_INSPECT_NO_PLOTS=1)",
     )
     p.add_argument(
         "--per-stage",
         action="store_true",
-        default=env_flag("per_stage"),
+        default=False,
         help="also report each tapped stage's own figures",
     )
-    p.add_argument("--sampling", choices=("random", "slice"), default=_env("sampling", "random"))
+    p.add_argument("--sampling", choices=("random", "slice"), default="random")
     p.add_argument(
         "--max-test",
         type=int,
-        default=_env("max_test", None, kind=int),
+        default=None,
         help="evaluate on a deterministic stratified subset of the test split",
     )
-    p.add_argument("--batch-size", type=int, default=_env("batch_size", 8, kind=int))
+    p.add_argument("--batch-size", type=int, default=8)
     add_fit_precision_arg(p, "fit heads at this precision while test images run at --precision")
-    p.add_argument("--cache-dir", default=_env("cache_dir"), help="on-disk token cache (reused across runs)")
-    p.add_argument("--map-size", type=int, default=_env("map_size", 256, kind=int))
+    p.add_argument("--cache-dir", default=None, help="on-disk token cache (reused across runs)")
+    p.add_argument("--map-size", type=int, default=256)
     p.add_argument(
         "--bank-dtype",
         choices=("float32", "bfloat16", "float16"),
-        default=_env("bank_dtype", "float32"),
+        default="float32",
         help="precision of the memory-bank search (bfloat16 is ~3x faster on CPUs with bf16 units)",
     )
-    p.add_argument("--smooth-sigma", type=float, default=_env("smooth_sigma", 4.0, kind=float))
-    p.add_argument("--image-score", choices=("topk", "max"), default=_env("image_score", "topk"))
+    p.add_argument("--smooth-sigma", type=float, default=4.0)
+    p.add_argument("--image-score", choices=("topk", "max"), default="topk")
     p.add_argument(
         "--bank-features",
         choices=("raw", "projected", "calibrated"),
-        default=_env("bank_features"),
+        default=None,
         help="features of the cff memory bank (default calibrated, spec A9; aprilgan and knn always use raw)",
     )
     p.add_argument(
         "--fit-lr-stage2",
         type=float,
-        default=_env("fit_lr_stage2", None, kind=float),
+        default=None,
         help="stage-2 (CFF calibration) learning rate of the per-product fit (default 1e-3)",
     )
     p.add_argument(
         "--fit-steps",
         type=int,
-        default=_env("fit_steps", None, kind=int),
+        default=None,
         help="optimisation steps per fitting stage (cff/aprilgan)",
     )
     add_progress_arg(p)
@@ -237,7 +236,7 @@ def _one_line(text: str, limit: int = 2000) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cff_inspect import commands, run
+    from cff_inspect import commands, run, tail
 
     parser = argparse.ArgumentParser(prog="cff-inspect", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -251,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_train_base(sub)
     commands.add_heads(sub)
     _add_services(sub)
+    tail.add_tail(sub)
     _add_bench(sub)
     return bind_env(parser, defer_errors=True)
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from calibrator.security import add_client_security_args, client_security_from
 from cff_inspect.progress import add_progress_arg, from_fit_progress, renderer
-from inspection_core.env import env_default as _env
 from inspection_core.errors import ConfigError, ImageError
 from inspection_core.ids import check_product_id
 from scorer.options import (
@@ -140,8 +139,8 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         "of the input's resolved path, so files with the same name in different folders do not overwrite each other.",
     )
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--head", required=_env("head") is None, default=_env("head"), help="head artifact (.safetensors)")
-    p.add_argument("--out", default=_env("out", "score-out"), help="output folder (default: %(default)s)")
+    p.add_argument("--head", required=True, default=None, help="head artifact (.safetensors)")
+    p.add_argument("--out", default="score-out", help="output folder (default: %(default)s)")
     p.add_argument("--no-overlay", action="store_true", help="write JSON only")
     add_backbone_args(p, default=None, sized=False)
     p.set_defaults(func=cmd_score)
@@ -315,7 +314,7 @@ def cmd_heads_inspect(args: argparse.Namespace) -> int:
 def _add_remote(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calibrator",
-        default=_env("calibrator", "127.0.0.1:50051"),
+        default="127.0.0.1:50051",
         help="calibrator host:port (env CFF_INSPECT_CALIBRATOR; default %(default)s)",
     )
     add_client_security_args(p)
@@ -332,8 +331,8 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--refs", nargs="+", required=True, help="reference images or folders (1..16)")
     f.add_argument("--out", default=None, help="fit here, offline, into this artifact file instead of the calibrator")
     add_method_arg(f)
-    f.add_argument("--base-head", default=_env("base_head"), help="offline: base head from train-base")
-    f.add_argument("--steps", type=int, default=_env("fit_steps", None, kind=int))
+    f.add_argument("--base-head", default=None, help="offline: base head from train-base")
+    f.add_argument("--steps", type=int, default=None)
     f.add_argument("--seed", type=int, default=None)
     f.add_argument(
         "--option", action="append", metavar="NAME=VALUE", help="fit option (e.g. lr_stage2=1e-4); repeatable"
@@ -443,8 +442,8 @@ def add_train_base(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-base", help="train a base head (stage 1 + 2) on auxiliary data with masks")
     add_data_arg(p, "auxiliary MVTec-layout folder (its test split with masks is used); repeatable", required=True)
     p.add_argument("--out", required=True, help="base head artifact path")
-    p.add_argument("--epochs-stage1", type=int, default=_env("epochs_stage1", 3, kind=int))
-    p.add_argument("--epochs-stage2", type=int, default=_env("epochs_stage2", 3, kind=int))
+    p.add_argument("--epochs-stage1", type=int, default=3)
+    p.add_argument("--epochs-stage2", type=int, default=3)
     p.add_argument("--batch-stage1", type=int, default=8)
     p.add_argument("--batch-stage2", type=int, default=16)
     p.add_argument(
@@ -453,7 +452,7 @@ def add_train_base(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-train-good", action="store_true", help="add train/good images as extra normals")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--cache-dir", default=_env("cache_dir"), help="on-disk token cache")
+    p.add_argument("--cache-dir", default=None, help="on-disk token cache")
     add_progress_arg(p)
     add_backbone_args(p)
     p.set_defaults(func=cmd_train_base)

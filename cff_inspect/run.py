@@ -25,8 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from inspection_core.env import env_default as _env
-from inspection_core.env import env_flag
 from inspection_core.errors import ConfigError
 from scorer.options import add_backbone_args, add_method_arg, backbone_from
 
@@ -123,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monitoring.prom import Prometheus, find_prometheus
     from scorer.data import discover, draw_references
     from scorer.demo import make_demo_dataset
-    from workers.entry import worker_checks
+    from workers.entry import serve_evidence, worker_checks
     from workers.heads import HeadFollower
     from workers.worker import Worker, WorkerConfig
 
@@ -172,6 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ms = MetricsServer("ingest+worker+calibrator", host=args.metrics_host, port=args.metrics_port)
         ms.add_checks(**checks).start()
         print(f"metrics on {ms.listening}: /metrics, /healthz and /readyz", file=sys.stderr, flush=True)
+        serve_evidence(worker, ms)
         if args.prometheus:
             if find_prometheus() is None:
                 print("--prometheus: prometheus is not installed (apt-get install -y prometheus)", file=sys.stderr)
@@ -218,7 +217,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         watcher.start()
         stream = _stream_folder(cat.root, out / "stream")
         cams = [
-            CameraConfig(id=f"cam-{i + 1}", product=product, source=str(stream), fps=args.fps)
+            CameraConfig(
+                id=f"cam-{i + 1}", product=product, source=str(stream), fps=args.fps, attributes={"line": "demo"}
+            )
             for i in range(args.cameras)
         ]
         ing = Ingest(kafka, cams, buffer_size=32)
@@ -273,17 +274,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the whole system on the embedded broker with demo cameras")
-    p.add_argument("--data", default=_env("data"), help="MVTec-layout category to stream (default: generated demo)")
-    p.add_argument("--out", default=_env("out", "out/run"))
+    p.add_argument("--data", default=None, help="MVTec-layout category to stream (default: generated demo)")
+    p.add_argument("--out", default="out/run")
     p.add_argument(
-        "--duration", type=float, default=_env("duration", None, kind=float), help="seconds (default: until Ctrl-C)"
+        "--duration", type=float, default=None, help="seconds (default: until Ctrl-C)"
     )
-    p.add_argument("--summary-json", default=_env("summary_json"))
+    p.add_argument("--summary-json", default=None)
     p.add_argument("--cameras", type=int, default=2)
     p.add_argument(
         "--fps",
         type=float,
-        default=_env("fps", 0.5, kind=float),
+        default=0.5,
         help="per camera; dinov2-vits14 scores about 3 (fp32) to 5 (bf16) images/s on 2 CPU cores",
     )
     p.add_argument("--shots", type=int, default=4)
@@ -291,21 +292,21 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--refit", action="store_true", help="fit a new head version even if the store has one")
     p.add_argument(
-        "--metrics-port", type=int, default=_env("metrics_port", 9100, kind=int), help="/metrics of all components"
+        "--metrics-port", type=int, default=9100, help="/metrics of all components"
     )
-    p.add_argument("--metrics-host", default=_env("metrics_host", "127.0.0.1"))
+    p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument(
         "--prometheus",
         action="store_true",
-        default=env_flag("prometheus"),
+        default=False,
         help="also start a local Prometheus (if installed) with the project's rules, scraping this run",
     )
-    p.add_argument("--prometheus-port", type=int, default=_env("prometheus_port", 9090, kind=int))
-    p.add_argument("--scrape-interval", default=_env("scrape_interval", "5s"), help="for --prometheus")
+    p.add_argument("--prometheus-port", type=int, default=9090)
+    p.add_argument("--scrape-interval", default="5s", help="for --prometheus")
     p.add_argument(
         "--keep-prometheus", action="store_true", help="leave Prometheus running after the run (its URL is printed)"
     )
-    p.add_argument("--calibrator-port", type=int, default=_env("calibrator_port", 0, kind=int), help="0 = a free port")
+    p.add_argument("--calibrator-port", type=int, default=0, help="0 = a free port")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=int, default=100)
     p.add_argument(

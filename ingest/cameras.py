@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import threading
 import time
 import tomllib
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from inspection_core.errors import ConfigError, InspectionError
+from inspection_core.env import parse_bool
+from inspection_core.errors import ConfigError, InspectionError, cut
 from inspection_core.ids import check_product_id
-from inspection_core.kafka import KafkaConfig
+from inspection_core.kafka import KafkaConfig, Reconnector
+from inspection_core.wire import encode
 from inspection_pb.v1 import frames_pb2
 from monitoring import metrics
 from scorer.images import IMAGE_SUFFIXES, list_images, load_image
@@ -46,8 +49,11 @@ class CameraConfig:
     resize: tuple[int, int] | None = None  # (width, height)
     jpeg_quality: int = 90
     loop: bool = True  # folders and video files start over at the end
+    # copied into every Frame and from there into its result and defect event (line, station, shift, ...)
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "attributes", check_attributes(self.attributes, where=f"camera {self.id}"))
         if not self.id or len(self.id) > 128:
             raise ConfigError(f"camera id {self.id!r} must be 1-128 characters")
         check_product_id(self.product)
@@ -59,6 +65,45 @@ class CameraConfig:
             raise ConfigError(f"camera {self.id}: jpeg_quality must be 1..100, got {self.jpeg_quality}")
         if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 8):
             raise ConfigError(f"camera {self.id}: resize must be [width, height] >= 8, got {self.resize}")
+
+
+_ATTR_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_VALUE = 256
+
+
+def check_attributes(attrs: object, *, where: str) -> dict[str, str]:
+    """Frame attributes: at most 32, keys ``[A-Za-z][A-Za-z0-9_.-]{0,63}``, string values up to 256 characters
+    (they travel in every frame, result and defect event, so they stay small)."""
+    if not isinstance(attrs, Mapping):
+        raise ConfigError(f"{where}: attributes must be a table of KEY = \"value\", got {type(attrs).__name__}")
+    if len(attrs) > MAX_ATTRIBUTES:
+        raise ConfigError(f"{where}: {len(attrs)} attributes, at most {MAX_ATTRIBUTES}")
+    out = {}
+    for k, v in attrs.items():
+        if not isinstance(k, str) or not _ATTR_KEY.fullmatch(k):
+            raise ConfigError(f"{where}: attribute name {cut(str(k))!r} must match [A-Za-z][A-Za-z0-9_.-]{{0,63}}")
+        if not isinstance(v, str):
+            raise ConfigError(f"{where}: attribute {k} must be a string, got {type(v).__name__} ({cut(str(v))})")
+        if len(v) > MAX_ATTRIBUTE_VALUE:
+            raise ConfigError(f"{where}: attribute {k} is {len(v)} characters, at most {MAX_ATTRIBUTE_VALUE}")
+        out[k] = v
+    return out
+
+
+def parse_attribute(spec: str, *, where: str = "--attribute") -> tuple[str, str]:
+    """``line=L1`` -> ("line", "L1")."""
+    k, eq, v = spec.partition("=")
+    if not eq:
+        raise ConfigError(f"{where} expects KEY=VALUE, got {cut(spec)!r}")
+    return next(iter(check_attributes({k: v}, where=where).items()))
+
+
+def with_attributes(cams: list[CameraConfig], common: Mapping[str, str]) -> list[CameraConfig]:
+    """Attributes every camera gets (``--attribute``); a camera's own value for the same key wins."""
+    if not common:
+        return cams
+    return [replace(c, attributes={**common, **c.attributes}) for c in cams]
 
 
 def load_cameras(path: str | Path) -> list[CameraConfig]:
@@ -99,9 +144,12 @@ def parse_camera(spec: str) -> CameraConfig:
             except ValueError:
                 raise ConfigError(f"--camera {cid}: fps must be a number, got {v!r}") from None
         elif k == "loop":
-            kw["loop"] = v.lower() in ("1", "true", "yes")
+            kw["loop"] = parse_bool(v, name=f"--camera {cid}: loop")
+        elif k.startswith("attr."):
+            key, val = parse_attribute(f"{k[5:]}={v}", where=f"--camera {cid}")
+            kw.setdefault("attributes", {})[key] = val
         else:
-            raise ConfigError(f"--camera option {k!r} unknown (fps, loop)")
+            raise ConfigError(f"--camera option {cut(k)!r} unknown (fps, loop, attr.KEY)")
     return CameraConfig(id=cid, product=product, source=source, **kw)
 
 
@@ -196,10 +244,12 @@ class Ingest:
         self.max_frames = max_frames
         self.backoff_max_s = backoff_max_s
         self.publish_timeout_s = publish_timeout_s
-        self.publish_error: str | None = None  # why publishing fails, while it does
         self.stats = IngestStats()
         metrics.init_zero_series(cameras=tuple(c.id for c in cameras))
         self.stop_event = threading.Event()
+        self._reconnector = Reconnector(
+            kafka, "ingest", self.stop_event, metrics.INGEST_PUBLISH_FAILURES.inc, max_delay_s=self.backoff_max_s
+        )
         self._cv = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._seq: dict[str, int] = defaultdict(int)
@@ -227,6 +277,7 @@ class Ingest:
             width=img.shape[1],
             height=img.shape[0],
         )
+        f.attributes.update(cam.attributes)
         f.capture_time.GetCurrentTime()
         return f
 
@@ -267,11 +318,9 @@ class Ingest:
         fails for good (``InitProducerIdResponse UnknownError`` forever), and a broker that lost its topics
         gets them back from :func:`ensure_topics`. ``publish_error`` (readiness) says why while it fails.
         """
-        from inspection_core.kafka import discard_producer, ensure_topics
-
         producer = None
         topic = self.kafka.topic("frames")
-        failures = 0
+        rc = self._reconnector
         while True:
             with self._cv:
                 while not self.buffer and not (self.stop_event.is_set() or self._cameras_done()):
@@ -281,35 +330,17 @@ class Ingest:
                 frame = self.buffer[0]
             try:
                 if producer is None:
-                    if failures:
-                        ensure_topics(self.kafka)
-                    producer = self.kafka.producer()
-                producer.send(topic, key=frame.camera_id.encode(), value=frame.SerializeToString()).get(
+                    producer = rc.producer()
+                value, headers = encode(frame)
+                producer.send(topic, key=frame.camera_id.encode(), value=value, headers=headers).get(
                     timeout=self.publish_timeout_s
                 )
             except Exception as exc:  # broker slow or down: keep the frame, back off, buffer stays bounded
-                failures += 1
-                self.publish_error = f"{type(exc).__name__}: {exc}"
-                metrics.INGEST_PUBLISH_FAILURES.inc()
-                delay = min(self.backoff_max_s, 0.5 * 2 ** min(failures - 1, 6))
-                if failures == 1 or failures % 10 == 0:
-                    log.warning(
-                        "publishing to %s failed (%s); buffering, new producer in %.1fs (attempt %d)",
-                        self.kafka.bootstrap_servers,
-                        self.publish_error,
-                        delay,
-                        failures,
-                    )
-                if producer is not None:
-                    discard_producer(producer)
-                    producer = None
-                if self.stop_event.wait(delay):
+                producer, dead = None, producer
+                if not rc.failed(exc, dead):
                     break
                 continue
-            if failures:
-                log.info("publishing to %s again after %d failed attempts", self.kafka.bootstrap_servers, failures)
-            failures = 0
-            self.publish_error = None
+            rc.succeeded()
             with self._cv:
                 if self.buffer and self.buffer[0] is frame:
                     self.buffer.popleft()
@@ -322,6 +353,11 @@ class Ingest:
             except Exception as exc:  # noqa: BLE001 - shutting down: say so, do not hide the summary
                 log.warning("closing the producer failed: %s", exc)
         self._drop_remaining()
+
+    @property
+    def publish_error(self) -> str | None:
+        """Why publishing fails, while it does (readiness)."""
+        return self._reconnector.error
 
     def _drop_remaining(self) -> None:
         with self._cv:

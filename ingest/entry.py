@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from inspection_core.env import env_default
 from inspection_core.errors import ConfigError
 from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
 from inspection_core.runtime import stop_on_signals
@@ -32,13 +31,22 @@ class IngestSettings:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--cameras", default=env_default("cameras"), help="TOML camera list ([[camera]] id, product, source, ...)"
+        "--cameras", default=None, help="TOML camera list ([[camera]] id, product, source, ...)"
     )
-    p.add_argument("--camera", action="append", help="ID=PRODUCT@SOURCE[,fps=N] (repeatable)")
+    p.add_argument(
+        "--camera", action="append", help="ID=PRODUCT@SOURCE[,fps=N][,loop=0|1][,attr.KEY=VALUE] (repeatable)"
+    )
+    p.add_argument(
+        "--attribute",
+        action="append",
+        metavar="KEY=VALUE",
+        help="attribute every camera's frames carry into their results and defect events, e.g. line=L3 "
+        "(repeatable; a camera's own attributes win; per camera: attributes = { ... } in the TOML list)",
+    )
     p.add_argument(
         "--buffer-size",
         type=int,
-        default=env_default("buffer_size", 64, kind=int),
+        default=64,
         help="bounded frame buffer; the oldest frame is dropped (and counted) when full",
     )
     p.add_argument("--max-frames", type=int, default=None, help="per camera, then stop")
@@ -48,10 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> IngestSettings:
-    from ingest.cameras import load_cameras, parse_camera
+    from ingest.cameras import load_cameras, parse_attribute, parse_camera, with_attributes
 
     cams = load_cameras(args.cameras) if args.cameras else []
     cams += [parse_camera(c) for c in args.camera or []]
+    cams = with_attributes(cams, dict(parse_attribute(a) for a in args.attribute or []))
     return IngestSettings(
         kafka=kafka_from(args),
         cameras=tuple(cams),

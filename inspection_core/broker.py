@@ -17,7 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-from inspection_core.env import env_default
 from inspection_core.errors import KafkaError
 from inspection_core.kafka import add_topic_args, ensure_topics, kafka_from, quiet_kafka
 from inspection_core.runtime import stop_on_signals
@@ -110,7 +109,7 @@ class EmbeddedBroker:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``cff-inspect broker``."""
-    p.add_argument("--port", type=int, default=env_default("broker_port", 9092, kind=int))
+    p.add_argument("--port", type=int, default=9092, help="broker port on 127.0.0.1 (default: %(default)s)")
     add_topic_args(p)
 
 

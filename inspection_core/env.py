@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from inspection_core.errors import ConfigError
 
@@ -23,19 +23,6 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper().replace("-", "_")
 
 
-def env_default(
-    name: str, default: object = None, *, kind: Callable[[str], object] = str, many: bool = False
-) -> object:
-    var = env_name(name)
-    raw = os.environ.get(var)
-    if raw is None:
-        return default
-    try:
-        return [kind(v) for v in raw.split()] if many else kind(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable {var}={raw!r} is invalid") from None
-
-
 def parse_bool(raw: str, *, name: str = "value") -> bool:
     """``1/true/yes/on`` and ``0/false/no/off`` (any case); anything else is an error, never a guess."""
     v = raw.strip().lower()
@@ -46,16 +33,9 @@ def parse_bool(raw: str, *, name: str = "value") -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
 
 
-def env_flag(name: str, default: bool = False) -> bool:
-    """Default of a store_true flag; ``CFF_INSPECT_VERBOSE=0`` is False (``bool("0")`` would be True)."""
-    var = env_name(name)
-    raw = os.environ.get(var)
-    return default if raw is None else parse_bool(raw, name=f"environment variable {var}")
-
-
 def add_choice(p: argparse.ArgumentParser, flag: str, choices: Sequence[str], default: str, help: str) -> None:  # noqa: A002
-    """``--flag`` limited to ``choices``; its default from ``CFF_INSPECT_<FLAG>``, else ``default``."""
-    p.add_argument(flag, choices=choices, default=env_default(flag.lstrip("-"), default), help=help)
+    """``--flag`` limited to ``choices`` (its ``CFF_INSPECT_<FLAG>`` variable is bound by :func:`bind_env`)."""
+    p.add_argument(flag, choices=choices, default=default, help=help)
 
 
 def _env_value(action: argparse.Action, raw: str, var: str) -> object:

@@ -10,9 +10,11 @@ import argparse
 import logging
 import os
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from inspection_core.env import env_default, env_name
+from inspection_core.env import env_name
 from inspection_core.errors import ConfigError, KafkaError
 
 log = logging.getLogger(__name__)
@@ -24,8 +26,24 @@ TOPIC_DEFAULTS: dict[str, dict[str, str]] = {
     "frames.dlq": {"retention.ms": str(7 * 24 * 3600 * 1000)},
     "heads": {"cleanup.policy": "compact"},
 }
+# Output topics whose encoding a deployment may choose (--topic-encoding); frames stay protobuf (they carry
+# images), the heads topic too (its signatures cover the exact protobuf bytes), dead letters keep what came in.
+ENCODABLE_TOPICS = ("results", "defects")
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _CONFIG_KEY = re.compile(r"[a-z][a-z0-9.]*[a-z0-9]")
+
+
+def parse_topic_encoding(spec: str) -> tuple[str, str]:
+    """``defects=json`` -> ("defects", "json")."""
+    from inspection_core.wire import ENCODINGS
+
+    topic, eq, enc = spec.partition("=")
+    if not eq or topic not in ENCODABLE_TOPICS or enc not in ENCODINGS:
+        raise ConfigError(
+            f"--topic-encoding {spec[:120]!r}: expected TOPIC=ENCODING with TOPIC one of {', '.join(ENCODABLE_TOPICS)} "
+            f"and ENCODING one of {', '.join(ENCODINGS)} (e.g. defects=json)"
+        )
+    return topic, enc
 
 
 def parse_topic_setting(spec: str) -> tuple[str, str, str]:
@@ -81,6 +99,7 @@ class KafkaConfig:
     partitions: int = 6
     replication_factor: int = -1  # -1: the broker's default (3 on a typical production cluster)
     topic_settings: tuple[tuple[str, str, str], ...] = ()  # (topic, key, value) from --topic-setting
+    topic_encodings: tuple[tuple[str, str], ...] = ()  # (topic, protobuf | json) from --topic-encoding
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers.strip():
@@ -94,6 +113,8 @@ class KafkaConfig:
             raise ConfigError(f"partitions must be >= 1, got {self.partitions}")
         if self.replication_factor < 1 and self.replication_factor != -1:
             raise ConfigError(f"replication factor must be >= 1 or -1 (broker default), got {self.replication_factor}")
+        for topic, enc in self.topic_encodings:
+            parse_topic_encoding(f"{topic}={enc}")
         if not _TOPIC_NAME.fullmatch(self.topic("frames.dlq")):
             raise ConfigError(
                 f"topic prefix {self.topic_prefix[:80]!r} makes invalid topic names (Kafka allows a-z A-Z 0-9 . _ -, "
@@ -119,6 +140,10 @@ class KafkaConfig:
                     configs[key] = value
             specs.append(TopicSpec(self.topic(short), n, rf, configs))
         return specs
+
+    def encoding(self, short: str) -> str:
+        """How records of topic ``short`` are written (the last --topic-encoding for it wins)."""
+        return next((e for t, e in reversed(self.topic_encodings) if t == short), "protobuf")
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
@@ -204,6 +229,63 @@ def discard_producer(producer) -> None:  # noqa: ANN001 - a kafka-python KafkaPr
     producer._closed = True  # what close() sets last; stops __del__ from closing again
 
 
+class Reconnector:
+    """What a publisher does when the broker did not take a record, shared by ingest and the workers.
+
+    Keep the record (the caller's job), drop the producer (a restarted broker fails the old one's idempotent
+    session for good), back off up to ``max_delay_s``, then recreate lost topics and a fresh producer. The
+    warning is rate-limited (the first failure and every tenth), ``error`` says why while it keeps failing
+    (readiness), and ``on_failure`` counts each one (a metric).
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        who: str,
+        stop: threading.Event,
+        on_failure: Callable[[], None] = lambda: None,
+        max_delay_s: float = 30.0,
+    ) -> None:
+        self.kafka = kafka
+        self.who = who
+        self.stop = stop
+        self.on_failure = on_failure
+        self.max_delay_s = max_delay_s
+        self.failures = 0
+        self.error: str | None = None
+
+    def failed(self, why: Exception, producer: object | None) -> bool:
+        """Record a failure, discard ``producer`` and wait out the backoff; False when stopped meanwhile."""
+        self.failures += 1
+        self.error = f"{type(why).__name__}: {why}"
+        delay = min(self.max_delay_s, 0.5 * 2 ** min(self.failures - 1, 6))
+        if self.failures == 1 or self.failures % 10 == 0:
+            log.warning(
+                "%s: %s did not take what was sent (%s); keeping it, new producer in %.1fs (attempt %d)",
+                self.who,
+                self.kafka.bootstrap_servers,
+                self.error,
+                delay,
+                self.failures,
+            )
+        self.on_failure()
+        if producer is not None:
+            discard_producer(producer)
+        return not self.stop.wait(delay)
+
+    def producer(self):  # noqa: ANN201 - kafka-python type
+        """A fresh producer; after a failure the topics a restarted broker lost are created first."""
+        if self.failures:
+            ensure_topics(self.kafka)
+        return self.kafka.producer()
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.info("%s: publishing again after %d failed attempts", self.who, self.failures)
+        self.failures = 0
+        self.error = None
+
+
 def ensure_topics(cfg: KafkaConfig) -> list[str]:
     """Create the system's topics that are missing (:meth:`KafkaConfig.topic_specs`); returns the names created.
 
@@ -260,27 +342,35 @@ def add_kafka_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_topic_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--topic-prefix", default=env_default("topic_prefix", "inspection."))
+    p.add_argument("--topic-prefix", default="inspection.")
     p.add_argument(
         "--partitions",
         type=int,
-        default=env_default("partitions", 6, kind=int),
+        default=6,
         help="partitions of frames and results (defects: half) for topics this process creates",
     )
     p.add_argument(
         "--replication-factor",
         type=int,
-        default=env_default("replication_factor", -1, kind=int),
+        default=-1,
         help="replication factor of topics this process creates (-1 = the broker's default; default %(default)s)",
     )
     p.add_argument(
         "--topic-setting",
         action="append",
-        default=env_default("topic_setting", None, many=True),
+        default=None,
         metavar="TOPIC.KEY=VALUE",
         help="per-topic partitions, replication.factor or any Kafka topic config for topics this process creates, "
         "e.g. frames.retention.ms=3600000 results.partitions=12 (repeatable; env: space-separated; defaults: "
         "frames 6 h retention, frames.dlq 7 days, heads compacted)",
+    )
+    p.add_argument(
+        "--topic-encoding",
+        action="append",
+        default=None,
+        metavar="TOPIC=ENCODING",
+        help="write results or defects as protobuf (default) or json (protobuf's canonical JSON mapping); every "
+        "record names its encoding in a content-type header (repeatable, e.g. defects=json)",
     )
 
 
@@ -291,6 +381,7 @@ def kafka_from(args: argparse.Namespace) -> KafkaConfig:
         partitions=args.partitions,
         replication_factor=args.replication_factor,
         topic_settings=tuple(parse_topic_setting(t) for t in args.topic_setting or ()),
+        topic_encodings=tuple(parse_topic_encoding(t) for t in getattr(args, "topic_encoding", None) or ()),
     )
 
 

@@ -509,6 +509,27 @@ def overview() -> dict[str, Any]:
             ],
         ),
         panel(
+            34,
+            "Evidence removed by the size cap",
+            "Evidence files (defect JPEGs and overlays) the workers' archives removed to stay under "
+            "--evidence-max-bytes, per interval; their URLs in earlier defect events now answer 410 Gone.",
+            [
+                target(
+                    f"sum by (instance) (increase(inspection_worker_evidence_deleted_total[{RI}])){ZERO}",
+                    "{{instance}}",
+                )
+            ],
+            w=6,
+        ),
+        panel(
+            35,
+            "Evidence archive size",
+            "Bytes each worker's evidence archive holds (capped by --evidence-max-bytes).",
+            [target("sum by (instance) (inspection_worker_evidence_bytes)", "{{instance}}")],
+            unit="bytes",
+            w=6,
+        ),
+        panel(
             28,
             "Ingest buffer",
             "Frames waiting in each ingest process's bounded buffer; a full buffer drops frames (reason buffer_full).",

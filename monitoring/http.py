@@ -17,15 +17,16 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from inspection_core.env import env_default
 from inspection_core.errors import ConfigError
 from monitoring import metrics
 
 log = logging.getLogger(__name__)
 Check = Callable[[], tuple[bool, str]]
+Route = Callable[[str], tuple[int, bytes, str]]  # rest of the path -> (status, body, content type)
 ALL_INTERFACES = ("0.0.0.0", "", "::", "[::]")  # wildcard binds: reachable from the network, not only this host
 
 
@@ -95,6 +96,15 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.dumps({"ready": ready, "service": self.server.service, "checks": report}).encode()
             self._send(200 if ready else 503, body, "application/json")
         else:
+            for prefix, fn in self.server.routes.items():
+                if path.startswith(prefix):
+                    try:
+                        code, body, ctype = fn(unquote(path[len(prefix) :]))
+                    except Exception as exc:  # noqa: BLE001 - one bad request must not kill the server thread
+                        log.warning("GET %s failed: %s", path[:200], exc)
+                        code, body, ctype = 500, b"internal error\n", "text/plain"
+                    self._send(code, body, ctype)
+                    return
             self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
 
 
@@ -102,6 +112,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     service = ""
     checks: dict[str, Check] = {}
+    routes: dict[str, Route] = {}
 
     def readiness(self) -> tuple[bool, dict]:
         report, ready = {}, True
@@ -127,6 +138,7 @@ class MetricsServer:
             raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
         self._httpd.service = service
         self._httpd.checks = {}
+        self._httpd.routes = {}
         self.host = host
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
@@ -135,6 +147,11 @@ class MetricsServer:
 
     def add_checks(self, **checks: Check) -> MetricsServer:
         self._httpd.checks.update(checks)
+        return self
+
+    def add_route(self, prefix: str, fn: Route) -> MetricsServer:
+        """Serve ``GET <prefix><rest>`` with ``fn(rest)`` (the worker's evidence archive)."""
+        self._httpd.routes[prefix] = fn
         return self
 
     def start(self) -> MetricsServer:
@@ -169,12 +186,12 @@ def add_metrics_args(p: argparse.ArgumentParser, service: str) -> None:
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=env_default("metrics_port", metrics.DEFAULT_PORTS[service], kind=int),
+        default=metrics.DEFAULT_PORTS[service],
         help="serve /metrics, /healthz and /readyz here (0 = a free port; default %(default)s)",
     )
     p.add_argument(
         "--metrics-host",
-        default=env_default("metrics_host", "0.0.0.0"),
+        default="0.0.0.0",
         help="address for /metrics (default %(default)s)",
     )
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics, /healthz, /readyz")

@@ -95,6 +95,11 @@ RECORDS_DROPPED = Counter(
     "Records a worker could not publish and skipped (topic: results, defects, frames.dlq; reason: too_large)",
     ["topic", "reason"],
 )
+EVIDENCE_DELETED = Counter(
+    "inspection_worker_evidence_deleted_total",
+    "Evidence files the worker's archive removed to stay under its size cap (their URLs answer 410 Gone)",
+)
+EVIDENCE_BYTES = Gauge("inspection_worker_evidence_bytes", "Bytes the worker's evidence archive holds now")
 PUBLISH_FAILURES = Counter(
     "inspection_worker_publish_failures_total",
     "Batches the broker did not acknowledge; each is kept and published again with a fresh producer",
@@ -157,6 +162,7 @@ def init_zero_series(*, cameras: tuple[str, ...] = (), worker: bool = False) -> 
             HEADS_REFUSED.labels(reason=reason).inc(0)
         for topic in ("results", "defects", "frames.dlq"):
             RECORDS_DROPPED.labels(topic=topic, reason="too_large").inc(0)
+        EVIDENCE_DELETED.inc(0)
 
 
 def status_label(name: str) -> str:

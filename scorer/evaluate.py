@@ -76,8 +76,17 @@ HeadFactory = Callable[[str, Backbone, list[np.ndarray], BackboneOutput, int], H
 # What the table compares (inspection_core.names.EVAL_METHODS). knn / aprilgan / cff are what `heads fit
 # --method` deploys (cff guarded); knn-mean is the plain training-free mean over every tap (AnomalyDINO-style,
 # the earlier baseline), knn-auto the knn head with its taps chosen on the held-out set
-# (FitOptions.knn_taps="auto") and cff-unguarded the calibrated head before the guard, so the table shows what
-# each step changes.
+# (FitOptions.knn_taps="auto"), knn-views / knn-noviews the knn head with every reference's flips and quarter
+# turns in its bank at every K / never (FitOptions.support_views) and cff-unguarded the calibrated head before
+# the guard, so the table shows what each step changes.
+
+
+# knn variants that differ from the default knn head by one FitOptions field each (the ablation rows)
+VARIANTS: dict[str, dict[str, str]] = {
+    "knn-auto": {"knn_taps": "auto"},
+    "knn-views": {"support_views": "rot+flip"},
+    "knn-noviews": {"support_views": "none"},
+}
 
 
 def default_head_factory(
@@ -95,17 +104,11 @@ def default_head_factory(
         opts = fit_options if isinstance(fit_options, FitOptions) else FitOptions()
         if method == "knn-mean":
             return knn_head(backbone, feats, opts.score)
-        if method == "knn-auto":
-            auto = fit_heads_from_features(
-                backbone,
-                images,
-                feats,
-                options=replace(opts, knn_taps="auto"),
-                seed=seed,
-                methods=("knn",),
-                progress=progress,
-            )
-            return auto["knn"]
+        if method in VARIANTS:
+            variant = replace(opts, **VARIANTS[method])
+            return fit_heads_from_features(
+                backbone, images, feats, options=variant, seed=seed, methods=("knn",), progress=progress
+            )["knn"]
         key = (seed, tuple(hashlib.sha256(im.tobytes()).hexdigest() for im in images))
         if key not in cache:
             cache.clear()

@@ -78,6 +78,10 @@ class FitOptions:
     # better on image AUROC and pixel AP on both shared datasets, BENCHMARKS.md); auto: taps chosen on the
     # held-out set; all: the plain mean of every tap (AnomalyDINO-style)
     knn_taps: str = "mid"
+    # Extra views of each reference in the knn bank (VisionAD-style support augmentation): flips, quarter
+    # turns, or both. "auto" = rot+flip while the bank holds fewer than AUTO_VIEWS_BELOW references (one or two
+    # images miss the orientations a part is seen in), none from then on (measured in BENCHMARKS.md).
+    support_views: str = "none"
     guard: bool = True  # cff: keep the training-free head when it does better on the held-out set
     object_name: str = "object"
     score: ScoreOptions = ScoreOptions()
@@ -100,6 +104,10 @@ class FitOptions:
             raise ConfigError("batch_size must be >= 1 and loss_resolution >= 8")
         if self.n_validation < 1:
             raise ConfigError(f"n_validation must be >= 1, got {self.n_validation}")
+        if self.support_views not in SUPPORT_VIEWS:
+            raise ConfigError(
+                f"support_views must be one of {', '.join(SUPPORT_VIEWS)}, got {quoted(self.support_views)}"
+            )
         if self.knn_taps not in KNN_TAPS:
             raise ConfigError(f"knn_taps must be one of {', '.join(KNN_TAPS)}, got {quoted(self.knn_taps)}")
 
@@ -114,7 +122,7 @@ class FitOptions:
         """
         out, seed = self, 0
         for key, raw in options.items():
-            if key in ("bank_features", "knn_taps"):
+            if key in ("bank_features", "knn_taps", "support_views"):
                 out = replace(out, **{key: str(raw)})  # validated by __post_init__, naming the choices
                 continue
             if key in ("guard", "letterbox"):
@@ -124,7 +132,9 @@ class FitOptions:
                 out = replace(out, guard=on) if key == "guard" else replace(out, score=replace(out.score, letterbox=on))
                 continue
             if key not in STRING_OPTIONS:
-                known = ", ".join(sorted([*STRING_OPTIONS, "bank_features", "guard", "knn_taps", "letterbox"]))
+                known = ", ".join(
+                    sorted([*STRING_OPTIONS, "bank_features", "guard", "knn_taps", "letterbox", "support_views"])
+                )
                 raise ConfigError(f"unknown fit option {quoted(key)}; known: {known}")
             kind, lo, hi = STRING_OPTIONS[key]
             try:
@@ -144,6 +154,8 @@ class FitOptions:
 
 
 KNN_TAPS = ("mid", "auto", "all")
+SUPPORT_VIEWS = ("none", "flip", "rot", "rot+flip", "auto")
+AUTO_VIEWS_BELOW = 3
 FIT_METHODS = METHODS
 DEFAULT_METHOD = METHODS[0]  # knn: the best method in BENCHMARKS.md's deployment table; cff is guarded against it
 
@@ -434,9 +446,11 @@ def held_out_set(
 
 
 def _bank_without(head: Head, ref_feats: BackboneOutput, j: int | None) -> Head:
+    """The head with reference ``j`` (and every view of it: bank image ``i`` comes from ``i % K``) left out."""
     if j is None:
         return head
-    keep = [i for i in range(len(ref_feats)) if i != j]
+    k = int(head.meta.get("bank_sources", len(ref_feats)))
+    keep = [i for i in range(len(ref_feats)) if i % k != j]
     sub = [t[keep] for t in ref_feats.tokens]
     return replace(head, bank=bank_for(head, sub) if head.bank_features != "raw" else build_bank(sub))
 
@@ -503,11 +517,13 @@ def choose_knn_taps(head: Head, ref_feats: BackboneOutput, held: HeldOut) -> tup
 
 
 def _fit_knn(
-    backbone: Backbone, ref_feats: BackboneOutput, held: HeldOut, opts: FitOptions
+    backbone: Backbone, ref_feats: BackboneOutput, held: HeldOut, opts: FitOptions, *, n_refs: int, views: str
 ) -> tuple[Head, dict | None]:
+    """``ref_feats`` holds the references, then each view of them in the same order (``n_refs`` sources)."""
     from scorer.head import knn_head
 
     head = knn_head(backbone, ref_feats, replace(opts.score, tap_weights=None))
+    head.meta.update(shots=n_refs, bank_sources=n_refs, support_views=views, bank_images=len(ref_feats))
     n = len(backbone.taps)
     if opts.knn_taps == "all" or n < 3:
         return head, None
@@ -538,8 +554,16 @@ def _fit_heads(
     heads: dict[str, Head] = {}
     knn: Head | None = None
     knn_record: dict | None = None
+    knn_feats = ref_feats
     if "knn" in methods or ("cff" in methods and opts.guard):
-        knn, knn_record = _fit_knn(backbone, ref_feats, held, opts)
+        kind = views_for(opts.support_views, len(refs))
+        if kind != "none":
+            per_ref = [support_views(r, kind, backbone.image_size, opts.score.letterbox) for r in refs]
+            extra = [v for same_view in zip(*per_ref, strict=True) for v in same_view]  # view-major: i % K = ref
+            views_done = Counter(progress, "views", len(extra), detail=kind).callback()
+            extra_feats = backbone.embed(extra, letterbox=opts.score.letterbox, progress=views_done)
+            knn_feats = concat_outputs([ref_feats, extra_feats])
+        knn, knn_record = _fit_knn(backbone, knn_feats, held, opts, n_refs=len(refs), views=kind)
     learned: dict[str, Head] = {}
     meta: dict = {"shots": len(refs), "base_head": base_head is not None}
     if "aprilgan" in methods or "cff" in methods:
@@ -548,7 +572,7 @@ def _fit_heads(
     thresholds = Counter(progress, "thresholds", (knn is not None) + sum(name in methods for name in learned))
     thresholds.start()
     if knn is not None:
-        knn = calibrate_thresholds(knn, ref_feats, held, opts, meta={"shots": len(refs)})
+        knn = calibrate_thresholds(knn, knn_feats, held, opts, meta={"shots": len(refs)})
         thresholds.step(detail="knn")
         if knn_record is not None:
             knn.meta["tap_choice"] = knn_record
@@ -733,7 +757,8 @@ def fit_head(
 
     ``method`` defaults to the training-free ``knn`` head, or to ``cff`` when a base head is given.
     ``progress`` receives :class:`~scorer.progress.ProgressEvent` s, in order: ``features`` (references
-    embedded, of K), ``held-out`` and ``synthesis`` (images embedded), ``stage1`` / ``stage2`` (steps, with the
+    embedded, of K), ``held-out`` (images embedded), ``views`` (support views embedded, when the knn bank has
+    them), ``synthesis`` (images embedded), ``stage1`` / ``stage2`` (steps, with the
     loss; learned methods only) and ``thresholds`` (heads thresholded).
     """
     refs = check_references(references)
@@ -749,6 +774,42 @@ def fit_head(
         return fit_head_from_features(
             backbone, refs, feats, method=method, base_head=base_head, options=opts, seed=seed, progress=progress
         )
+
+
+def views_for(support: str, k: int) -> str:
+    """The support views a fit with ``k`` references uses (``auto`` resolved)."""
+    if support != "auto":
+        return support
+    return "rot+flip" if k < AUTO_VIEWS_BELOW else "none"
+
+
+def support_views(img: np.ndarray, kind: str, size: int, letterbox: bool) -> list[np.ndarray]:
+    """The extra bank views of one reference (itself excluded): its two flips and/or three quarter turns.
+
+    A squashed input is turned after the square resize the backbone would do anyway, so a non-square part is
+    turned, not stretched along the other axis; a letterboxed one keeps its aspect and is turned as it is.
+    """
+    if kind == "none":
+        return []
+    base = img if letterbox else np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+    out: list[np.ndarray] = []
+    if kind in ("flip", "rot+flip"):
+        out += [base[:, ::-1], base[::-1]]
+    if kind in ("rot", "rot+flip"):
+        out += [np.rot90(base, q) for q in (1, 2, 3)]
+    return [np.ascontiguousarray(v) for v in out]
+
+
+def concat_outputs(outs: Sequence[BackboneOutput]) -> BackboneOutput:
+    """Backbone outputs of several batches as one, in order."""
+    content = None
+    if any(o.content is not None for o in outs):
+        full = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+        content = torch.cat([o.content if o.content is not None else full.expand(len(o), 4) for o in outs])
+    glob = None if any(o.global_embedding is None for o in outs) else torch.cat([o.global_embedding for o in outs])
+    return BackboneOutput(
+        [torch.cat([o.tokens[s] for o in outs]) for s in range(len(outs[0].tokens))], outs[0].grid, glob, content
+    )
 
 
 def _augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -212,7 +212,11 @@ class Head:
         bank_q = self.bank_view(tokens, calibrated, projected)
         bank = self.on_device(tokens[0].device)["bank"]
         grid_maps = []  # per stage (B, G, G) in "anomaly" units
+        tw = opts.tap_weights
         for i in range(self.n_stages):
+            if tw is not None and tw[i] == 0 and not per_stage:  # a tap the fusion ignores costs no bank search
+                grid_maps.append(tokens[i].new_zeros(b, gh, gw, dtype=torch.float32))
+                continue
             # one matmul per stage (chunked over bank rows) and top-1 where the tokens are
             dist = nn_distance(bank_q[i], bank[i], chunk=opts.bank_chunk, dtype=opts.bank_dtype)  # (B, N)
             stage = dist

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from inspection_core.env import add_choice, env_default
+from inspection_core.env import add_choice
 from inspection_core.names import COMPILE_MODES, METHODS, PRECISION_CHOICES, PRECISIONS
 
 if TYPE_CHECKING:
@@ -25,19 +25,19 @@ def add_backbone_args(p: argparse.ArgumentParser, *, default: str | None = "dino
     """
     p.add_argument(
         "--backbone",
-        default=env_default("backbone", default),
+        default=default,
         help="dinov2-vits14 | clip:<open_clip name> | tiny-vit | tiny-clip (default: %(default)s)",
     )
-    p.add_argument("--weights", default=env_default("weights"), help="local checkpoint path for the backbone")
+    p.add_argument("--weights", default=None, help="local checkpoint path for the backbone")
     if sized:
         p.add_argument(
             "--image-size",
             type=int,
-            default=env_default("image_size", None, kind=int),
+            default=None,
             help="backbone input size (default: the backbone's, 448 for dinov2-vits14)",
         )
-    p.add_argument("--device", default=env_default("device", "auto"), help="cpu | cuda | auto (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=env_default("threads", None, kind=int), help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_choice(
         p,
         "--precision",
@@ -63,15 +63,15 @@ def add_data_arg(p: argparse.ArgumentParser, what: str, *, required: bool = Fals
     p.add_argument(
         "--data",
         action="append",
-        required=required and env_default("data") is None,
-        default=env_default("data", None, many=True),
+        required=required,
+        default=None,
         help=what,
     )
 
 
 def add_method_arg(p: argparse.ArgumentParser, *, default: str | None = None) -> None:
     """``--method cff|aprilgan|knn`` for one fit (``default``: the environment's or cff)."""
-    p.add_argument("--method", choices=METHODS, default=env_default("method", default or METHODS[0]))
+    p.add_argument("--method", choices=METHODS, default=default or METHODS[0])
 
 
 def resolve_device(name: str) -> str:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from inspection_core.errors import ConfigError, ImageError, InspectionError, cut
 from inspection_core.ids import check_product_id
 from inspection_core.names import DeadLetterReason
+from inspection_core.wire import CONTENT_TYPE, OCTETS, WireError, decode, header
 from inspection_pb.v1 import frames_pb2
 from scorer.images import check_size, open_checked, to_rgb_uint8
 from workers.config import WorkerConfig
@@ -42,13 +42,22 @@ class DeadLetter:
     value: bytes
     reason: DeadLetterReason
     detail: str
+    content_type: bytes = OCTETS.encode()  # the original record's, when it had one
 
 
-def parse_frame(value: bytes | None) -> frames_pb2.Frame:
-    """Bytes -> Frame with a frame id and a valid product id (else BadFrame: NOT_A_FRAME / INVALID_PRODUCT)."""
+def record_content_type(headers: list | None) -> bytes:
+    return header(headers, CONTENT_TYPE) or OCTETS.encode()
+
+
+def parse_frame(value: bytes | None, headers: list | None = None) -> frames_pb2.Frame:
+    """Record bytes -> Frame with a frame id (else BadFrame NOT_A_FRAME).
+
+    Protobuf, or protobuf's JSON mapping when the record's ``content-type`` header says so (a camera host in
+    another language may find JSON easier to write); a header naming another message type is refused.
+    """
     try:
-        frame = frames_pb2.Frame.FromString(value or b"")
-    except DecodeError as exc:
+        frame = decode(value or b"", frames_pb2.Frame, headers)
+    except WireError as exc:
         raise BadFrame(f"not a Frame: {exc}", DeadLetterReason.NOT_A_FRAME) from None
     if not frame.frame_id:
         raise BadFrame("not a Frame: no frame_id", DeadLetterReason.NOT_A_FRAME)

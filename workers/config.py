@@ -31,6 +31,9 @@ class WorkerConfig:
     heatmap_in_result: bool = False
     evidence_dir: str | None = None
     evidence_max_bytes: int = 1 << 30
+    # Where defect events point for evidence: a base URL (the worker's own HTTP server by default, set by the
+    # entry point once it is bound), or None for file:// paths on this host.
+    evidence_url: str | None = None
     # JPEG decode with torchvision on the scoring device: "auto" = when the head's backbone is on a GPU
     # (decode and resize then never leave it), "always" (also on the CPU), "never" (PIL).
     device_decode: str = "auto"
@@ -55,6 +58,10 @@ class WorkerConfig:
             raise ConfigError(f"device_decode must be auto, always or never, got {self.device_decode!r}")
         if not 1024 <= self.dlq_max_bytes <= 8 << 20:
             raise ConfigError(f"dlq_max_bytes must be in 1 KiB..8 MiB, got {self.dlq_max_bytes}")
+        if self.evidence_max_bytes < 1 << 20:
+            raise ConfigError(f"evidence_max_bytes must be >= 1 MiB, got {self.evidence_max_bytes}")
+        if self.evidence_url is not None and not self.evidence_url.startswith(("http://", "https://")):
+            raise ConfigError(f"evidence URL {self.evidence_url[:80]!r} must start with http:// or https://")
         if self.publish_timeout_s <= 0:
             raise ConfigError(f"publish_timeout_s must be > 0, got {self.publish_timeout_s}")
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING
 
 from calibrator.security import add_client_security_args, client_security_from
-from inspection_core.env import add_choice, env_default
+from inspection_core.env import add_choice
 from inspection_core.errors import ConfigError, HeadError
 from inspection_core.ids import check_product_id
 from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
 from inspection_core.runtime import stop_on_signals
 from inspection_core.trust import HeadTrust, read_key
-from monitoring.http import Check, add_metrics_args, broker_check, start_metrics
+from monitoring.http import Check, MetricsServer, add_metrics_args, broker_check, start_metrics
 from scorer.options import add_backbone_args, resolve_device, resolve_precision
 from workers.config import BANK_DTYPES, DEVICE_DECODE, ActiveHead, WorkerConfig, head_ref
 
@@ -29,20 +30,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--head",
         action="append",
-        default=env_default("head", None, many=True),
+        default=None,
         help="PRODUCT=PATH of a head artifact (repeatable) until the calibrator serves heads",
     )
-    p.add_argument("--group-id", default=env_default("group_id", "cff-inspect-workers"))
-    p.add_argument("--worker-id", default=env_default("worker_id"))
-    p.add_argument("--max-batch", type=int, default=env_default("max_batch", 8, kind=int))
-    p.add_argument("--max-wait-ms", type=int, default=env_default("max_wait_ms", 50, kind=int))
+    p.add_argument("--group-id", default="cff-inspect-workers")
+    p.add_argument("--worker-id", default=None)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-wait-ms", type=int, default=50)
     p.add_argument(
         "--max-age-s",
         type=float,
-        default=env_default("max_age_s", 60.0, kind=float),
+        default=60.0,
         help="frames older than this get a STALE result instead of being scored",
     )
-    p.add_argument("--evidence-dir", default=env_default("evidence_dir"), help="archive defect JPEGs and overlays here")
+    p.add_argument("--evidence-dir", default=None, help="archive defect JPEGs and overlays here")
+    p.add_argument(
+        "--evidence-max-bytes",
+        type=int,
+        default=1 << 30,
+        help="size cap of the evidence archive; the oldest files go first, counted in "
+        "inspection_worker_evidence_deleted_total (default %(default)s)",
+    )
+    p.add_argument(
+        "--evidence-url",
+        default=None,
+        help="base URL defect events give for evidence (default: this worker's metrics server, "
+        "http://HOST:METRICS_PORT/evidence; file:// paths with --no-metrics)",
+    )
     p.add_argument("--heatmap-in-result", action="store_true", help="attach an 8-bit PNG heatmap to each result")
     add_choice(
         p,
@@ -61,13 +75,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calibrator-address",
         action="append",
-        default=env_default("calibrator_address", None, many=True),
+        default=None,
         help="HOST:PORT of a calibrator this worker may download heads from (repeatable; env: space-separated); "
         "announcements naming any other address are refused (without one, only loopback calibrators)",
     )
     p.add_argument(
         "--heads-key-file",
-        default=env_default("heads_key_file"),
+        default=None,
         help="accept only head announcements signed with this shared key (the calibrator's --heads-key-file)",
     )
     p.add_argument(
@@ -89,6 +103,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
         max_wait_ms=args.max_wait_ms,
         max_age_s=args.max_age_s,
         evidence_dir=args.evidence_dir,
+        evidence_max_bytes=args.evidence_max_bytes,
+        evidence_url=args.evidence_url,
         heatmap_in_result=args.heatmap_in_result,
         device_decode=args.device_decode,
         bank_dtype=args.bank_dtype,
@@ -159,6 +175,21 @@ def worker_checks(kafka: KafkaConfig, worker: Worker) -> dict[str, Check]:
     }
 
 
+def serve_evidence(w: Worker, ms: MetricsServer | None) -> None:
+    """Evidence over HTTP on the metrics server, at ``/evidence/<file>``; events then carry those URLs.
+
+    A wildcard bind is advertised by this host's name (what another machine can resolve), unless
+    ``--evidence-url`` says otherwise (a proxy, a TLS front, a name of the orchestrator's).
+    """
+    if w.evidence is None or ms is None:
+        return
+    ms.add_route("/evidence/", w.evidence.http_get)
+    if w.evidence.url_base is None:
+        host = socket.getfqdn() if ms.all_interfaces else ms.host
+        w.evidence.url_base = f"http://{f'[{host}]' if ':' in host else host}:{ms.port}/evidence"
+    log.info("evidence served at %s/<file>", w.evidence.url_base)
+
+
 def main(args: argparse.Namespace) -> int:
     from workers.heads import HeadFollower
     from workers.worker import Worker  # noqa: F811 - the runtime import of the TYPE_CHECKING name
@@ -178,6 +209,7 @@ def main(args: argparse.Namespace) -> int:
     ensure_topics(kafka)
     w = Worker(kafka, cfg, heads)
     ms = start_metrics(args, "worker", **worker_checks(kafka, w))
+    serve_evidence(w, ms)
     stop_on_signals(w.stop_event)
     if args.follow_heads:
         HeadFollower(kafka, w, bb, client_security_from(args), trust).start()

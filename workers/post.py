@@ -6,7 +6,10 @@ Pure message building plus the evidence archive on disk; no Kafka client here.
 from __future__ import annotations
 
 import io
+import re
+import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from inspection_pb.v1 import common_pb2, frames_pb2, results_pb2
+from monitoring import metrics
 from workers.config import ActiveHead
 
 if TYPE_CHECKING:
@@ -41,10 +45,20 @@ def new_result(frame: frames_pb2.Frame, status: int, worker_id: str, reason: str
         status=status,
         reason=reason,
         worker_id=worker_id,
+        width=frame.width,  # what the frame declares; a scored result has the decoded size instead
+        height=frame.height,
     )
+    r.attributes.update(frame.attributes)
     r.capture_time.CopyFrom(frame.capture_time)
     r.result_time.GetCurrentTime()
     return r
+
+
+def image_size(img: object) -> tuple[int, int]:
+    """(width, height) of an H x W x 3 array or a 3 x H x W tensor from the device decode."""
+    if isinstance(img, np.ndarray):
+        return int(img.shape[1]), int(img.shape[0])
+    return int(img.shape[2]), int(img.shape[1])  # type: ignore[attr-defined]  # a torch tensor
 
 
 def heatmap_png(amap: np.ndarray, pixel_threshold: float) -> bytes:
@@ -65,9 +79,13 @@ def scored_result(
     *,
     worker_id: str,
     heatmap: bool = False,
+    size: tuple[int, int] | None = None,
 ) -> results_pb2.InspectionResult:
-    """An OK result for image ``j`` of a scored batch: scores, verdict, regions in source pixels, timings."""
+    """An OK result for image ``j`` of a scored batch: scores, verdict, regions in source pixels (of the image
+    ``size`` = (width, height) as decoded), timings."""
     r = new_result(frame, results_pb2.STATUS_OK, worker_id)
+    if size is not None:
+        r.width, r.height = size
     r.head.CopyFrom(active.ref)
     r.image_score = float(scores.image_scores[j])
     r.normalized_score = float(scores.normalized_scores[j]) if np.isfinite(scores.normalized_scores[j]) else 0.0
@@ -93,19 +111,45 @@ def defect_event(frame: frames_pb2.Frame, result: results_pb2.InspectionResult) 
         product_id=frame.product_id,
         image_score=result.image_score,
         normalized_score=result.normalized_score,
+        image_threshold=result.image_threshold,
+        width=result.width,
+        height=result.height,
+        worker_id=result.worker_id,
     )
+    d.attributes.update(result.attributes)
     d.capture_time.CopyFrom(frame.capture_time)
+    d.result_time.CopyFrom(result.result_time)
     d.head.CopyFrom(result.head)
     d.regions.extend(result.regions)
     return d
 
 
 class EvidenceArchive:
-    """Defect JPEGs and heatmap overlays in one folder, oldest removed first past ``max_bytes``."""
+    """Defect JPEGs and heatmap overlays in one folder, oldest removed first past ``max_bytes``.
 
-    def __init__(self, root: str | Path, max_bytes: int) -> None:
+    Events carry URLs into it: ``url_base/<name>`` when the worker serves the folder over HTTP (its metrics
+    server, :meth:`http_get`), ``file://`` paths otherwise. A removal is counted
+    (``inspection_worker_evidence_deleted_total``) and its URL answers 410 Gone, never a silent 404.
+    """
+
+    _NAME = re.compile(r"[A-Za-z0-9._-]{1,160}")
+    _TYPES = {".jpg": "image/jpeg", ".png": "image/png"}
+    _REMEMBER = 100_000  # names of removed files kept for 410 answers (bounded)
+
+    def __init__(self, root: str | Path, max_bytes: int, url_base: str | None = None) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.url_base = url_base.rstrip("/") if url_base else None
+        self._lock = threading.Lock()
+        self._deleted: OrderedDict[str, None] = OrderedDict()
+        self._files: OrderedDict[str, int] = OrderedDict()  # name -> size, oldest first
+        if self.root.is_dir():  # a restarted worker keeps (and caps) what its predecessor archived
+            for p in sorted((p for p in self.root.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime):
+                self._files[p.name] = p.stat().st_size
+        self._total = sum(self._files.values())
+
+    def _uri(self, path: Path) -> str:
+        return f"{self.url_base}/{path.name}" if self.url_base else path.resolve().as_uri()
 
     def save(
         self, frame_id: str, img: object, amap: np.ndarray, pixel_threshold: float, regions: list[Region]
@@ -122,13 +166,39 @@ class EvidenceArchive:
         overlay(img, amap.astype(np.float32), pixel_threshold=pixel_threshold, regions=regions, verdict="DEFECT").save(
             png
         )
+        with self._lock:
+            for p in (jpg, png):
+                self._total -= self._files.pop(p.name, 0)
+                self._files[p.name] = p.stat().st_size
+                self._total += self._files[p.name]
+                self._deleted.pop(p.name, None)
         self.cap()
-        return common_pb2.Evidence(image_uri=jpg.resolve().as_uri(), overlay_uri=png.resolve().as_uri())
+        return common_pb2.Evidence(image_uri=self._uri(jpg), overlay_uri=self._uri(png))
 
     def cap(self) -> None:
-        files = sorted((p for p in self.root.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        while files and total > self.max_bytes:
-            p = files.pop(0)
-            total -= p.stat().st_size
-            p.unlink(missing_ok=True)
+        with self._lock:
+            while self._files and self._total > self.max_bytes:
+                name, size = self._files.popitem(last=False)
+                self._total -= size
+                (self.root / name).unlink(missing_ok=True)
+                self._deleted[name] = None
+                if len(self._deleted) > self._REMEMBER:
+                    self._deleted.popitem(last=False)
+                metrics.EVIDENCE_DELETED.inc()
+            metrics.EVIDENCE_BYTES.set(self._total)
+
+    def http_get(self, name: str) -> tuple[int, bytes, str]:
+        """``GET <url_base>/<name>``: (status, body, content type); only plain names directly in the folder."""
+        ctype = self._TYPES.get(Path(name).suffix.lower())
+        if not self._NAME.fullmatch(name) or name.startswith(".") or ctype is None:
+            return 404, b"not an evidence file name\n", "text/plain"
+        with self._lock:
+            known, gone = name in self._files, name in self._deleted
+        if known:
+            try:
+                return 200, (self.root / name).read_bytes(), ctype
+            except OSError:
+                gone = True
+        if gone:
+            return 410, b"removed by the evidence archive's size cap (--evidence-max-bytes)\n", "text/plain"
+        return 404, b"no such evidence file on this worker\n", "text/plain"

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from inspection_core.errors import KafkaError
-from inspection_core.kafka import KafkaConfig
+from inspection_core.kafka import KafkaConfig, Reconnector
 from inspection_core.names import DeadLetterReason
+from inspection_core.wire import CONTENT_TYPE, content_type, encode, header
 from inspection_pb.v1 import frames_pb2, results_pb2
 from monitoring import metrics
 from workers.codec import (
@@ -35,10 +36,11 @@ from workers.codec import (
     decode_jpegs,
     is_stale,
     parse_frame,
+    record_content_type,
     ts_seconds,
 )
 from workers.config import ActiveHead, WorkerConfig, head_ref
-from workers.post import EvidenceArchive, Timing, defect_event, new_result, scored_result
+from workers.post import EvidenceArchive, Timing, defect_event, image_size, new_result, scored_result
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +83,13 @@ class Worker:
         self._lock = threading.Lock()
         self.stop_event = threading.Event()
         self.counters: dict[str, int] = defaultdict(int)
-        self.evidence = EvidenceArchive(cfg.evidence_dir, cfg.evidence_max_bytes) if cfg.evidence_dir else None
+        self.evidence = (
+            EvidenceArchive(cfg.evidence_dir, cfg.evidence_max_bytes, cfg.evidence_url) if cfg.evidence_dir else None
+        )
         self.consumer = None
         self.producer = None
         self.last_poll_ok: float | None = None  # monotonic time of the last poll that reached the broker
-        self.publish_error: str | None = None  # why the last publish failed, while it keeps failing
-        self._failures = 0
+        self._reconnector = Reconnector(kafka, f"worker {cfg.worker_id}", self.stop_event, metrics.PUBLISH_FAILURES.inc)
         self._lag_t = 0.0
         self._lag_partitions: set[int] = set()
         metrics.init_zero_series(worker=True)
@@ -134,10 +137,12 @@ class Worker:
         now = time.time()
         for rec in records:
             t_take = time.time()
+            headers = getattr(rec, "headers", None)
             try:
-                frame = parse_frame(rec.value)
+                frame = parse_frame(rec.value, headers)
             except BadFrame as exc:
-                out.dead_letters.append(DeadLetter(rec.key, rec.value or b"", exc.reason, str(exc)))
+                ctype = record_content_type(headers)
+                out.dead_letters.append(DeadLetter(rec.key, rec.value or b"", exc.reason, str(exc), ctype))
                 self.counters["dlq_unparseable"] += 1
                 continue
             try:
@@ -186,7 +191,8 @@ class Worker:
 
     def _bad_frame(self, rec, frame: frames_pb2.Frame, exc: BadFrame, out: Outputs) -> None:  # noqa: ANN001
         out.results.append(self._result(frame, results_pb2.STATUS_BAD_FRAME, str(exc)))
-        out.dead_letters.append(DeadLetter(rec.key, rec.value, exc.reason, str(exc)))
+        ctype = header(getattr(rec, "headers", None), CONTENT_TYPE) or content_type(frames_pb2.Frame).encode()
+        out.dead_letters.append(DeadLetter(rec.key, rec.value, exc.reason, str(exc), ctype))
         self.counters["bad_frame"] += 1
 
     def _score(self, active: ActiveHead, items: list[Decoded], out: Outputs) -> None:
@@ -196,7 +202,14 @@ class Worker:
         for j, it in enumerate(items):
             timing = Timing(it.decode_s, inf_s, it.queue_wait_s, len(items))
             r = scored_result(
-                it.frame, scores, j, active, timing, worker_id=self.cfg.worker_id, heatmap=self.cfg.heatmap_in_result
+                it.frame,
+                scores,
+                j,
+                active,
+                timing,
+                worker_id=self.cfg.worker_id,
+                heatmap=self.cfg.heatmap_in_result,
+                size=image_size(it.image),
             )
             out.results.append(r)
             self.counters["scored"] += 1
@@ -234,16 +247,23 @@ class Worker:
                 break
         return batch
 
-    def _records(self, out: Outputs) -> list[tuple[str, bytes | None, bytes, list | None]]:
-        """(topic, key, value, headers) of a batch; a dead letter larger than ``dlq_max_bytes`` is cut there."""
+    def _records(self, out: Outputs) -> list[tuple[str, bytes | None, bytes, list]]:
+        """(topic, key, value, headers) of a batch, each in its topic's encoding with a ``content-type`` header;
+        a dead letter larger than ``dlq_max_bytes`` is cut there."""
         t = self.kafka.topics
-        recs: list[tuple[str, bytes | None, bytes, list | None]] = []
+        recs: list[tuple[str, bytes | None, bytes, list]] = []
+        r_enc, d_enc = self.kafka.encoding("results"), self.kafka.encoding("defects")
         for r in out.results:
-            recs.append((t["results"], r.camera_id.encode(), r.SerializeToString(), None))
+            recs.append((t["results"], r.camera_id.encode(), *encode(r, r_enc)))
         for d in out.defects:
-            recs.append((t["defects"], d.product_id.encode(), d.SerializeToString(), None))
+            recs.append((t["defects"], d.product_id.encode(), *encode(d, d_enc)))
         for dl in out.dead_letters:
-            headers = [("reason", dl.detail.encode()[:1000]), ("worker", self.cfg.worker_id.encode())]
+            headers = [
+                (CONTENT_TYPE, dl.content_type),
+                ("reason", dl.detail.encode()[:1000]),
+                ("reason-code", DeadLetterReason(dl.reason).value.encode()),
+                ("worker", self.cfg.worker_id.encode()),
+            ]
             value = dl.value
             if len(value) > self.cfg.dlq_max_bytes:
                 headers.append(("truncated-from-bytes", str(len(value)).encode()))
@@ -354,54 +374,29 @@ class Worker:
                 offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
         self.consumer.commit(offsets)
 
-    def _reconnect(self, why: Exception) -> None:
-        """A fresh producer after a publish failure (a restarted broker fails the old one's idempotent
-        session for good); topics a broker lost are created again. Waits with backoff, until ``stop_event``."""
-        from inspection_core.kafka import discard_producer, ensure_topics
-
-        self._failures += 1
-        self.publish_error = f"{type(why).__name__}: {why}"
-        delay = min(30.0, 0.5 * 2 ** min(self._failures - 1, 6))
-        if self._failures == 1 or self._failures % 10 == 0:
-            log.warning(
-                "worker %s: %s did not take a batch (%s); keeping it and retrying (attempt %d, next in %.1fs)",
-                self.cfg.worker_id,
-                self.kafka.bootstrap_servers,
-                self.publish_error,
-                self._failures,
-                delay,
-            )
-        metrics.PUBLISH_FAILURES.inc()
-        if self.producer is not None:
-            discard_producer(self.producer)
-        self.producer = None
-        if self.stop_event.wait(delay):
-            return
-        try:
-            ensure_topics(self.kafka)
-            self.producer = self.kafka.producer()
-        except KafkaError as exc:
-            log.debug("reconnect failed: %s", exc)
-
     def _publish_until_acknowledged(self, out: Outputs) -> bool:
         """True once the broker took the batch; False if the worker was stopped first (nothing committed)."""
         from kafka.errors import KafkaError as ClientError
 
+        rc = self._reconnector
         while not self.stop_event.is_set():
-            if self.producer is None:
-                self._reconnect(KafkaError("no producer"))
-                continue
             try:
+                if self.producer is None:
+                    self.producer = rc.producer()
                 self._publish(out)
             except (ClientError, KafkaError) as exc:
-                self._reconnect(exc)
+                producer, self.producer = self.producer, None
+                if not rc.failed(exc, producer):
+                    return False
                 continue
-            if self._failures:
-                log.info("worker %s: publishing again after %d failed attempts", self.cfg.worker_id, self._failures)
-            self._failures = 0
-            self.publish_error = None
+            rc.succeeded()
             return True
         return False
+
+    @property
+    def publish_error(self) -> str | None:
+        """Why the last publish failed, while it keeps failing (readiness)."""
+        return self._reconnector.error
 
     def run(self, *, ready: threading.Event | None = None) -> None:
         """Consume, score, publish and commit until ``stop_event``.
@@ -413,6 +408,7 @@ class Worker:
         """
         from kafka.errors import KafkaError as ClientError
 
+        self._reconnector.stop = self.stop_event  # `cff-inspect run` shares one stop event among its parts
         self.consumer = self.kafka.consumer(self.kafka.topics["frames"], group_id=self.cfg.group_id)
         self.producer = self.kafka.producer()
         log.info(

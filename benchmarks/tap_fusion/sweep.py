@@ -127,53 +127,54 @@ from scorer.fit import _augment
 from scorer.synth import synthesize
 from sklearn.metrics import roc_auc_score, average_precision_score
 
-bb = load_backbone("dinov2-vits14").set_precision("bf16")
-name = sys.argv[1]
-shots = [int(x) for x in sys.argv[2].split(",")]
-ds = DS(name, bb)
-grid = bb.grid
-out = open(f"res3-{name}.jsonl", "a")
-for k in shots:
-    for seed in [int(x) for x in __import__("os").environ.get("SEEDS", "0,1,2").split(",")]:
-        t0 = time.time()
-        paths = ds.refs(k, seed)
-        imgs = [load_image(p) for p in paths]
-        feats = ref_feats(ds, paths, "none")
-        D = dist_grids(ds.test.tokens, bank_of(feats), grid)
-        if k >= 2:
-            N = loo_normal_grids(feats, grid)
-        else:
-            rng = np.random.default_rng(seed + 101)
+if __name__ == "__main__":
+    bb = load_backbone("dinov2-vits14").set_precision("bf16")
+    name = sys.argv[1]
+    shots = [int(x) for x in sys.argv[2].split(",")]
+    ds = DS(name, bb)
+    grid = bb.grid
+    out = open(f"res3-{name}.jsonl", "a")
+    for k in shots:
+        for seed in [int(x) for x in __import__("os").environ.get("SEEDS", "0,1,2").split(",")]:
+            t0 = time.time()
+            paths = ds.refs(k, seed)
+            imgs = [load_image(p) for p in paths]
+            feats = ref_feats(ds, paths, "none")
+            D = dist_grids(ds.test.tokens, bank_of(feats), grid)
+            if k >= 2:
+                N = loo_normal_grids(feats, grid)
+            else:
+                rng = np.random.default_rng(seed + 101)
+                with bb.precision_scope("fp32"):
+                    vf = bb.embed([_augment(imgs[0], rng) for _ in range(4)])
+                N = dist_grids(vf.tokens, bank_of(feats), grid)
+            syn = synthesize(imgs, 16, seed + 1000)
             with bb.precision_scope("fp32"):
-                vf = bb.embed([_augment(imgs[0], rng) for _ in range(4)])
-            N = dist_grids(vf.tokens, bank_of(feats), grid)
-        syn = synthesize(imgs, 16, seed + 1000)
-        with bb.precision_scope("fp32"):
-            sf = bb.embed([s[0] for s in syn])
-        A = []
-        for i, (_, m, j) in enumerate(syn):
-            others = [feats[q] for q in range(k) if q != j] or feats
-            A.append(dist_grids([t[i:i+1] for t in sf.tokens], bank_of(others), grid))
-        A = torch.cat(A)
-        amask = np.stack([_resize_mask(s[1], 256) for s in syn])
-        vp, vi = [], []
-        for s in range(4):
-            nm, am = to_maps(N[:, s:s+1]), to_maps(A[:, s:s+1])
-            sc = np.r_[img_score(nm), img_score(am)]
-            lab = np.r_[np.zeros(len(nm)), np.ones(len(am))]
-            vi.append(roc_auc_score(lab, sc)); vp.append(average_precision_score(amask.ravel(), am.numpy().ravel()))
-        vp = np.array(vp); vi = np.array(vi)
-        mu = N.mean((0, 2, 3))
-        keep = vp >= 0.5 * vp.max()
-        w_auto = torch.tensor(keep, dtype=torch.float32); w_auto /= w_auto.sum()
-        w_auto_n = torch.tensor(keep, dtype=torch.float32) / mu; w_auto_n /= w_auto_n.sum()
-        w_mid = torch.tensor([0, 1, 1, 0.0]) / 2
-        w_mid_n = torch.tensor([0, 1, 1, 0.0]) / mu; w_mid_n /= w_mid_n.sum()
-        score_v = vp * vi
-        w_soft = torch.tensor(np.where(keep, score_v, 0), dtype=torch.float32); w_soft /= w_soft.sum()
-        res = {}
-        for nm_, w in (("mean4", None), ("mid", w_mid), ("mid_n", w_mid_n), ("auto", w_auto), ("auto_n", w_auto_n), ("soft", w_soft)):
-            res[nm_] = metrics(to_maps(D, w), ds.labels, ds.masks)
-        rec = {"ds": name, "k": k, "seed": seed, "vp": vp.tolist(), "vi": vi.tolist(), "mu": mu.tolist(), "res": res}
-        out.write(json.dumps(rec) + "\n"); out.flush()
-        print(k, seed, "keep", keep.astype(int).tolist(), {a: (round(b["i_auroc"], 3), round(b["p_ap"], 3)) for a, b in res.items()}, f"{time.time()-t0:.0f}s", flush=True)
+                sf = bb.embed([s[0] for s in syn])
+            A = []
+            for i, (_, m, j) in enumerate(syn):
+                others = [feats[q] for q in range(k) if q != j] or feats
+                A.append(dist_grids([t[i:i+1] for t in sf.tokens], bank_of(others), grid))
+            A = torch.cat(A)
+            amask = np.stack([_resize_mask(s[1], 256) for s in syn])
+            vp, vi = [], []
+            for s in range(4):
+                nm, am = to_maps(N[:, s:s+1]), to_maps(A[:, s:s+1])
+                sc = np.r_[img_score(nm), img_score(am)]
+                lab = np.r_[np.zeros(len(nm)), np.ones(len(am))]
+                vi.append(roc_auc_score(lab, sc)); vp.append(average_precision_score(amask.ravel(), am.numpy().ravel()))
+            vp = np.array(vp); vi = np.array(vi)
+            mu = N.mean((0, 2, 3))
+            keep = vp >= 0.5 * vp.max()
+            w_auto = torch.tensor(keep, dtype=torch.float32); w_auto /= w_auto.sum()
+            w_auto_n = torch.tensor(keep, dtype=torch.float32) / mu; w_auto_n /= w_auto_n.sum()
+            w_mid = torch.tensor([0, 1, 1, 0.0]) / 2
+            w_mid_n = torch.tensor([0, 1, 1, 0.0]) / mu; w_mid_n /= w_mid_n.sum()
+            score_v = vp * vi
+            w_soft = torch.tensor(np.where(keep, score_v, 0), dtype=torch.float32); w_soft /= w_soft.sum()
+            res = {}
+            for nm_, w in (("mean4", None), ("mid", w_mid), ("mid_n", w_mid_n), ("auto", w_auto), ("auto_n", w_auto_n), ("soft", w_soft)):
+                res[nm_] = metrics(to_maps(D, w), ds.labels, ds.masks)
+            rec = {"ds": name, "k": k, "seed": seed, "vp": vp.tolist(), "vi": vi.tolist(), "mu": mu.tolist(), "res": res}
+            out.write(json.dumps(rec) + "\n"); out.flush()
+            print(k, seed, "keep", keep.astype(int).tolist(), {a: (round(b["i_auroc"], 3), round(b["p_ap"], 3)) for a, b in res.items()}, f"{time.time()-t0:.0f}s", flush=True)

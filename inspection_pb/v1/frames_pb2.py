@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinspection_pb/v1/frames.proto\x12\rinspection.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x02\n\x05\x46rame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x11\n\tcamera_id\x18\x02 \x01(\t\x12\x12\n\nproduct_id\x18\x03 \x01(\t\x12\x30\n\x0c\x63\x61pture_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12)\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x17.inspection.v1.Encoding\x12\r\n\x05image\x18\x07 \x01(\x0c\x12\r\n\x05width\x18\x08 \x01(\r\x12\x0e\n\x06height\x18\t \x01(\r\x12\x38\n\nattributes\x18\n \x03(\x0b\x32$.inspection.v1.Frame.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*`\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_JPEG\x10\x01\x12\x10\n\x0c\x45NCODING_PNG\x10\x02\x12\x15\n\x11\x45NCODING_RAW_RGB8\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinspection_pb/v1/frames.proto\x12\rinspection.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x02\n\x05\x46rame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x11\n\tcamera_id\x18\x02 \x01(\t\x12\x12\n\nproduct_id\x18\x03 \x01(\t\x12\x30\n\x0c\x63\x61pture_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12)\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x17.inspection.v1.Encoding\x12\r\n\x05image\x18\x07 \x01(\x0c\x12\r\n\x05width\x18\x08 \x01(\r\x12\x0e\n\x06height\x18\t \x01(\r\x12\x38\n\nattributes\x18\n \x03(\x0b\x32$.inspection.v1.Frame.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*`\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_JPEG\x10\x01\x12\x10\n\x0c\x45NCODING_PNG\x10\x02\x12\x15\n\x11\x45NCODING_RAW_RGB8\x10\x03\x42\x8d\x01\n\x1bio.cffinspect.inspection.v1B\x0b\x46ramesProtoP\x01ZDgithub.com/cff-inspect/cff-inspect/gen/go/inspection/v1;inspectionv1\xaa\x02\x18\x43\x66\x66Inspect.Inspection.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inspection_pb.v1.frames_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\033io.cffinspect.inspection.v1B\013FramesProtoP\001ZDgithub.com/cff-inspect/cff-inspect/gen/go/inspection/v1;inspectionv1\252\002\030CffInspect.Inspection.V1'
   _globals['_FRAME_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_FRAME_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_ENCODING']._serialized_start=414

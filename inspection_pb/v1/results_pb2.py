@@ -26,19 +26,28 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from inspection_pb.v1 import common_pb2 as inspection__pb_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1einspection_pb/v1/results.proto\x12\rinspection.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dinspection_pb/v1/common.proto\"\x8c\x04\n\x10InspectionResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x11\n\tcamera_id\x18\x02 \x01(\t\x12\x12\n\nproduct_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x30\n\x0c\x63\x61pture_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bresult_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x06status\x18\x07 \x01(\x0e\x32\x15.inspection.v1.Status\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12$\n\x04head\x18\t \x01(\x0b\x32\x16.inspection.v1.HeadRef\x12\x13\n\x0bimage_score\x18\n \x01(\x02\x12\x18\n\x10normalized_score\x18\x0b \x01(\x02\x12\x17\n\x0fimage_threshold\x18\x0c \x01(\x02\x12\'\n\x07verdict\x18\r \x01(\x0e\x32\x16.inspection.v1.Verdict\x12&\n\x07regions\x18\x0e \x03(\x0b\x32\x15.inspection.v1.Region\x12\x13\n\x0bheatmap_png\x18\x0f \x01(\x0c\x12,\n\x07timings\x18\x10 \x01(\x0b\x32\x1b.inspection.v1.StageTimings\x12\x11\n\tworker_id\x18\x11 \x01(\t\"\xb2\x02\n\x0b\x44\x65\x66\x65\x63tEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\t\x12\x11\n\tcamera_id\x18\x03 \x01(\t\x12\x12\n\nproduct_id\x18\x04 \x01(\t\x12\x30\n\x0c\x63\x61pture_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x04head\x18\x06 \x01(\x0b\x32\x16.inspection.v1.HeadRef\x12\x13\n\x0bimage_score\x18\x07 \x01(\x02\x12\x18\n\x10normalized_score\x18\x08 \x01(\x02\x12&\n\x07regions\x18\t \x03(\x0b\x32\x15.inspection.v1.Region\x12)\n\x08\x65vidence\x18\n \x01(\x0b\x32\x17.inspection.v1.Evidence*k\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSTATUS_OK\x10\x01\x12\x12\n\x0eSTATUS_NO_HEAD\x10\x02\x12\x14\n\x10STATUS_BAD_FRAME\x10\x03\x12\x10\n\x0cSTATUS_STALE\x10\x04*F\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x0e\n\nVERDICT_OK\x10\x01\x12\x12\n\x0eVERDICT_DEFECT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1einspection_pb/v1/results.proto\x12\rinspection.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dinspection_pb/v1/common.proto\"\xa3\x05\n\x10InspectionResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x11\n\tcamera_id\x18\x02 \x01(\t\x12\x12\n\nproduct_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x30\n\x0c\x63\x61pture_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bresult_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x06status\x18\x07 \x01(\x0e\x32\x15.inspection.v1.Status\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12$\n\x04head\x18\t \x01(\x0b\x32\x16.inspection.v1.HeadRef\x12\x13\n\x0bimage_score\x18\n \x01(\x02\x12\x18\n\x10normalized_score\x18\x0b \x01(\x02\x12\x17\n\x0fimage_threshold\x18\x0c \x01(\x02\x12\'\n\x07verdict\x18\r \x01(\x0e\x32\x16.inspection.v1.Verdict\x12&\n\x07regions\x18\x0e \x03(\x0b\x32\x15.inspection.v1.Region\x12\x13\n\x0bheatmap_png\x18\x0f \x01(\x0c\x12,\n\x07timings\x18\x10 \x01(\x0b\x32\x1b.inspection.v1.StageTimings\x12\x11\n\tworker_id\x18\x11 \x01(\t\x12\r\n\x05width\x18\x12 \x01(\r\x12\x0e\n\x06height\x18\x13 \x01(\r\x12\x43\n\nattributes\x18\x14 \x03(\x0b\x32/.inspection.v1.InspectionResult.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa1\x04\n\x0b\x44\x65\x66\x65\x63tEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\t\x12\x11\n\tcamera_id\x18\x03 \x01(\t\x12\x12\n\nproduct_id\x18\x04 \x01(\t\x12\x30\n\x0c\x63\x61pture_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x04head\x18\x06 \x01(\x0b\x32\x16.inspection.v1.HeadRef\x12\x13\n\x0bimage_score\x18\x07 \x01(\x02\x12\x18\n\x10normalized_score\x18\x08 \x01(\x02\x12&\n\x07regions\x18\t \x03(\x0b\x32\x15.inspection.v1.Region\x12)\n\x08\x65vidence\x18\n \x01(\x0b\x32\x17.inspection.v1.Evidence\x12/\n\x0bresult_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05width\x18\x0c \x01(\r\x12\x0e\n\x06height\x18\r \x01(\r\x12>\n\nattributes\x18\x0e \x03(\x0b\x32*.inspection.v1.DefectEvent.AttributesEntry\x12\x11\n\tworker_id\x18\x0f \x01(\t\x12\x17\n\x0fimage_threshold\x18\x10 \x01(\x02\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*k\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSTATUS_OK\x10\x01\x12\x12\n\x0eSTATUS_NO_HEAD\x10\x02\x12\x14\n\x10STATUS_BAD_FRAME\x10\x03\x12\x10\n\x0cSTATUS_STALE\x10\x04*F\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x0e\n\nVERDICT_OK\x10\x01\x12\x12\n\x0eVERDICT_DEFECT\x10\x02\x42\x8e\x01\n\x1bio.cffinspect.inspection.v1B\x0cResultsProtoP\x01ZDgithub.com/cff-inspect/cff-inspect/gen/go/inspection/v1;inspectionv1\xaa\x02\x18\x43\x66\x66Inspect.Inspection.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inspection_pb.v1.results_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_STATUS']._serialized_start=949
-  _globals['_STATUS']._serialized_end=1056
-  _globals['_VERDICT']._serialized_start=1058
-  _globals['_VERDICT']._serialized_end=1128
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\033io.cffinspect.inspection.v1B\014ResultsProtoP\001ZDgithub.com/cff-inspect/cff-inspect/gen/go/inspection/v1;inspectionv1\252\002\030CffInspect.Inspection.V1'
+  _globals['_INSPECTIONRESULT_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_INSPECTIONRESULT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_DEFECTEVENT_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_DEFECTEVENT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_STATUS']._serialized_start=1339
+  _globals['_STATUS']._serialized_end=1446
+  _globals['_VERDICT']._serialized_start=1448
+  _globals['_VERDICT']._serialized_end=1518
   _globals['_INSPECTIONRESULT']._serialized_start=114
-  _globals['_INSPECTIONRESULT']._serialized_end=638
-  _globals['_DEFECTEVENT']._serialized_start=641
-  _globals['_DEFECTEVENT']._serialized_end=947
+  _globals['_INSPECTIONRESULT']._serialized_end=789
+  _globals['_INSPECTIONRESULT_ATTRIBUTESENTRY']._serialized_start=740
+  _globals['_INSPECTIONRESULT_ATTRIBUTESENTRY']._serialized_end=789
+  _globals['_DEFECTEVENT']._serialized_start=792
+  _globals['_DEFECTEVENT']._serialized_end=1337
+  _globals['_DEFECTEVENT_ATTRIBUTESENTRY']._serialized_start=740
+  _globals['_DEFECTEVENT_ATTRIBUTESENTRY']._serialized_end=789
 # @@protoc_insertion_point(module_scope)

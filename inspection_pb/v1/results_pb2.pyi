@@ -34,7 +34,14 @@ VERDICT_OK: Verdict
 VERDICT_DEFECT: Verdict
 
 class InspectionResult(_message.Message):
-    __slots__ = ("frame_id", "camera_id", "product_id", "sequence", "capture_time", "result_time", "status", "reason", "head", "image_score", "normalized_score", "image_threshold", "verdict", "regions", "heatmap_png", "timings", "worker_id")
+    __slots__ = ("frame_id", "camera_id", "product_id", "sequence", "capture_time", "result_time", "status", "reason", "head", "image_score", "normalized_score", "image_threshold", "verdict", "regions", "heatmap_png", "timings", "worker_id", "width", "height", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
     PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +59,9 @@ class InspectionResult(_message.Message):
     HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     frame_id: str
     camera_id: str
     product_id: str
@@ -69,10 +79,20 @@ class InspectionResult(_message.Message):
     heatmap_png: bytes
     timings: _common_pb2.StageTimings
     worker_id: str
-    def __init__(self, frame_id: _Optional[str] = ..., camera_id: _Optional[str] = ..., product_id: _Optional[str] = ..., sequence: _Optional[int] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[Status, str]] = ..., reason: _Optional[str] = ..., head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., image_score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., image_threshold: _Optional[float] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., regions: _Optional[_Iterable[_Union[_common_pb2.Region, _Mapping]]] = ..., heatmap_png: _Optional[bytes] = ..., timings: _Optional[_Union[_common_pb2.StageTimings, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    width: int
+    height: int
+    attributes: _containers.ScalarMap[str, str]
+    def __init__(self, frame_id: _Optional[str] = ..., camera_id: _Optional[str] = ..., product_id: _Optional[str] = ..., sequence: _Optional[int] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[Status, str]] = ..., reason: _Optional[str] = ..., head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., image_score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., image_threshold: _Optional[float] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., regions: _Optional[_Iterable[_Union[_common_pb2.Region, _Mapping]]] = ..., heatmap_png: _Optional[bytes] = ..., timings: _Optional[_Union[_common_pb2.StageTimings, _Mapping]] = ..., worker_id: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DefectEvent(_message.Message):
-    __slots__ = ("event_id", "frame_id", "camera_id", "product_id", "capture_time", "head", "image_score", "normalized_score", "regions", "evidence")
+    __slots__ = ("event_id", "frame_id", "camera_id", "product_id", "capture_time", "head", "image_score", "normalized_score", "regions", "evidence", "result_time", "width", "height", "attributes", "worker_id", "image_threshold")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +103,12 @@ class DefectEvent(_message.Message):
     NORMALIZED_SCORE_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_TIME_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     frame_id: str
     camera_id: str
@@ -93,4 +119,10 @@ class DefectEvent(_message.Message):
     normalized_score: float
     regions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Region]
     evidence: _common_pb2.Evidence
-    def __init__(self, event_id: _Optional[str] = ..., frame_id: _Optional[str] = ..., camera_id: _Optional[str] = ..., product_id: _Optional[str] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., image_score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., regions: _Optional[_Iterable[_Union[_common_pb2.Region, _Mapping]]] = ..., evidence: _Optional[_Union[_common_pb2.Evidence, _Mapping]] = ...) -> None: ...
+    result_time: _timestamp_pb2.Timestamp
+    width: int
+    height: int
+    attributes: _containers.ScalarMap[str, str]
+    worker_id: str
+    image_threshold: float
+    def __init__(self, event_id: _Optional[str] = ..., frame_id: _Optional[str] = ..., camera_id: _Optional[str] = ..., product_id: _Optional[str] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., image_score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., regions: _Optional[_Iterable[_Union[_common_pb2.Region, _Mapping]]] = ..., evidence: _Optional[_Union[_common_pb2.Evidence, _Mapping]] = ..., result_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., worker_id: _Optional[str] = ..., image_threshold: _Optional[float] = ...) -> None: ...

@@ -7,6 +7,7 @@ import uuid
 
 import grpc
 import pytest
+from kafka_support import poll_topic
 
 from calibrator.service import serve
 from calibrator.store import HeadStore
@@ -94,17 +95,8 @@ def test_worker_takes_announced_heads_and_swaps_between_batches(
 def _announcements(kafka: KafkaConfig, timeout: float = 15) -> dict:
     from inspection_pb.v1 import heads_pb2
 
-    c = kafka.consumer(kafka.topic("heads"), group_id=None)
-    out: dict = {}
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not out:
-            for msgs in c.poll(timeout_ms=500).values():
-                for m in msgs:
-                    out[m.key.decode()] = heads_pb2.HeadAnnouncement.FromString(m.value)
-    finally:
-        c.close()
-    return out
+    recs = poll_topic(kafka, "heads", timeout=timeout)
+    return {m.key.decode(): heads_pb2.HeadAnnouncement.FromString(m.value) for m in recs}
 
 
 def test_restarted_calibrator_keeps_heads_and_repopulates_a_fresh_broker(tmp_path, tiny_vit) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import grpc
 import pytest
@@ -66,7 +67,16 @@ def test_fit_download_activate_thresholds(client, refs, tiny_vit) -> None:
 
     progress = list(stub.FitHead(_fit_stream("widget.top", refs)))
     stages = [p.stage for p in progress]
-    assert stages[0] == "receiving" and "stage1" in stages and "stage2" in stages and stages[-1] == "done"
+    assert stages[0] == "receiving" and stages[-1] == "done"
+    # every stage is sent, each with its total and counted up to it (the CLI draws bars and ETAs from these)
+    order = list(dict.fromkeys(stages))
+    stages_in_order = ["receiving", "features", "held-out", "synthesis", "stage1", "stage2", "thresholds"]
+    assert order == [*stages_in_order, "selected", "done"]
+    for stage in order[:-2]:
+        steps = [(p.step, p.total_steps) for p in progress if p.stage == stage]
+        assert steps[-1][0] == steps[-1][1] > 0 and all(t == steps[-1][1] for _, t in steps), (stage, steps)
+    assert [p.step for p in progress if p.stage == "receiving"] == [0, 1, 2, 3]
+    assert [p.total_steps for p in progress if p.stage == "stage1"][-1] == 4
     info = progress[-1].result
     assert info.head.version == 1 and info.active and info.shots == 3 and info.image_threshold > 0
     assert list(info.reference_sha256) == [hashlib.sha256(r).hexdigest() for r in refs]
@@ -234,7 +244,10 @@ def test_cli_fit_and_set_threshold_through_the_service(client, refs, tmp_path, c
     assert rc == 0, capsys.readouterr().err
     out, err = capsys.readouterr()
     assert "gear-v1" in out and "ACTIVE" in out and " knn " in out  # the default head, training-free
-    assert "features" in err and "selected: knn" in err and "stage1" not in err
+    assert "selected: knn" in err and "stage1" not in err
+    # stderr is not a terminal here: plain progress lines with the count, percentage, elapsed time and ETA
+    assert re.search(r"^features 3/3 100% elapsed \d+:\d\d ETA 0:00$", err, re.M), err
+    assert re.search(r"^held-out \d+/\d+ 100% elapsed", err, re.M), err
     assert store.info("gear")["shots"] == len(refs)
     assert len(store.info("gear")["reference_sha256"]) == len(refs)
     assert main(["heads", "set-threshold", "--calibrator", addr, "--product", "gear", "--image-threshold", "0.25"]) == 0

@@ -25,7 +25,10 @@ def folder(tmp_path_factory: pytest.TempPathFactory):
 
 def test_two_folder_cameras_publish_every_frame(folder, start_broker) -> None:
     kafka = start_broker(partitions=2)
-    cams = [CameraConfig(id=c, product="demo", source=str(folder), fps=50, resize=(64, 48)) for c in ("a", "b")]
+    cams = [
+        CameraConfig(id=c, product="demo", source=str(folder), fps=50, resize=(64, 48), attributes={"line": f"L-{c}"})
+        for c in ("a", "b")
+    ]
     ing = Ingest(kafka, cams, max_frames=5).start()
     ing.join(60)
     assert sum(ing.stats.published.values()) == 10 and not ing.stats.dropped
@@ -43,6 +46,10 @@ def test_two_folder_cameras_publish_every_frame(folder, start_broker) -> None:
     assert f.product_id == "demo" and f.encoding == frames_pb2.ENCODING_JPEG and (f.width, f.height) == (64, 48)
     assert Image.open(io.BytesIO(f.image)).size == (64, 48)
     assert len({x.frame_id for x in frames}) == 10
+    assert all(dict(x.attributes) == {"line": f"L-{x.camera_id}"} for x in frames)
+    # every record names what it holds, so a consumer in any language can check before it parses
+    want = b"application/x-protobuf; messageType=inspection.v1.Frame"
+    assert {dict(m.headers)["content-type"] for m in got} == {want}
 
 
 def test_unreachable_broker_keeps_memory_bounded_and_counts_drops(folder) -> None:
@@ -92,3 +99,30 @@ def test_camera_list_validation(tmp_path) -> None:
     p.write_text('[[camera]]\nid = "c1"\nproduct = "x"\nsource = "0"\ncolour = "red"\n')
     with pytest.raises(ConfigError, match="colour"):
         load_cameras(p)
+
+
+def test_camera_attributes_from_the_list_the_flag_and_every_camera(tmp_path) -> None:
+    from ingest.cameras import parse_attribute, parse_camera, with_attributes
+
+    p = tmp_path / "cams.toml"
+    p.write_text('[[camera]]\nid = "c1"\nproduct = "x"\nsource = "0"\nattributes = { line = "L3", station = "7" }\n')
+    (c,) = load_cameras(p)
+    assert c.attributes == {"line": "L3", "station": "7"}
+    c2 = parse_camera("c2=x@0,fps=2,attr.line=L4,attr.shift=night")
+    assert c2.attributes == {"line": "L4", "shift": "night"}
+    both = with_attributes([c, c2], dict([parse_attribute("plant=P1"), parse_attribute("line=default")]))
+    assert both[0].attributes == {"plant": "P1", "line": "L3", "station": "7"}  # the camera's own value wins
+    assert both[1].attributes["plant"] == "P1" and both[1].attributes["line"] == "L4"
+    for bad, match in (
+        ('attributes = { line = 3 }', "attribute line must be a string"),
+        ('attributes = { "bad key" = "v" }', "attribute name 'bad key'"),
+        ('attributes = "line=L1"', "attributes must be a table"),
+        ('attributes = { line = "' + "v" * 300 + '" }', "at most 256"),
+    ):
+        p.write_text(f'[[camera]]\nid = "c1"\nproduct = "x"\nsource = "0"\n{bad}\n')
+        with pytest.raises(ConfigError, match=match):
+            load_cameras(p)
+    with pytest.raises(ConfigError, match="--attribute expects KEY=VALUE"):
+        parse_attribute("line")
+    with pytest.raises(ConfigError, match="loop=.maybe. is not a boolean"):
+        parse_camera("c3=x@0,loop=maybe")

@@ -15,7 +15,7 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
     fresh = {p.relative_to(tmp_path): p.read_bytes() for p in generate(tmp_path)}
     committed = {
         p.relative_to(ROOT): p.read_bytes()
-        for p in (ROOT / "inspection_pb").rglob("*.py*")
+        for p in [*(ROOT / "inspection_pb").rglob("*.py*"), *(ROOT / "inspection_pb").rglob("*.binpb")]
         if "__pycache__" not in p.parts
     }
     assert set(fresh) == set(committed), "run: python proto/generate.py"

@@ -374,3 +374,27 @@ def test_fit_with_base_head_reuses_projections(fitted_heads, tiny_vit, fit_optio
     kept = fit_head(tiny_vit, new_refs, base_head=base, options=replace(fit_options, steps_stage2=0))
     for a, b in zip(kept.calib_w, base.calib_w, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_tap_with_zero_weight_is_not_searched_and_the_map_is_unchanged(tiny_vit, make_refs, monkeypatch) -> None:
+    """The default knn head drops the first and last taps; skipping their bank search must not move a score."""
+    refs = make_refs(2)
+    feats = tiny_vit.embed(refs)
+    head = knn_head(tiny_vit, feats).with_options(tap_weights=(0.0, 1.0, 1.0, 0.0), smooth_sigma=0.0)
+    query = tiny_vit.embed(make_refs(2, seed=5))
+    calls = []
+    import scorer.head as head_mod
+
+    real = head_mod.nn_distance
+
+    def counting(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(head_mod, "nn_distance", counting)
+    fast = head.score_tokens(query)
+    n_fast = len(calls)
+    full = head.score_tokens(query, per_stage=True)  # every tap searched
+    assert n_fast == 2 and len(calls) == 2 + 4
+    torch.testing.assert_close(fast.maps, full.maps)
+    torch.testing.assert_close(fast.image_scores, full.image_scores)

@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 import pytest
+from kafka_support import poll_topic
 
 from calibrator.client import CalibratorClient
 from calibrator.service import serve
@@ -30,19 +31,13 @@ pytestmark = pytest.mark.integration
 
 def _ok_results(kafka: KafkaConfig, worker_id: str | None, timeout: float) -> list:
     """OK results (of ``worker_id`` if given) seen on the results topic within ``timeout``."""
-    c = kafka.consumer(kafka.topic("results"), group_id=None)
-    got: list = []
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not got:
-            for msgs in c.poll(timeout_ms=500).values():
-                for m in msgs:
-                    r = results_pb2.InspectionResult.FromString(m.value)
-                    if r.status == results_pb2.STATUS_OK and (worker_id is None or r.worker_id == worker_id):
-                        got.append(r)
-    finally:
-        c.close()
-    return got
+
+    def ok(m) -> bool:  # noqa: ANN001
+        r = results_pb2.InspectionResult.FromString(m.value)
+        return r.status == results_pb2.STATUS_OK and (worker_id is None or r.worker_id == worker_id)
+
+    recs = poll_topic(kafka, "results", keep=ok, timeout=timeout)
+    return [results_pb2.InspectionResult.FromString(m.value) for m in recs]
 
 
 def _metrics_url(proc, timeout: float = 60) -> str:  # noqa: ANN001

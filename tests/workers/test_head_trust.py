@@ -4,12 +4,12 @@ replayed record or a crafted head id — on the real broker and real gRPC calibr
 from __future__ import annotations
 
 import tempfile
-import time
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
+from kafka_support import poll_topic
 
 from calibrator.client import CalibratorClient
 from calibrator.security import ClientSecurity, ServerSecurity
@@ -41,16 +41,7 @@ class Recorder(grpc.ServerInterceptor):
 
 
 def _records(kafka, timeout: float = 10) -> list:  # noqa: ANN001
-    c = kafka.consumer(kafka.topic("heads"), group_id=None)
-    out: list = []
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not out:
-            for msgs in c.poll(timeout_ms=500).values():
-                out.extend(msgs)
-    finally:
-        c.close()
-    return out
+    return poll_topic(kafka, "heads", timeout=timeout)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kafka_support import poll_topic
 from PIL import Image
 
 from inspection_core.kafka import KafkaConfig
@@ -70,16 +71,7 @@ def _worker_options(head: Path, worker_id: str) -> list[str]:
 
 
 def _collect(cfg: KafkaConfig, topic: str, want: int, timeout: float) -> list:
-    c = cfg.consumer(cfg.topic(topic), group_id=None, consumer_timeout_ms=1000)
-    out: list = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and len(out) < want:
-            for msgs in c.poll(timeout_ms=500).values():
-                out.extend(msgs)
-    finally:
-        c.close()
-    return out
+    return poll_topic(cfg, topic, until=lambda got: len(got) >= want, timeout=timeout)
 
 
 def test_every_frame_gets_one_result_and_bad_ones_are_dead_lettered(
