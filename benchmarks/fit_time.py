@@ -1,6 +1,7 @@
 """K-shot fit wall time of one checkout (issue 12), so two checkouts can be timed back to back in one run.
 
-python benchmarks/fit_time.py REPO METHOD K REPEATS   (kolektor_sdd references, seed 0; prints one JSON line)
+python benchmarks/fit_time.py REPO METHOD K REPEATS [NAME=VALUE ...]   (fit options, e.g. support_views=rot+flip;
+kolektor_sdd references, seed 0; prints one JSON line)
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import time
 from pathlib import Path
 
 
-def main(repo: str, method: str, k: int, reps: int) -> dict:
+def main(repo: str, method: str, k: int, reps: int, options: dict[str, str] | None = None) -> dict:
     sys.path.insert(0, repo)  # the checkout to time, old or new
     torch = importlib.import_module("torch")
     torch.set_num_threads(2)
     load_backbone = importlib.import_module("scorer.backbones").load_backbone
     auto_precision = importlib.import_module("scorer.backbones.base").auto_precision
     data = importlib.import_module("scorer.data")
-    fit_head = importlib.import_module("scorer.fit").fit_head
+    fit = importlib.import_module("scorer.fit")
+    fit_head = fit.fit_head
+    opts = fit.FitOptions().with_strings(options)[0] if options else None
     load_image = importlib.import_module("scorer.images").load_image
 
     bb = load_backbone("dinov2-vits14")
@@ -30,10 +33,11 @@ def main(repo: str, method: str, k: int, reps: int) -> dict:
     seconds, head = [], None
     for _ in range(reps):
         t = time.perf_counter()
-        head = fit_head(bb, refs, method=method)
+        head = fit_head(bb, refs, method=method, **({"options": opts} if opts is not None else {}))
         seconds.append(time.perf_counter() - t)
-    return {"repo": repo, "method": method, "chosen": head.method, "k": k, "seconds": seconds}
+    return {"repo": repo, "method": method, "options": options or {}, "chosen": head.method, "k": k, "seconds": seconds}
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    extra = dict(a.split("=", 1) for a in sys.argv[5:])
+    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), extra)))

@@ -90,12 +90,18 @@ VARIANTS: dict[str, dict[str, str]] = {
 
 
 def default_head_factory(
-    base_head: Head | None = None, fit_options: object | None = None, progress: Progress = no_progress
+    base_head: Head | None = None,
+    fit_options: object | None = None,
+    progress: Progress = no_progress,
+    methods: Sequence[str] | None = None,
 ) -> HeadFactory:
     """Build heads per method; one fit serves every method for the same references.
 
+    ``methods``: the evaluation's methods (default all), so a knn-only evaluation trains no calibrated head.
     ``progress`` gets each fit's own stages (``held-out``, ``stage1``, ...; see :func:`scorer.fit.fit_head`).
     """
+    asked = set(EVAL_METHODS if methods is None else methods)
+    learned = tuple(m for m in ("aprilgan", "cff") if m in asked or (m == "cff" and "cff-unguarded" in asked))
     cache: dict[tuple, dict[str, Head]] = {}
 
     def make(method: str, backbone: Backbone, images: list[np.ndarray], feats: BackboneOutput, seed: int) -> Head:
@@ -112,7 +118,8 @@ def default_head_factory(
         key = (seed, tuple(hashlib.sha256(im.tobytes()).hexdigest() for im in images))
         if key not in cache:
             cache.clear()
-            wanted = ("aprilgan", "cff") if base_head is not None else ("knn", "aprilgan", "cff")
+            # knn also as the cff guard's reference; it needs no base head
+            wanted = learned + (("knn",) if base_head is None and ("knn" in asked or "cff" in learned) else ())
             heads = fit_heads_from_features(
                 backbone,
                 images,
@@ -123,9 +130,10 @@ def default_head_factory(
                 methods=wanted,
                 progress=progress,
             )
-            heads["cff-unguarded"] = heads["cff"]
-            if "knn" in heads:
-                heads["cff"] = guard(heads["cff"], heads["knn"])
+            if "cff" in heads:
+                heads["cff-unguarded"] = heads["cff"]
+                if "knn" in heads:
+                    heads["cff"] = guard(heads["cff"], heads["knn"])
             cache[key] = heads
         if method not in cache[key]:
             raise ConfigError(f"method {method} is not available with a base head")
@@ -322,7 +330,7 @@ def run_eval(
 
     fo = fit_options if isinstance(fit_options, FitOptions) else FitOptions()
     fit_options = replace(fo, score=replace(fo.score, letterbox=cfg.score.letterbox))
-    factory = factory or default_head_factory(base_head, fit_options, progress)
+    factory = factory or default_head_factory(base_head, fit_options, progress, cfg.methods)
     t0 = time.perf_counter()
     records: list[dict] = []
     runs = Counter(progress, "runs", len(cats) * len(cfg.methods) * len(cfg.shots) * len(cfg.seeds))

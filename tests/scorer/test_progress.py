@@ -33,9 +33,10 @@ def test_fit_reports_every_stage_with_its_total(tiny_vit, make_refs) -> None:
     fit_head(tiny_vit, refs, options=opts, method="cff", progress=events.append)
     st = _by_stage(events)
     order = list(dict.fromkeys(e.stage for e in events))
-    assert order == ["features", "held-out", "synthesis", "stage1", "stage2", "thresholds"], order
+    assert order == ["features", "held-out", "views", "synthesis", "stage1", "stage2", "thresholds"], order
     _counts_up_to_total(st["features"], 3)  # the K references
     _counts_up_to_total(st["held-out"], 4)  # K >= 2: leave-one-out normals, plus n_validation anomalies
+    _counts_up_to_total(st["views"], 3 * 5)  # the guard's knn bank: 2 flips + 3 quarter turns of each reference
     _counts_up_to_total(st["synthesis"], 4)
     _counts_up_to_total(st["stage1"], 5)
     _counts_up_to_total(st["stage2"], 3)

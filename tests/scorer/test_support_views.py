@@ -11,7 +11,7 @@ from inspection_core.errors import ConfigError
 from scorer.artifact import load_head, save_head
 from scorer.fit import FitOptions, _bank_without, fit_head, support_views, views_for
 
-OPTS = FitOptions(n_validation=4, guard=False)
+OPTS = FitOptions(n_validation=4, guard=False, support_views="none")
 
 
 def test_views_are_the_flips_and_quarter_turns_after_the_square_resize(make_refs) -> None:
@@ -21,7 +21,7 @@ def test_views_are_the_flips_and_quarter_turns_after_the_square_resize(make_refs
     np.testing.assert_array_equal(v[2], np.rot90(v[4], 2))  # a quarter turn and three quarters: a half turn apart
     assert [x.shape for x in support_views(img, "rot", 56, letterbox=True)] == [(72, 40, 3), (40, 72, 3), (72, 40, 3)]
     assert support_views(img, "none", 56, letterbox=False) == []
-    assert views_for("auto", 1) == views_for("auto", 2) == "rot+flip" and views_for("auto", 4) == "none"
+    assert views_for("auto", 1) == views_for("auto", 4) == "rot+flip" and views_for("auto", 5) == "none"
 
 
 def test_a_turned_part_is_normal_only_with_turned_views_in_the_bank(tiny_vit, make_refs) -> None:
@@ -54,3 +54,11 @@ def test_bad_support_views_name_the_choices() -> None:
         FitOptions(support_views="mirror")
     opts, _ = FitOptions().with_strings({"support_views": "flip"})
     assert opts.support_views == "flip"
+
+
+def test_the_default_adds_views_up_to_four_references(tiny_vit, make_refs) -> None:
+    refs = make_refs(5)
+    four = fit_head(tiny_vit, refs[:4], options=FitOptions(n_validation=4), method="knn")
+    five = fit_head(tiny_vit, refs, options=FitOptions(n_validation=4), method="knn")
+    assert four.meta["support_views"] == "rot+flip" and four.meta["bank_images"] == 4 * 6
+    assert five.meta["support_views"] == "none" and five.meta["bank_images"] == 5  # the bank never exceeds 24
