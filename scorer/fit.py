@@ -39,7 +39,7 @@ from PIL import Image
 from inspection_core.errors import ConfigError, HeadError, ImageError, cut, quoted
 from inspection_core.names import METHODS
 from scorer.backbones.base import Backbone, BackboneOutput, letterbox_box
-from scorer.head import BANK_FEATURES, Head, ScoreOptions, build_bank, check_compatible, image_score
+from scorer.head import BANK_FEATURES, Head, ScoreOptions, build_bank, check_compatible, image_score, search_dtype
 from scorer.losses import alignment_loss, dice_loss, focal_loss, two_channel_probs
 from scorer.metrics import image_metrics
 from scorer.progress import Counter, Progress, ProgressEvent, no_progress, report_every
@@ -453,7 +453,14 @@ def _bank_without(head: Head, ref_feats: BackboneOutput, j: int | None) -> Head:
     if j is None:
         return head
     k = int(head.meta.get("bank_sources", len(ref_feats)))
-    keep = [i for i in range(len(ref_feats)) if i % k != j]
+    n_img = len(ref_feats)
+    keep = [i for i in range(n_img) if i % k != j]
+    n_tok = ref_feats.tokens[0].shape[1]
+    if all(b.shape[0] == n_img * n_tok for b in head.bank):
+        # the bank holds ref_feats' images in order, n_tok rows each: drop rows, nothing to recompute
+        rows = torch.zeros(n_img, n_tok, dtype=torch.bool)
+        rows[keep] = True
+        return replace(head, bank=[b[rows.flatten()] for b in head.bank])
     sub = [t[keep] for t in ref_feats.tokens]
     return replace(head, bank=bank_for(head, sub) if head.bank_features != "raw" else build_bank(sub))
 
@@ -466,7 +473,12 @@ def held_out_scores(
     *,
     per_stage: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Scores, maps (and stage maps) of ``queries``, each against the bank without its source reference."""
+    """Scores, maps (and stage maps) of ``queries``, each against the bank without its source reference.
+
+    The bank is searched in the dtype a worker on this machine would use (``search_dtype``), so thresholds
+    are set on the scores production sees.
+    """
+    head = head.with_options(bank_dtype=search_dtype(head))
     n = len(queries)
     scores = np.zeros(n, np.float32)
     maps = np.zeros((n, head.options.map_size, head.options.map_size), np.float32)
@@ -846,14 +858,17 @@ def calibrate_thresholds(
     image_t = max(float(n_scores.max()), mu + z * sd)
     normal_q = float(np.quantile(n_maps.astype(np.float32), 1 - opts.pixel_far))
     flat, lab = a_maps.ravel(), held.masks.ravel()
-    qs = np.quantile(flat, np.linspace(0.5, 0.9995, 120))
-    best_f1, best_t = -1.0, normal_q
-    for t in qs:
-        pred = flat >= t
-        tp = float((pred & lab).sum())
-        f1 = 2 * tp / max(1.0, float(pred.sum()) + float(lab.sum()))
-        if f1 > best_f1:
-            best_f1, best_t = f1, float(t)
+    # F1 at each candidate from one sort: pixels >= t are the tail of the sorted values from t's left index
+    order = np.argsort(flat, kind="stable")
+    sorted_vals = flat[order]
+    lab_before = np.r_[0, np.cumsum(lab[order], dtype=np.int64)]  # positives among the i smallest
+    qs = np.quantile(sorted_vals, np.linspace(0.5, 0.9995, 120))
+    left = np.searchsorted(sorted_vals, qs, side="left")
+    n_pos = float(lab_before[-1])
+    tps = n_pos - lab_before[left]
+    f1s = 2 * tps / np.maximum(1.0, (flat.size - left) + n_pos)
+    best = int(np.argmax(f1s))  # the first of equal F1s, as a scan from the lowest candidate keeps
+    best_f1, best_t = float(f1s[best]), float(qs[best])
     pixel_t = max(normal_q, best_t)
     pred = flat >= pixel_t
     tp = float((pred & lab).sum())
@@ -865,6 +880,7 @@ def calibrate_thresholds(
         "synthetic_pixel_f1_at_threshold": 2 * tp / max(1.0, float(pred.sum()) + float(lab.sum())),
         "synthetic_pixel_f1_best": best_f1,
         "normal_false_alarm_rate": float((n_scores >= image_t).mean()),
+        "search_dtype": search_dtype(head),
         "held_out_quality": _ranking(n_scores, a_scores, a_maps, held.masks),
     }
     out = head.with_thresholds(image=image_t, pixel=pixel_t)

@@ -292,6 +292,19 @@ def check_compatible(head: Head, backbone: Backbone) -> None:
         raise HeadError("head was built for " + "; ".join(problems))
 
 
+def search_dtype(head: Head) -> str:
+    """The bank-search dtype a head gets where nobody chose one: bfloat16 where its backbone scores in bf16.
+
+    A backbone at bf16 (a GPU, or a CPU with bf16 units) already hands the search bf16 tokens, and bf16
+    products are ~3x faster there (BENCHMARKS.md's tables were measured so); elsewhere the head's own
+    (float32 unless it was saved otherwise). The fit sets thresholds with the dtype this gives on its machine.
+    """
+    bb = head.backbone
+    if bb is not None and (bb.device.type == "cuda" or bb.precision == "bf16"):
+        return "bfloat16"
+    return head.options.bank_dtype
+
+
 def nn_distance(query: torch.Tensor, bank: torch.Tensor, *, chunk: int = 4096, dtype: str = "float32") -> torch.Tensor:
     """``1 - max cosine`` of every query token to the bank: (B, N, D) x (M, D) -> (B, N).
 

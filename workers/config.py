@@ -37,8 +37,9 @@ class WorkerConfig:
     # JPEG decode with torchvision on the scoring device: "auto" = when the head's backbone is on a GPU
     # (decode and resize then never leave it), "always" (also on the CPU), "never" (PIL).
     device_decode: str = "auto"
-    # Memory-bank search dtype: "auto" = bfloat16 when the head's backbone is on a GPU (scores within ~0.2 %
-    # of fp32, see BENCHMARKS.md), otherwise what the head was saved with.
+    # Memory-bank search dtype: "auto" = bfloat16 when the head's backbone scores in bf16 (a GPU, or a CPU
+    # with bf16 units: scores within ~0.2 % of fp32, ~3x faster search, see BENCHMARKS.md), otherwise what
+    # the head was saved with (scorer.head.search_dtype).
     bank_dtype: str = "auto"
     publish_timeout_s: float = 30.0  # how long a batch's results may wait for the broker's acknowledgement
     # A dead letter keeps at most this much of the bad record: far below any broker's message limit, and

@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bank-dtype",
         BANK_DTYPES,
         "auto",
-        "memory-bank search dtype (auto: bfloat16 on a GPU, the head's own on the CPU)",
+        "memory-bank search dtype (auto: bfloat16 where the backbone scores in bf16, i.e. a GPU or a CPU with "
+        "bf16 units; else the head's own)",
     )
     p.add_argument(
         "--calibrator-address",

@@ -27,6 +27,7 @@ from inspection_core.names import DeadLetterReason
 from inspection_core.wire import CONTENT_TYPE, content_type, encode, header
 from inspection_pb.v1 import frames_pb2, results_pb2
 from monitoring import metrics
+from scorer.head import search_dtype
 from workers.codec import (
     BadFrame,
     DeadLetter,
@@ -107,9 +108,8 @@ class Worker:
 
     def _prepared(self, active: ActiveHead) -> ActiveHead:
         want = self.cfg.bank_dtype
-        bb = active.head.backbone
         if want == "auto":
-            want = "bfloat16" if bb is not None and bb.device.type == "cuda" else active.head.options.bank_dtype
+            want = search_dtype(active.head)
         if want == active.head.options.bank_dtype:
             return active
         return ActiveHead(active.head.with_options(bank_dtype=want), active.ref)
