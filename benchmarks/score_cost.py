@@ -1,6 +1,8 @@
 """Per-frame CPU cost of a K-shot knn head against the size of its bank (issue 12: support views).
 
-python benchmarks/score_cost.py [K] [N_IMAGES]   (kolektor_sdd references seed 0, the first N test images;
+python benchmarks/score_cost.py [K] [N_IMAGES] [BANK_DTYPE]   (kolektor_sdd references seed 0, the first N test
+images; BANK_DTYPE float32 (default: the exact search) or bfloat16 (what a worker's ``--bank-dtype auto`` picks
+where the backbone scores in bf16);
 one JSON line per support-views setting: the bank's image count, full score seconds per image, and the
 search-and-maps part alone: the same call on precomputed tokens)
 """
@@ -23,7 +25,7 @@ from scorer.images import load_image
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "kolektor_sdd"
 
 
-def main(k: int = 4, n: int = 8) -> None:
+def main(k: int = 4, n: int = 8, bank_dtype: str = "float32") -> None:
     torch.set_num_threads(2)
     bb = load_backbone("dinov2-vits14")
     bb.set_precision(auto_precision("cpu"))
@@ -34,6 +36,7 @@ def main(k: int = 4, n: int = 8) -> None:
         tokens = bb.embed(test)
     for views in ("none", "flip", "rot+flip"):
         head = fit_head(bb, refs, method="knn", options=FitOptions().with_strings({"support_views": views})[0])
+        head = head.with_options(bank_dtype=bank_dtype)
         head.score(test[:2])  # warm-up: bank on the device, first search
         full, search = [], []
         for _ in range(2):
@@ -49,6 +52,7 @@ def main(k: int = 4, n: int = 8) -> None:
                 {
                     "k": k,
                     "support_views": views,
+                    "bank_dtype": bank_dtype,
                     "bank_images": head.meta["bank_images"],
                     "score_s_per_image": full,
                     "search_and_maps_s_per_image": search,
@@ -59,4 +63,4 @@ def main(k: int = 4, n: int = 8) -> None:
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))
+    main(*(int(a) for a in sys.argv[1:3]), *sys.argv[3:4])

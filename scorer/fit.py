@@ -478,7 +478,8 @@ def held_out_scores(
     The bank is searched in the dtype a worker on this machine would use (``search_dtype``), so thresholds
     are set on the scores production sees.
     """
-    head = head.with_options(bank_dtype=search_dtype(head))
+    if (dtype := search_dtype(head)) != head.options.bank_dtype:
+        head = head.with_options(bank_dtype=dtype)  # a copy only where it differs: the head's device cache stays
     n = len(queries)
     scores = np.zeros(n, np.float32)
     maps = np.zeros((n, head.options.map_size, head.options.map_size), np.float32)
