@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from inspection_core.errors import ConfigError
-from inspection_core.kafka import KafkaConfig, add_kafka_args, kafka_from, quiet_kafka
+from inspection_core.kafka import KafkaConfig, LostLogRewind, add_kafka_args, kafka_from, quiet_kafka
 from inspection_core.wire import CONTENT_TYPE, WireError, decode, header, parse_content_type
 from inspection_pb.v1 import frames_pb2, heads_pb2, results_pb2
 
@@ -125,9 +125,11 @@ def tail(kafka: KafkaConfig, args: argparse.Namespace, out: TextIO = sys.stdout)
     )
     printed = 0
     last = time.monotonic()
+    rewind = LostLogRewind("tail")
     try:
         while args.max_messages is None or printed < args.max_messages:
             polled = consumer.poll(timeout_ms=500)
+            rewind.check(consumer)
             if not polled:
                 if args.idle_timeout is not None and time.monotonic() - last > args.idle_timeout:
                     break

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -175,6 +176,7 @@ class KafkaConfig:
         from kafka import KafkaProducer
 
         kw = dict(
+            allow_auto_create_topics=False,  # see consumer()
             acks="all",
             enable_idempotence=True,
             linger_ms=2,
@@ -192,12 +194,22 @@ class KafkaConfig:
         from kafka import KafkaConsumer
 
         kw = dict(
+            # A topic is made by ensure_topics with its partitions, retention and compaction, so clients ask for
+            # no auto-creation. Tansu auto-creates on any metadata request all the same (4 partitions): after a
+            # memory-storage broker restart the frames topic may come back with more partitions than before,
+            # so metadata is refreshed every 10 s (not 5 min) and the group rebalances onto them soon.
+            allow_auto_create_topics=False,
+            metadata_max_age_ms=10000,
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=6000,
             heartbeat_interval_ms=1000,
-            max_poll_interval_ms=300000,
+            # Also the rebalance timeout: how long the coordinator waits for every member to rejoin. Members of
+            # rejoins that failed while a restarted embedded broker came up never rejoin; with 300 s the group
+            # handed them 3 of the 4 partitions (or stalled) for 5 minutes. A worker polls between batches,
+            # seconds apart; one that could not poll for 30 s (publishing to a broker that is down) rejoins.
+            max_poll_interval_ms=30000,
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=32 * 1024 * 1024,
         )
@@ -284,6 +296,58 @@ class Reconnector:
             log.info("%s: publishing again after %d failed attempts", self.who, self.failures)
         self.failures = 0
         self.error = None
+
+
+class LostLogRewind:
+    """Rewinds partitions whose position is past the log end: the broker lost its log and counts from 0 again.
+
+    A restarted embedded broker (memory storage), or a cluster after an unclean leader election, starts a
+    partition's offsets again below where a consumer stood. Kafka answers such a fetch with OFFSET_OUT_OF_RANGE
+    and the client resets; Tansu answers with an empty batch, so without this the consumer would wait, silently,
+    until the new log grew past its old position (a worker 200 frames in stops scoring for 50 s at 4 fps).
+    Positions only move to offsets below a fetched high-water mark, so ``position > highwater`` cannot happen
+    otherwise; it must hold for ``settle_s`` (several fetches, each refreshing the high-water mark) with the
+    position unchanged before the partition is rewound to its beginning, where the new log's first record is.
+    Call :meth:`check` after every poll; it reads only the consumer's local state.
+    """
+
+    def __init__(self, who: str, settle_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.who = who
+        self.settle_s = settle_s
+        self.clock = clock
+        self._suspect: dict[object, tuple[int, float]] = {}  # partition -> (position, first seen past the end)
+        self.rewinds = 0
+
+    def check(self, consumer) -> list:  # noqa: ANN001 - a kafka-python KafkaConsumer
+        """Rewind what has stayed past the end for ``settle_s``; returns the partitions rewound."""
+        now = self.clock()
+        due, seen = [], {}
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            if hw is None:
+                continue
+            try:
+                pos = consumer.position(tp, timeout_ms=1000)
+            except Exception:  # noqa: BLE001 - mid-rebalance or reconnecting: look again next time
+                continue
+            if pos is None or pos <= hw:
+                continue
+            first = self._suspect.get(tp)
+            since = first[1] if first is not None and first[0] == pos else now
+            seen[tp] = (pos, since)
+            if now - since >= self.settle_s:
+                due.append((tp, pos, hw))
+        self._suspect = {tp: v for tp, v in seen.items() if tp not in {d[0] for d in due}}
+        if not due:
+            return []
+        log.warning(
+            "%s: %s past the end of the log (the broker lost its data); reading them again from their beginning",
+            self.who,
+            ", ".join(f"{tp.topic}[{tp.partition}] at {pos} > end {hw}" for tp, pos, hw in due),
+        )
+        consumer.seek_to_beginning(*(d[0] for d in due))
+        self.rewinds += len(due)
+        return [d[0] for d in due]
 
 
 def ensure_topics(cfg: KafkaConfig) -> list[str]:

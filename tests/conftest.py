@@ -8,6 +8,7 @@ variants with ``dataclasses.replace`` / ``Head.with_thresholds`` instead.
 
 from __future__ import annotations
 
+import logging
 import signal
 import struct
 import subprocess
@@ -27,6 +28,19 @@ from inspection_core.kafka import KafkaConfig, ensure_topics
 from scorer.backbones import Backbone, load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """A CLI run in-process (``inspection_core.logs.configure``) replaces the root handlers with one on this test's
+    captured stderr, which pytest closes afterwards: later tests would log "I/O operation on closed file"."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for h in list(root.handlers):  # pytest's own capture handlers are subclasses: it manages those itself
+        if h not in before and type(h) is logging.StreamHandler:
+            root.removeHandler(h)
+    root.setLevel(level)
 
 
 def _write_image(path: Path, rng: np.random.Generator, size_hw: tuple[int, int]) -> None:

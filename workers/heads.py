@@ -23,7 +23,7 @@ from calibrator.client import CalibratorClient, CalibratorError
 from calibrator.security import ClientSecurity
 from inspection_core.errors import ConfigError, HeadError, InspectionError
 from inspection_core.ids import check_product_id, head_id
-from inspection_core.kafka import KafkaConfig
+from inspection_core.kafka import KafkaConfig, LostLogRewind
 from inspection_core.trust import HeadTrust, TrustError
 from inspection_pb.v1 import heads_pb2
 from monitoring import metrics
@@ -154,9 +154,12 @@ class HeadFollower(threading.Thread):
 
     def run(self) -> None:
         c = self.kafka.consumer(self.kafka.topic("heads"), group_id=None)
+        rewind = LostLogRewind(f"head follower of worker {self.worker.cfg.worker_id}")
         try:
             while not self.stop.is_set():
-                for msgs in c.poll(timeout_ms=500).values():
+                polled = c.poll(timeout_ms=500)
+                rewind.check(c)
+                for msgs in polled.values():
                     for m in msgs:
                         try:
                             self.receive(m.key, m.value, m.headers)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from inspection_core.errors import KafkaError
-from inspection_core.kafka import KafkaConfig, Reconnector
+from inspection_core.kafka import KafkaConfig, LostLogRewind, Reconnector
 from inspection_core.names import DeadLetterReason
 from inspection_core.wire import CONTENT_TYPE, content_type, encode, header
 from inspection_pb.v1 import frames_pb2, results_pb2
@@ -76,6 +76,21 @@ class Outputs(NamedTuple):
     dead_letters: list[DeadLetter]
 
 
+def _assignment_log(worker_id: str):  # noqa: ANN202 - a kafka-python ConsumerRebalanceListener
+    """Logs each rebalance's outcome: which frames partitions this worker reads is what an operator asks first."""
+    from kafka import ConsumerRebalanceListener
+
+    class AssignmentLog(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked) -> None:  # noqa: ANN001 - a set of TopicPartition
+            pass
+
+        def on_partitions_assigned(self, assigned) -> None:  # noqa: ANN001
+            parts = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "no partition"
+            log.info("worker %s now reads %s", worker_id, parts)
+
+    return AssignmentLog()
+
+
 class Worker:
     def __init__(self, kafka: KafkaConfig, cfg: WorkerConfig, heads: dict[str, ActiveHead] | None = None) -> None:
         self.kafka = kafka
@@ -92,6 +107,7 @@ class Worker:
         self.last_poll_ok: float | None = None  # monotonic time of the last poll that reached the broker
         self._reconnector = Reconnector(kafka, f"worker {cfg.worker_id}", self.stop_event, metrics.PUBLISH_FAILURES.inc)
         self._lag_t = 0.0
+        self._rewind = LostLogRewind(f"worker {cfg.worker_id}")
         self._lag_partitions: set[int] = set()
         metrics.init_zero_series(worker=True)
         for product, active in self.heads.items():
@@ -362,6 +378,11 @@ class Worker:
                 pass
         self._lag_partitions = current
 
+    def _new_consumer(self):  # noqa: ANN202 - a kafka-python KafkaConsumer
+        c = self.kafka.consumer(group_id=self.cfg.group_id)
+        c.subscribe([self.kafka.topics["frames"]], listener=_assignment_log(self.cfg.worker_id))
+        return c
+
     def _commit(self, records: list) -> None:
         """Commit past the highest offset of each partition in the batch (after its results were acknowledged)."""
         from kafka import OffsetAndMetadata, TopicPartition
@@ -409,7 +430,7 @@ class Worker:
         from kafka.errors import KafkaError as ClientError
 
         self._reconnector.stop = self.stop_event  # `cff-inspect run` shares one stop event among its parts
-        self.consumer = self.kafka.consumer(self.kafka.topics["frames"], group_id=self.cfg.group_id)
+        self.consumer = self._new_consumer()
         self.producer = self.kafka.producer()
         log.info(
             "worker %s joined group %s with heads for %s",
@@ -423,6 +444,7 @@ class Worker:
             while not self.stop_event.is_set():
                 records = self._collect()
                 self._update_lag(force=bool(records))  # local figures: cheap after every batch
+                self._rewind.check(self.consumer)  # local too; one stuck partition must not wait behind busy ones
                 if not records:
                     continue
                 metrics.BATCH_SIZE.observe(len(records))

@@ -3,8 +3,12 @@ process and the calibrator carry on, and a worker started afterwards gets its he
 
 from __future__ import annotations
 
+import collections
 import json
 import re
+import signal
+import subprocess
+import threading
 import time
 import urllib.request
 
@@ -29,30 +33,68 @@ from workers.worker import Worker
 pytestmark = pytest.mark.integration
 
 
-def _ok_results(kafka: KafkaConfig, worker_id: str | None, timeout: float) -> list:
-    """OK results (of ``worker_id`` if given) seen on the results topic within ``timeout``."""
+def _results(kafka: KafkaConfig, timeout: float) -> list:
+    """Results on the results topic, read until one is OK or ``timeout`` passes (every status, for the report)."""
+    parsed: list = []
 
-    def ok(m) -> bool:  # noqa: ANN001
-        r = results_pb2.InspectionResult.FromString(m.value)
-        return r.status == results_pb2.STATUS_OK and (worker_id is None or r.worker_id == worker_id)
+    def until(recs: list) -> bool:
+        parsed[:] = [results_pb2.InspectionResult.FromString(m.value) for m in recs]
+        return bool(_ok(parsed))
 
-    recs = poll_topic(kafka, "results", keep=ok, timeout=timeout)
-    return [results_pb2.InspectionResult.FromString(m.value) for m in recs]
+    poll_topic(kafka, "results", until=until, timeout=timeout)
+    return parsed
 
 
-def _metrics_url(proc, timeout: float = 60) -> str:  # noqa: ANN001
-    """The worker prints ``worker: metrics on http://HOST:PORT/metrics`` once serving."""
-    deadline = time.monotonic() + timeout
-    seen = b""
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        seen += line
-        m = re.search(rb"(http://[\d.]+:\d+)", line)
-        if m:
-            return m.group(1).decode()
-        if not line and proc.poll() is not None:
-            break
-    raise AssertionError(f"worker printed no metrics URL:\n{seen.decode()[-2000:]}")
+def _ok(results: list) -> list:
+    return [r for r in results if r.status == results_pb2.STATUS_OK]
+
+
+class _Output(threading.Thread):
+    """Drains a service's piped output (a full pipe would block its logging) and keeps the lines."""
+
+    def __init__(self, proc) -> None:  # noqa: ANN001 - subprocess.Popen
+        super().__init__(daemon=True)
+        self.proc = proc
+        self.lines: list[str] = []
+        self.start()
+
+    def run(self) -> None:
+        for line in iter(self.proc.stdout.readline, b""):
+            self.lines.append(line.decode(errors="replace"))
+
+    def metrics_url(self, timeout: float = 60) -> str:
+        """The worker prints ``worker: metrics on ... http://HOST:PORT ...`` once serving."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = re.search(r"(http://[\d.]+:\d+)", line)
+                if m:
+                    return m.group(1)
+            if not self.is_alive():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"worker printed no metrics URL:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        return "".join(self.lines[-n:])
+
+
+def _report(results: list, out: _Output, kafka: KafkaConfig, ing: Ingest, url: str) -> str:
+    """What a failure needs to be understood: results, frames on the topic, ingest counts, the worker's view."""
+    statuses = collections.Counter(results_pb2.Status.Name(r.status) for r in results)
+    frames = collections.Counter(m.partition for m in poll_topic(kafka, "frames", until=lambda _: False, timeout=3))
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+            wanted = ("inspection_frames_scored_total", "inspection_consumer_lag", "inspection_worker_publish")
+            lines = [ln for ln in r.read().decode().splitlines() if ln.startswith(wanted)]
+    except OSError as exc:
+        lines = [f"(no metrics: {exc})"]
+    return (
+        f"results by status: {dict(statuses)}; frames per partition: {dict(frames)}; ingest published "
+        f"{dict(ing.stats.published)}, dropped {dict(ing.stats.dropped)}; readyz {_ready(url)}; worker metrics:\n"
+        + "\n".join(lines)
+        + f"\nworker log:\n{out.tail()}"
+    )
 
 
 def _ready(url: str) -> dict:
@@ -63,7 +105,7 @@ def _ready(url: str) -> dict:
         return json.loads(e.read())
 
 
-def test_services_survive_a_broker_restart(tmp_path, tiny_vit, start_worker, stop_gracefully) -> None:
+def test_services_survive_a_broker_restart(tmp_path, tiny_vit, start_worker) -> None:
     cat = make_demo_dataset(tmp_path / "d", n_train=2, n_good=4, n_bad=0)
     port = free_port()
     key_file = tmp_path / "heads.key"
@@ -90,12 +132,14 @@ def test_services_survive_a_broker_restart(tmp_path, tiny_vit, start_worker, sto
     cam = CameraConfig(id="cam-1", product="widget", source=str(cat / "test" / "good"), fps=4)
     ing = Ingest(kafka, [cam], buffer_size=64, backoff_max_s=2, publish_timeout_s=3).start()
     checks = ingest_checks(kafka, ing)
+    out = _Output(worker)
     late = None
     try:
-        url = _metrics_url(worker)
+        url = out.metrics_url()
         with CalibratorClient(calibrator) as c:
             c.fit("widget", sorted((cat / "train" / "good").glob("*.png")), method="knn")
-        assert _ok_results(kafka, None, 90), "no OK result before the restart"
+        seen = _results(kafka, 90)
+        assert _ok(seen), f"no OK result before the restart; {_report(seen, out, kafka, ing, url)}"
         assert _ready(url)["ready"] is True
 
         broker.stop()  # every topic, offset and group is gone with it
@@ -107,7 +151,8 @@ def test_services_survive_a_broker_restart(tmp_path, tiny_vit, start_worker, sto
         broker = EmbeddedBroker(port=port).start()
         # nobody recreates the topics by hand: ingest, worker and calibrator do it themselves
         assert wait_for(lambda: ing.publish_error is None, 60), f"ingest never recovered: {ing.publish_error}"
-        assert _ok_results(kafka, None, 120), "no OK result after the restart"
+        seen = _results(kafka, 120)
+        assert _ok(seen), f"no OK result after the restart; {_report(seen, out, kafka, ing, url)}"
         assert worker.poll() is None
         assert wait_for(lambda: _ready(url)["ready"] is True, 30), _ready(url)
 
@@ -120,6 +165,12 @@ def test_services_survive_a_broker_restart(tmp_path, tiny_vit, start_worker, sto
             late.stop_event.set()
         ing.stop()
         server.stop(0)
-        out = stop_gracefully(worker)
+        worker.send_signal(signal.SIGTERM)  # not stop_gracefully: _Output reads the pipe
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
         broker.stop()
-    assert worker.returncode == 0, out.decode()[-3000:]
+    out.join(10)
+    assert worker.returncode == 0, out.tail()

@@ -1,0 +1,119 @@
+"""A broker that lost its log (the embedded broker restarted, an unclean leader election) counts offsets from 0
+again; Tansu answers a fetch past the end with nothing instead of OFFSET_OUT_OF_RANGE, so consumers must notice."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from inspection_core.kafka import KafkaConfig, LostLogRewind
+
+pytestmark = pytest.mark.integration
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _consumer_at(kafka: KafkaConfig, tp: TopicPartition, offset: int) -> KafkaConsumer:
+    c = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)
+    c.assign([tp])
+    c.seek(tp, offset)
+    return c
+
+
+def _poll_until_highwater(c: KafkaConsumer, tp: TopicPartition, timeout: float = 20) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and c.highwater(tp) is None:
+        for recs in c.poll(timeout_ms=300).values():
+            got.extend(recs)
+    assert c.highwater(tp) is not None, "no fetch response arrived"
+    return got
+
+
+def test_a_consumer_past_the_end_is_rewound_once_it_stays_there(start_broker) -> None:
+    kafka = start_broker(partitions=1)
+    tp = TopicPartition(kafka.topics["frames"], 0)
+    p = kafka.producer()
+    for i in range(10):
+        p.send(tp.topic, value=b"%d" % i)
+    p.flush()
+    p.close()
+    c = _consumer_at(kafka, tp, 500)  # where it stood before the broker lost its log
+    clock = _Clock()
+    rewind = LostLogRewind("test", settle_s=2.0, clock=clock)
+    try:
+        assert _poll_until_highwater(c, tp) == []  # Tansu: no error, no records
+        assert c.highwater(tp) == 10 and c.position(tp) == 500
+        assert rewind.check(c) == []  # first sight: could be a stale high-water mark
+        clock.t = 1.0
+        assert rewind.check(c) == []
+        clock.t = 2.5
+        assert rewind.check(c) == [tp]
+        got: list = []
+        deadline = time.monotonic() + 20
+        while len(got) < 10 and time.monotonic() < deadline:
+            for recs in c.poll(timeout_ms=300).values():
+                got.extend(recs)
+        assert [r.value for r in got] == [b"%d" % i for i in range(10)]  # nothing of the new log is skipped
+        assert rewind.rewinds == 1
+    finally:
+        c.close()
+
+
+def test_a_consumer_at_or_before_the_end_is_left_alone(start_broker) -> None:
+    kafka = start_broker(partitions=1)
+    tp = TopicPartition(kafka.topics["frames"], 0)
+    p = kafka.producer()
+    for i in range(5):
+        p.send(tp.topic, value=b"%d" % i)
+    p.flush()
+    p.close()
+    c = _consumer_at(kafka, tp, 0)
+    clock = _Clock()
+    rewind = LostLogRewind("test", settle_s=2.0, clock=clock)
+    try:
+        got = _poll_until_highwater(c, tp)
+        deadline = time.monotonic() + 20
+        while len(got) < 5 and time.monotonic() < deadline:
+            for recs in c.poll(timeout_ms=300).values():
+                got.extend(recs)
+        assert len(got) == 5 and c.position(tp) == 5 == c.highwater(tp)
+        for t in (0.0, 3.0, 10.0):
+            clock.t = t
+            assert rewind.check(c) == []
+        assert c.position(tp) == 5 and rewind.rewinds == 0
+    finally:
+        c.close()
+
+
+def test_a_position_that_moves_is_not_rewound(start_broker) -> None:
+    """Past the end but moving (a high-water mark that lags a fetch): the settle clock starts again."""
+    kafka = start_broker(partitions=1)
+    tp = TopicPartition(kafka.topics["frames"], 0)
+    p = kafka.producer()
+    p.send(tp.topic, value=b"x")
+    p.flush()
+    p.close()
+    c = _consumer_at(kafka, tp, 100)
+    clock = _Clock()
+    rewind = LostLogRewind("test", settle_s=2.0, clock=clock)
+    try:
+        _poll_until_highwater(c, tp)
+        assert rewind.check(c) == []
+        c.seek(tp, 101)
+        clock.t = 3.0
+        assert rewind.check(c) == []  # a different position: first sight again
+        clock.t = 4.0
+        assert rewind.check(c) == []
+        clock.t = 5.5
+        assert rewind.check(c) == [tp]
+    finally:
+        c.close()
