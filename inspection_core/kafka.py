@@ -321,7 +321,8 @@ class LostLogRewind:
     def check(self, consumer) -> list:  # noqa: ANN001 - a kafka-python KafkaConsumer
         """Rewind what has stayed past the end for ``settle_s``; returns the partitions rewound."""
         now = self.clock()
-        due, seen = [], {}
+        due: list[tuple[object, int, int]] = []  # (partition, position, high-water mark)
+        seen: dict[object, tuple[int, float]] = {}
         for tp in consumer.assignment():
             hw = consumer.highwater(tp)
             if hw is None:
@@ -334,10 +335,11 @@ class LostLogRewind:
                 continue
             first = self._suspect.get(tp)
             since = first[1] if first is not None and first[0] == pos else now
-            seen[tp] = (pos, since)
             if now - since >= self.settle_s:
                 due.append((tp, pos, hw))
-        self._suspect = {tp: v for tp, v in seen.items() if tp not in {d[0] for d in due}}
+            else:
+                seen[tp] = (pos, since)
+        self._suspect = seen
         if not due:
             return []
         log.warning(
@@ -345,9 +347,10 @@ class LostLogRewind:
             self.who,
             ", ".join(f"{tp.topic}[{tp.partition}] at {pos} > end {hw}" for tp, pos, hw in due),
         )
-        consumer.seek_to_beginning(*(d[0] for d in due))
-        self.rewinds += len(due)
-        return [d[0] for d in due]
+        rewound = [tp for tp, _, _ in due]
+        consumer.seek_to_beginning(*rewound)
+        self.rewinds += len(rewound)
+        return rewound
 
 
 def ensure_topics(cfg: KafkaConfig) -> list[str]:

@@ -22,12 +22,23 @@ def poll_topic(
     topic; the caller asserts on what came back (a timeout is not an error here).
     """
     c = kafka.consumer(kafka.topic(topic), group_id=None)
-    got: list = []
-    deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline and not until(got):
-            for msgs in c.poll(timeout_ms=500).values():
-                got.extend(m for m in msgs if keep(m))
+        return poll_records(c, keep=keep, until=until, timeout=timeout)
     finally:
         c.close()
+
+
+def poll_records(
+    consumer,  # noqa: ANN001 - a kafka-python KafkaConsumer, subscribed or assigned
+    *,
+    keep: Callable[[object], bool] = lambda rec: True,
+    until: Callable[[list], bool] = bool,
+    timeout: float = 30.0,
+) -> list:
+    """Records of ``consumer`` that ``keep`` accepts, polled until ``until(records)`` or ``timeout``."""
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(got):
+        for msgs in consumer.poll(timeout_ms=500).values():
+            got.extend(m for m in msgs if keep(m))
     return got

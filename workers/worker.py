@@ -378,11 +378,6 @@ class Worker:
                 pass
         self._lag_partitions = current
 
-    def _new_consumer(self):  # noqa: ANN202 - a kafka-python KafkaConsumer
-        c = self.kafka.consumer(group_id=self.cfg.group_id)
-        c.subscribe([self.kafka.topics["frames"]], listener=_assignment_log(self.cfg.worker_id))
-        return c
-
     def _commit(self, records: list) -> None:
         """Commit past the highest offset of each partition in the batch (after its results were acknowledged)."""
         from kafka import OffsetAndMetadata, TopicPartition
@@ -430,7 +425,8 @@ class Worker:
         from kafka.errors import KafkaError as ClientError
 
         self._reconnector.stop = self.stop_event  # `cff-inspect run` shares one stop event among its parts
-        self.consumer = self._new_consumer()
+        self.consumer = self.kafka.consumer(group_id=self.cfg.group_id)
+        self.consumer.subscribe([self.kafka.topics["frames"]], listener=_assignment_log(self.cfg.worker_id))
         self.producer = self.kafka.producer()
         log.info(
             "worker %s joined group %s with heads for %s",

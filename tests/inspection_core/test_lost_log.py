@@ -3,10 +3,9 @@ again; Tansu answers a fetch past the end with nothing instead of OFFSET_OUT_OF_
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from kafka import KafkaConsumer, TopicPartition
+from kafka_support import poll_records
 
 from inspection_core.kafka import KafkaConfig, LostLogRewind
 
@@ -28,12 +27,16 @@ def _consumer_at(kafka: KafkaConfig, tp: TopicPartition, offset: int) -> KafkaCo
     return c
 
 
-def _poll_until_highwater(c: KafkaConsumer, tp: TopicPartition, timeout: float = 20) -> list:
-    got: list = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and c.highwater(tp) is None:
-        for recs in c.poll(timeout_ms=300).values():
-            got.extend(recs)
+def _produce(kafka: KafkaConfig, tp: TopicPartition, n: int) -> None:
+    p = kafka.producer()
+    for i in range(n):
+        p.send(tp.topic, value=b"%d" % i)
+    p.flush()
+    p.close()
+
+
+def _poll_until_highwater(c: KafkaConsumer, tp: TopicPartition) -> list:
+    got = poll_records(c, until=lambda _: c.highwater(tp) is not None, timeout=20)
     assert c.highwater(tp) is not None, "no fetch response arrived"
     return got
 
@@ -41,11 +44,7 @@ def _poll_until_highwater(c: KafkaConsumer, tp: TopicPartition, timeout: float =
 def test_a_consumer_past_the_end_is_rewound_once_it_stays_there(start_broker) -> None:
     kafka = start_broker(partitions=1)
     tp = TopicPartition(kafka.topics["frames"], 0)
-    p = kafka.producer()
-    for i in range(10):
-        p.send(tp.topic, value=b"%d" % i)
-    p.flush()
-    p.close()
+    _produce(kafka, tp, 10)
     c = _consumer_at(kafka, tp, 500)  # where it stood before the broker lost its log
     clock = _Clock()
     rewind = LostLogRewind("test", settle_s=2.0, clock=clock)
@@ -57,11 +56,7 @@ def test_a_consumer_past_the_end_is_rewound_once_it_stays_there(start_broker) ->
         assert rewind.check(c) == []
         clock.t = 2.5
         assert rewind.check(c) == [tp]
-        got: list = []
-        deadline = time.monotonic() + 20
-        while len(got) < 10 and time.monotonic() < deadline:
-            for recs in c.poll(timeout_ms=300).values():
-                got.extend(recs)
+        got = poll_records(c, until=lambda recs: len(recs) >= 10, timeout=20)
         assert [r.value for r in got] == [b"%d" % i for i in range(10)]  # nothing of the new log is skipped
         assert rewind.rewinds == 1
     finally:
@@ -71,20 +66,12 @@ def test_a_consumer_past_the_end_is_rewound_once_it_stays_there(start_broker) ->
 def test_a_consumer_at_or_before_the_end_is_left_alone(start_broker) -> None:
     kafka = start_broker(partitions=1)
     tp = TopicPartition(kafka.topics["frames"], 0)
-    p = kafka.producer()
-    for i in range(5):
-        p.send(tp.topic, value=b"%d" % i)
-    p.flush()
-    p.close()
+    _produce(kafka, tp, 5)
     c = _consumer_at(kafka, tp, 0)
     clock = _Clock()
     rewind = LostLogRewind("test", settle_s=2.0, clock=clock)
     try:
-        got = _poll_until_highwater(c, tp)
-        deadline = time.monotonic() + 20
-        while len(got) < 5 and time.monotonic() < deadline:
-            for recs in c.poll(timeout_ms=300).values():
-                got.extend(recs)
+        got = poll_records(c, until=lambda recs: len(recs) >= 5 and c.highwater(tp) is not None, timeout=20)
         assert len(got) == 5 and c.position(tp) == 5 == c.highwater(tp)
         for t in (0.0, 3.0, 10.0):
             clock.t = t
@@ -98,10 +85,7 @@ def test_a_position_that_moves_is_not_rewound(start_broker) -> None:
     """Past the end but moving (a high-water mark that lags a fetch): the settle clock starts again."""
     kafka = start_broker(partitions=1)
     tp = TopicPartition(kafka.topics["frames"], 0)
-    p = kafka.producer()
-    p.send(tp.topic, value=b"x")
-    p.flush()
-    p.close()
+    _produce(kafka, tp, 1)
     c = _consumer_at(kafka, tp, 100)
     clock = _Clock()
     rewind = LostLogRewind("test", settle_s=2.0, clock=clock)
