@@ -213,11 +213,62 @@ class KafkaConfig:
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=32 * 1024 * 1024,
         )
+        if group_id is not None:
+            from kafka.coordinator.assignors.range import RangePartitionAssignor
+
+            # range while any member runs an older version (the broker picks a strategy every member has)
+            kw["partition_assignment_strategy"] = (one_assignment_per_consumer(), RangePartitionAssignor)
         kw.update(extra)
         try:
             return KafkaConsumer(*topics, **self.client_kwargs(), **kw)
         except Exception as exc:
             raise KafkaError(f"cannot create a consumer for {self.bootstrap_servers}: {exc}") from None
+
+
+def one_assignment_per_consumer():  # noqa: ANN201 - a kafka-python AbstractPartitionAssignor
+    """The range assignor, counting each consumer once however many member ids the broker keeps for it.
+
+    A restarted embedded broker keeps the member ids of joins whose answers it never delivered, and includes
+    them in every rebalance without expiring them: a worker alone in its group was handed 1 of 4 partitions
+    and the other 3, holding every frame of its camera, went to its own stale member ids for good. Each
+    consumer puts a random identity in its subscription's user data (the same in every join it sends), so the
+    leader sees those member ids as one consumer, assigns partitions per consumer and gives every member id of a
+    consumer the same partitions; only the live one fetches them. Members without an identity (another assignor
+    version) count one each, as with plain range. One instance per consumer.
+    """
+    import uuid
+
+    from kafka.coordinator.assignors.range import RangePartitionAssignor
+    from kafka.protocol.consumer.metadata import ConsumerProtocolSubscription
+
+    class OneAssignmentPerConsumer(RangePartitionAssignor):
+        name = "range-per-consumer"
+
+        def __init__(self) -> None:
+            self.identity = b"cff-inspect/" + uuid.uuid4().hex.encode()
+
+        def metadata(self, topics):  # noqa: ANN001, ANN201 - kafka-python's signature
+            return ConsumerProtocolSubscription(self.version, list(topics), self.identity)
+
+        def assign(self, cluster, members):  # noqa: ANN001, ANN201
+            by_consumer: dict[bytes, list] = {}
+            for m in members:
+                ident = bytes(getattr(m.metadata, "user_data", None) or b"") or m.member_id.encode()
+                by_consumer.setdefault(ident, []).append(m)
+            groups = [sorted(ms, key=lambda m: m.member_id) for ms in by_consumer.values()]
+            stale = [g for g in groups if len(g) > 1]
+            if stale:
+                log.warning(
+                    "the group lists %d member ids for %d consumers (joins a restarted broker kept); each consumer "
+                    "is assigned once and its member ids share its partitions",
+                    len(members),
+                    len(groups),
+                )
+            # the lowest member id of each consumer stands for it; its assignment is what all of them get
+            per_consumer = RangePartitionAssignor.assign(cluster, [g[0] for g in groups])
+            return {m.member_id: per_consumer[g[0].member_id] for g in groups for m in g}
+
+    return OneAssignmentPerConsumer()
 
 
 def discard_producer(producer) -> None:  # noqa: ANN001 - a kafka-python KafkaProducer

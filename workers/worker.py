@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -76,8 +77,9 @@ class Outputs(NamedTuple):
     dead_letters: list[DeadLetter]
 
 
-def _assignment_log(worker_id: str):  # noqa: ANN202 - a kafka-python ConsumerRebalanceListener
-    """Logs each rebalance's outcome: which frames partitions this worker reads is what an operator asks first."""
+def _assignment_log(worker_id: str, consumer_of: Callable[[], object]):  # noqa: ANN202 - a ConsumerRebalanceListener
+    """Logs each rebalance's outcome: which frames partitions this worker reads, of how many the topic has, and
+    whether this worker made the assignment (the group leader) is what an operator asks first."""
     from kafka import ConsumerRebalanceListener
 
     class AssignmentLog(ConsumerRebalanceListener):
@@ -85,8 +87,18 @@ def _assignment_log(worker_id: str):  # noqa: ANN202 - a kafka-python ConsumerRe
             pass
 
         def on_partitions_assigned(self, assigned) -> None:  # noqa: ANN001
+            consumer = consumer_of()
             parts = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "no partition"
-            log.info("worker %s now reads %s", worker_id, parts)
+            topics = sorted(consumer.subscription() or ())
+            known = {t: len(consumer.partitions_for_topic(t) or ()) for t in topics}
+            leader = getattr(getattr(consumer, "_coordinator", None), "_is_leader", None)
+            log.info(
+                "worker %s now reads %s (topic partitions %s; %s)",
+                worker_id,
+                parts,
+                ", ".join(f"{t}: {n}" for t, n in known.items()) or "unknown",
+                "assigned by this worker as group leader" if leader else "assigned by another member",
+            )
 
     return AssignmentLog()
 
@@ -426,7 +438,9 @@ class Worker:
 
         self._reconnector.stop = self.stop_event  # `cff-inspect run` shares one stop event among its parts
         self.consumer = self.kafka.consumer(group_id=self.cfg.group_id)
-        self.consumer.subscribe([self.kafka.topics["frames"]], listener=_assignment_log(self.cfg.worker_id))
+        self.consumer.subscribe(
+            [self.kafka.topics["frames"]], listener=_assignment_log(self.cfg.worker_id, lambda: self.consumer)
+        )
         self.producer = self.kafka.producer()
         log.info(
             "worker %s joined group %s with heads for %s",
