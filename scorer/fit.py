@@ -416,8 +416,12 @@ def held_out_set(
     opts: FitOptions,
     seed: int,
     progress: Progress = no_progress,
+    depth: int | None = None,
 ) -> HeldOut:
-    """The held-out set; its embedding is reported as stage ``held-out`` (images done / total)."""
+    """The held-out set; its embedding is reported as stage ``held-out`` (images done / total).
+
+    ``depth``: the taps the heads to be thresholded read (``Backbone.run``); the others are zeros.
+    """
     lb = opts.score.letterbox
     k = len(refs)
     n_views = 0 if k >= 2 else max(1, opts.n_augment_k1)
@@ -439,10 +443,10 @@ def held_out_set(
         else:
             rng = np.random.default_rng(seed + 101)
             views = [_augment(refs[0], rng) for _ in range(n_views)]
-            normals = backbone.embed(views, letterbox=lb, progress=part(0))
+            normals = backbone.embed(views, letterbox=lb, progress=part(0), depth=depth)
             normal_src, how = [None] * len(views), "augmented views"
         synth = synthesize(refs, opts.n_validation, seed + 7919)
-        anomalies = backbone.embed([x[0] for x in synth], letterbox=lb, progress=part(n_views))
+        anomalies = backbone.embed([x[0] for x in synth], letterbox=lb, progress=part(n_views), depth=depth)
     masks = _mask_targets([x[1] for x in synth], opts.score.map_size).numpy() > 0.5
     src: list[int | None] = [x[2] if k >= 2 else None for x in synth]
     return HeldOut(normals, normal_src, anomalies, src, masks, how)
@@ -566,7 +570,12 @@ def _fit_heads(
         check_compatible(base_head, backbone)
         if base_head.proj_w is None:
             raise HeadError("the base head has no projections (is it a knn head?)")
-    held = held_out_set(backbone, refs, ref_feats, opts, seed, progress)
+    n_taps = len(backbone.taps)
+    # Only a knn head on the mid-level taps is fitted: nothing reads the last tap, so the held-out set and the
+    # support views skip its blocks (a quarter of DINOv2's); the views' rows of that tap's bank are zeros,
+    # never nearest, so were the tap weighted later it would search the references alone.
+    depth = n_taps - 1 if methods == ("knn",) and opts.knn_taps == "mid" and n_taps >= 3 else None
+    held = held_out_set(backbone, refs, ref_feats, opts, seed, progress, depth=depth)
     heads: dict[str, Head] = {}
     knn: Head | None = None
     knn_record: dict | None = None
@@ -580,9 +589,10 @@ def _fit_heads(
             # like the held-out set, at the precision frames are scored at (bf16 here: 1.4x faster; the bank is
             # searched in bf16 anyway); the references themselves stay at the fit's precision
             with backbone.precision_scope(backbone.precision):
-                extra_feats = backbone.embed(extra, letterbox=opts.score.letterbox, progress=views_done)
+                extra_feats = backbone.embed(extra, letterbox=opts.score.letterbox, progress=views_done, depth=depth)
             knn_feats = concat_outputs([ref_feats, extra_feats])
         knn, knn_record = _fit_knn(backbone, knn_feats, held, opts, n_refs=len(refs), views=kind)
+        knn.meta["view_taps"] = depth or n_taps  # taps of the views' bank rows; later ones are zero rows
     learned: dict[str, Head] = {}
     meta: dict = {"shots": len(refs), "base_head": base_head is not None}
     if "aprilgan" in methods or "cff" in methods:

@@ -120,6 +120,15 @@ class Head:
     def n_stages(self) -> int:
         return len(self.taps)
 
+    @property
+    def depth(self) -> int:
+        """How many leading taps scoring reads: a knn head stops at its last weighted tap, so a backbone need
+        not run the blocks past it (the default mid-level taps skip blocks 10-12 of 12); learned heads read all."""
+        tw = self.options.tap_weights
+        if tw is None or self.proj_w is not None:
+            return self.n_stages
+        return max(i for i, w in enumerate(tw) if w > 0) + 1
+
     def folded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Projection and calibration composed into one affine map per stage."""
         if self.proj_w is None or self.proj_b is None:
@@ -494,7 +503,7 @@ def _score_images(self: Head, images: Sequence[np.ndarray], *, batch_size: int =
         for s in range(0, len(images), batch_size):
             chunk = images[s : s + batch_size]
             # one forward pass, autocast per backbone.precision
-            out = self.backbone.forward_images(chunk, letterbox=self.options.letterbox)
+            out = self.backbone.forward_images(chunk, letterbox=self.options.letterbox, depth=self.depth)
             r = self.score_tokens(out)
             scores.append(r.image_scores.float().cpu().numpy())
             maps.append(r.maps.float().cpu().numpy())

@@ -103,7 +103,8 @@ class Backbone(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def extract(self, pixels: torch.Tensor) -> BackboneOutput:  # pragma: no cover - abstract
+    def extract(self, pixels: torch.Tensor, depth: int | None = None) -> BackboneOutput:  # pragma: no cover
+        """Tokens after each tap; with ``depth`` only the first ``depth`` taps are computed (see subclasses)."""
         raise NotImplementedError
 
     def forward(self, pixels: torch.Tensor) -> BackboneOutput:
@@ -149,8 +150,12 @@ class Backbone(nn.Module):
         self.__dict__["_compiled"] = None if mode == "off" else torch.compile(self.extract, mode=mode, dynamic=False)
         return self
 
-    def run(self, pixels: torch.Tensor) -> BackboneOutput:
-        """One forward pass in inference mode under the active precision (attention uses fused SDPA)."""
+    def run(self, pixels: torch.Tensor, depth: int | None = None) -> BackboneOutput:
+        """One forward pass in inference mode under the active precision (attention uses fused SDPA).
+
+        ``depth``: how many leading taps the caller reads (a knn head that ignores the last tap); a backbone may
+        stop after that tap's block, and the taps past it then come back as zeros. ``None``: every tap.
+        """
         prec = self.active_precision
         compiled = self.__dict__.get("_compiled")
         fn = compiled or self.extract
@@ -160,17 +165,19 @@ class Backbone(nn.Module):
             pixels = torch.cat([pixels, pixels[-1:].expand(pad, *pixels.shape[1:])])
         with torch.inference_mode():
             if prec == "fp32":
-                out = fn(pixels)
+                out = fn(pixels, depth)
             else:
                 dtype = torch.bfloat16 if prec == "bf16" else torch.float16
                 with torch.autocast(device_type=self.device.type, dtype=dtype):
-                    out = fn(pixels)
+                    out = fn(pixels, depth)
         if out.tokens[0].shape[0] != b:
             out = out.select(slice(0, b))
         return out
 
-    def forward_images(self, images: Sequence[np.ndarray | torch.Tensor], *, letterbox: bool = False) -> BackboneOutput:
-        out = self.run(self.preprocess(images, letterbox=letterbox))
+    def forward_images(
+        self, images: Sequence[np.ndarray | torch.Tensor], *, letterbox: bool = False, depth: int | None = None
+    ) -> BackboneOutput:
+        out = self.run(self.preprocess(images, letterbox=letterbox), depth)
         if not letterbox:
             return out
         boxes = [letterbox_box(*image_hw(img), self.image_size) for img in images]
@@ -220,16 +227,17 @@ class Backbone(nn.Module):
         batch_size: int = 8,
         letterbox: bool = False,
         progress: Callable[[int, int], None] | None = None,
+        depth: int | None = None,
     ) -> BackboneOutput:
         """Extract tokens for many images in batches, results on the CPU in float32.
 
-        ``progress(done, total)`` is called before the first batch and after each one.
+        ``progress(done, total)`` is called before the first batch and after each one; ``depth`` as in :meth:`run`.
         """
         outs: list[BackboneOutput] = []
         if progress is not None:
             progress(0, len(images))
         for start in range(0, len(images), batch_size):
-            outs.append(self.forward_images(images[start : start + batch_size], letterbox=letterbox))
+            outs.append(self.forward_images(images[start : start + batch_size], letterbox=letterbox, depth=depth))
             if progress is not None:
                 progress(min(start + batch_size, len(images)), len(images))
         return concat_outputs(outs)

@@ -325,10 +325,10 @@ class ClipBackbone(Backbone):
     def n_blocks(self) -> int:
         return len(self.model.visual.transformer.resblocks)
 
-    def extract(self, pixels: torch.Tensor) -> BackboneOutput:
+    def extract(self, pixels: torch.Tensor, depth: int | None = None) -> BackboneOutput:
         """One full forward pass: tap tokens ``(B, N, width)`` and the unit-norm CLS embedding.
 
-        All blocks always run, because the global embedding needs the last one.
+        All blocks always run, whatever ``depth``, because the global embedding needs the last one.
         """
         if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[-2:]) != (self.image_size,) * 2:
             raise ImageError(

@@ -119,8 +119,15 @@ class TimmViTBackbone(Backbone):
             if hasattr(blk.attn, "fused_attn"):
                 blk.attn.fused_attn = True
 
-    def extract(self, pixels: torch.Tensor) -> BackboneOutput:
-        """Patch tokens ``(B, N, D)`` after each tapped block; blocks past the last tap are skipped."""
+    def extract(self, pixels: torch.Tensor, depth: int | None = None) -> BackboneOutput:
+        """Patch tokens ``(B, N, D)`` after each tapped block; blocks past the last tap are skipped.
+
+        With ``depth`` the blocks past tap ``depth`` are skipped too and the later taps are zeros: a knn head on
+        the mid-level taps (blocks 6 and 9 of 12) leaves a quarter of the blocks unrun.
+        """
+        n_taps = len(self.taps) if depth is None else int(depth)
+        if not 1 <= n_taps <= len(self.taps):
+            raise ConfigError(f"backbone {self.spec!r}: depth must be 1..{len(self.taps)} taps, got {depth!r}")
         size = self.image_size
         if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[-2:]) != (size, size):
             raise ImageError(
@@ -134,11 +141,12 @@ class TimmViTBackbone(Backbone):
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
         tokens: list[torch.Tensor] = []
-        wanted = set(self.taps)
-        for number, blk in enumerate(vit.blocks[: self.taps[-1]], start=1):
+        wanted = set(self.taps[:n_taps])
+        for number, blk in enumerate(vit.blocks[: self.taps[n_taps - 1]], start=1):
             x = blk(x)
             if number in wanted:
                 tokens.append(x[:, self.num_prefix_tokens :])
+        tokens += [torch.zeros_like(tokens[-1]) for _ in self.taps[n_taps:]]
         return BackboneOutput(tokens=tokens, grid=self.grid)
 
 

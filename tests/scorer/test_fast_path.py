@@ -117,9 +117,9 @@ def test_fits_run_in_fp32_whatever_the_backbone_scores_in(tiny_vit, references) 
     seen = []
     real = tiny_vit.run
 
-    def spy(px):  # noqa: ANN001, ANN202
+    def spy(px, depth=None):  # noqa: ANN001, ANN202
         seen.append(tiny_vit.active_precision)
-        return real(px)
+        return real(px, depth)
 
     opts = FitOptions(steps_stage1=1, steps_stage2=1, n_synthetic=2)
     tiny_vit.run = spy  # type: ignore[method-assign]

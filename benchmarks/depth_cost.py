@@ -1,0 +1,74 @@
+"""Per-frame CPU cost of the default knn head with and without the shallow forward (issue 12 fit/frame cost).
+
+python benchmarks/depth_cost.py [K] [N_IMAGES] [ROUNDS]   (kolektor_sdd references seed 0, the first N test images)
+
+The same fitted head scores the same frames, alternating: once as shipped (the backbone stops after the last
+weighted tap, block 9 of 12 for the mid-level taps) and once with every block run; one JSON line per pass, then
+the ratio of the medians. The two must give identical scores, which is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scorer import data
+from scorer.backbones import load_backbone
+from scorer.backbones.base import auto_precision
+from scorer.fit import fit_head
+from scorer.head import search_dtype
+from scorer.images import load_image
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "kolektor_sdd"
+
+
+def main(k: int = 4, n: int = 8, rounds: int = 3) -> None:
+    torch.set_num_threads(2)
+    bb = load_backbone("dinov2-vits14")
+    bb.set_precision(auto_precision("cpu"))
+    cat = data.discover(DATA)[0]
+    refs = [load_image(p) for p in data.draw_references(cat.train, k, 0)]
+    test = [load_image(s.path) for s in cat.test[:n]]
+    head = fit_head(bb, refs, method="knn")
+    head = head.with_options(bank_dtype=search_dtype(head))  # what a worker's --bank-dtype auto searches in
+    real = bb.extract
+
+    def every_block(px: torch.Tensor, depth: int | None = None) -> object:
+        return real(px)
+
+    head.score(test[:2])  # warm-up: bank on the device, first search
+    times: dict[str, list[float]] = {"shallow": [], "every block": []}
+    scores: dict[str, np.ndarray] = {}
+    for _ in range(rounds):
+        for mode in times:
+            bb.extract = every_block if mode == "every block" else real  # type: ignore[method-assign]
+            t = time.perf_counter()
+            s = head.score(test)
+            times[mode].append((time.perf_counter() - t) / n)
+            scores[mode] = s.image_scores
+            print(
+                json.dumps(
+                    {
+                        "k": k,
+                        "depth": head.depth if mode == "shallow" else len(bb.taps),
+                        "mode": mode,
+                        "bank_dtype": head.options.bank_dtype,
+                        "score_s_per_image": times[mode][-1],
+                    }
+                ),
+                flush=True,
+            )
+    bb.extract = real  # type: ignore[method-assign]
+    same = bool(np.array_equal(scores["shallow"], scores["every block"]))
+    ratio = statistics.median(times["every block"]) / statistics.median(times["shallow"])
+    print(json.dumps({"identical_scores": same, "every_block_over_shallow": ratio}), flush=True)
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:4]))
