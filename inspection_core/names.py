@@ -6,7 +6,17 @@ from enum import StrEnum
 
 METHODS = ("knn", "aprilgan", "cff")  # head fitting methods, the default first (BENCHMARKS.md: knn is the best)
 # What `eval` compares: the deployable methods plus two baselines/ablations (scorer.evaluate says which is which)
-EVAL_METHODS = ("knn", "knn-mean", "knn-auto", "knn-views", "knn-noviews", "aprilgan", "cff", "cff-unguarded")
+EVAL_METHODS = (
+    "knn",
+    "knn-mean",
+    "knn-auto",
+    "knn-midfirst",
+    "knn-views",
+    "knn-noviews",
+    "aprilgan",
+    "cff",
+    "cff-unguarded",
+)
 PRECISIONS = ("fp32", "bf16", "fp16")  # backbone autocast precisions
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: bf16 on a GPU or a CPU with bf16 units, else fp32
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")

@@ -31,6 +31,26 @@ def test_auto_taps_follow_the_held_out_rule(tiny_vit, references) -> None:
     assert (aps[w == 1] >= 0.5 * aps.max() - 1e-9).all() and (aps[w == 0] < 0.5 * aps.max()).all()
 
 
+def test_mid_plus_first_adds_the_first_tap_only_where_it_localises_best(tiny_vit, references, monkeypatch) -> None:
+    from scorer import fit as fit_mod
+
+    head = fit_head(tiny_vit, references, options=replace(FAST, knn_taps="mid+first"))
+    choice = head.meta["tap_choice"]
+    aps = np.array([t["pixel_ap"] for t in choice["per_tap"]])
+    assert choice["first_added"] == bool(aps[0] >= aps[1:3].max())
+    assert head.options.tap_weights == (float(choice["first_added"]), 1.0, 1.0, 0.0)
+    # both outcomes, with the held-out APs made to say so
+    for made, want in (([0.9, 0.5, 0.6, 0.1], 1.0), ([0.59, 0.5, 0.6, 0.9], 0.0)):
+        fake = [{"pixel_ap": a, "image_auroc": 0.5, "score": a} for a in made]
+        monkeypatch.setattr(fit_mod, "_held_out_per_tap", lambda *a, fake=fake, made=made: (fake, np.array(made)))
+        h = fit_head(tiny_vit, references, options=replace(FAST, knn_taps="mid+first", support_views="none"))
+        assert h.options.tap_weights == (want, 1.0, 1.0, 0.0)
+    # one reference: the prior stands, no held-out judgement at all
+    monkeypatch.setattr(fit_mod, "_held_out_per_tap", lambda *a: pytest.fail("judged taps at K = 1"))
+    one = fit_head(tiny_vit, references[:1], options=replace(FAST, knn_taps="mid+first"))
+    assert one.options.tap_weights == (0.0, 1.0, 1.0, 0.0) and "K = 1" in one.meta["tap_choice"]["rule"]
+
+
 def test_knn_taps_all_is_the_plain_mean(tiny_vit, references) -> None:
     head = fit_head(tiny_vit, references, options=replace(FAST, knn_taps="all"))
     assert head.options.tap_weights is None and "tap_choice" not in head.meta
@@ -81,5 +101,5 @@ def test_fit_option_strings_for_the_new_options() -> None:
     assert not opts.guard and opts.knn_taps == "all" and opts.score.letterbox and opts.n_validation == 8
     with pytest.raises(ConfigError, match="guard='maybe' must be true or false"):
         FitOptions().with_strings({"guard": "maybe"})
-    with pytest.raises(ConfigError, match="knn_taps must be one of mid, auto, all"):
+    with pytest.raises(ConfigError, match="knn_taps must be one of mid, mid\\+first, auto, all"):
         FitOptions().with_strings({"knn_taps": "some"})
