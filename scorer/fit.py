@@ -564,12 +564,18 @@ def choose_mid_plus_first(
     if n_refs < 2:
         return weights, {"rule": "mid-level taps (K = 1: no leave-one-out held-out set to judge the first tap)"}
     per_tap, aps = _held_out_per_tap(head, ref_feats, held)
+    per_tap = per_tap[: n - 1]  # the last tap is never chosen (nor embedded, when only this head is fitted)
     first = bool(aps[0] > 0 and aps[0] >= aps[1 : n - 1].max())
     if first:
         weights = (1.0, *weights[1:])
     rule = "mid-level taps, plus the first where its held-out pixel AP is at least every mid-level tap's"
-    return weights, {"rule": rule, "taps": list(head.taps), "per_tap": per_tap, "first_added": first,
-                     "weights": list(weights)}
+    return weights, {
+        "rule": rule,
+        "taps": list(head.taps),
+        "per_tap": per_tap,
+        "first_added": first,
+        "weights": list(weights),
+    }
 
 
 def _fit_knn(
@@ -609,10 +615,10 @@ def _fit_heads(
         if base_head.proj_w is None:
             raise HeadError("the base head has no projections (is it a knn head?)")
     n_taps = len(backbone.taps)
-    # Only a knn head on the mid-level taps is fitted: nothing reads the last tap, so the held-out set and the
-    # support views skip its blocks (a quarter of DINOv2's); the views' rows of that tap's bank are zeros,
+    # Only a knn head on the mid-level taps (or mid+first) is fitted: nothing reads the last tap, so the held-out
+    # set and the support views skip its blocks (a quarter of DINOv2's); the views' rows of that tap's bank are zeros,
     # never nearest, so were the tap weighted later it would search the references alone.
-    depth = n_taps - 1 if methods == ("knn",) and opts.knn_taps == "mid" and n_taps >= 3 else None
+    depth = n_taps - 1 if methods == ("knn",) and opts.knn_taps in ("mid", "mid+first") and n_taps >= 3 else None
     held = held_out_set(backbone, refs, ref_feats, opts, seed, progress, depth=depth)
     heads: dict[str, Head] = {}
     knn: Head | None = None

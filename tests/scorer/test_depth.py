@@ -69,10 +69,11 @@ def test_scoring_a_mid_tap_knn_head_skips_the_last_block_and_scores_the_same(tin
     assert not (every.image_scores == full.image_scores).all()  # the comparison can tell heads apart
 
 
+@pytest.mark.parametrize("taps", ["mid", "mid+first"])
 def test_a_mid_tap_knn_fit_skips_the_last_block_yet_thresholds_as_with_every_block(
-    tiny_vit, references, monkeypatch
+    tiny_vit, references, monkeypatch, taps
 ) -> None:
-    opts = FitOptions(support_views="rot+flip")
+    opts = FitOptions(support_views="rot+flip", knn_taps=taps)
     calls = _BlockCalls(tiny_vit)
     try:
         shallow = fit_head(tiny_vit, references, method="knn", options=opts)
@@ -89,6 +90,7 @@ def test_a_mid_tap_knn_fit_skips_the_last_block_yet_thresholds_as_with_every_blo
     _FullDepth(tiny_vit, monkeypatch)
     full = fit_head(tiny_vit, references, method="knn", options=opts)
     assert full.meta["view_taps"] == 3  # same rule; the backbone just ran every block
+    assert shallow.options.tap_weights == full.options.tap_weights
     assert shallow.image_threshold == full.image_threshold
     assert shallow.pixel_threshold == full.pixel_threshold
     for a, b in zip(shallow.bank[:3], full.bank[:3], strict=True):
