@@ -124,8 +124,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=EVAL_METHODS,
         default=list(EVAL_METHODS),
-        help="knn: the default head (mid-level taps); knn-mean: every tap averaged; knn-auto: taps chosen on "
-        "held-out data; knn-midfirst: mid-level taps plus the first where the held-out set says it localises best; "
+        help="knn: the default head (mid-level taps, plus the first where the held-out set says it localises "
+        "best); knn-mid: the mid-level taps only; knn-mean: every tap averaged; knn-auto: taps chosen on "
+        "held-out data; "
         "cff: the calibrated head behind its guard; cff-unguarded: without it",
     )
     p.add_argument(

@@ -276,9 +276,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the whole system on the embedded broker with demo cameras")
     p.add_argument("--data", default=None, help="MVTec-layout category to stream (default: generated demo)")
     p.add_argument("--out", default="out/run")
-    p.add_argument(
-        "--duration", type=float, default=None, help="seconds (default: until Ctrl-C)"
-    )
+    p.add_argument("--duration", type=float, default=None, help="seconds (default: until Ctrl-C)")
     p.add_argument("--summary-json", default=None)
     p.add_argument("--cameras", type=int, default=2)
     p.add_argument(
@@ -291,9 +289,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     add_method_arg(p)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--refit", action="store_true", help="fit a new head version even if the store has one")
-    p.add_argument(
-        "--metrics-port", type=int, default=9100, help="/metrics of all components"
-    )
+    p.add_argument("--metrics-port", type=int, default=9100, help="/metrics of all components")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument(
         "--prometheus",

@@ -10,7 +10,7 @@ EVAL_METHODS = (
     "knn",
     "knn-mean",
     "knn-auto",
-    "knn-midfirst",
+    "knn-mid",
     "knn-views",
     "knn-noviews",
     "aprilgan",

@@ -84,7 +84,7 @@ HeadFactory = Callable[[str, Backbone, list[np.ndarray], BackboneOutput, int], H
 # knn variants that differ from the default knn head by one FitOptions field each (the ablation rows)
 VARIANTS: dict[str, dict[str, str]] = {
     "knn-auto": {"knn_taps": "auto"},
-    "knn-midfirst": {"knn_taps": "mid+first"},
+    "knn-mid": {"knn_taps": "mid"},
     "knn-views": {"support_views": "rot+flip"},
     "knn-noviews": {"support_views": "none"},
 }

@@ -74,10 +74,11 @@ class FitOptions:
     # Held-out synthetic anomalies (another seed than the training ones): thresholds, the knn tap choice and
     # the cff guard are measured on them and on held-out references, never on what a head was trained on.
     n_validation: int = 16
-    # mid: the inner taps only (first and last tapped blocks dropped: PatchCore's mid-level features; measured
-    # better on image AUROC and pixel AP on both shared datasets, BENCHMARKS.md); auto: taps chosen on the
+    # mid+first (the default): the inner taps (first and last tapped blocks dropped: PatchCore's mid-level
+    # features), plus the first where a K >= 2 leave-one-out held-out set says it localises best of all
+    # (choose_mid_plus_first; BENCHMARKS.md round 4); mid: the inner taps only; auto: taps chosen on the
     # held-out set; all: the plain mean of every tap (AnomalyDINO-style)
-    knn_taps: str = "mid"
+    knn_taps: str = "mid+first"
     # Extra views of each reference in the knn bank (VisionAD-style support augmentation): flips, quarter
     # turns, or both. "auto" = rot+flip for up to AUTO_VIEWS_UP_TO references (a few images miss the
     # orientations a part is seen in; +0.6..+2.5 image AUROC and +0.6..+2.2 pixel AP at K = 1, 2, 4 on both

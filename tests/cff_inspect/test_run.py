@@ -41,6 +41,7 @@ def _run(tmp_path: Path, summary: Path, duration: str) -> subprocess.CompletedPr
         timeout=240,
     )
 
+
 def test_bounded_run_summary(tmp_path) -> None:
     summary = tmp_path / "summary.json"
     proc = _run(tmp_path, summary, "8")

@@ -114,7 +114,7 @@ def test_camera_attributes_from_the_list_the_flag_and_every_camera(tmp_path) -> 
     assert both[0].attributes == {"plant": "P1", "line": "L3", "station": "7"}  # the camera's own value wins
     assert both[1].attributes["plant"] == "P1" and both[1].attributes["line"] == "L4"
     for bad, match in (
-        ('attributes = { line = 3 }', "attribute line must be a string"),
+        ("attributes = { line = 3 }", "attribute line must be a string"),
         ('attributes = { "bad key" = "v" }', "attribute name 'bad key'"),
         ('attributes = "line=L1"', "attributes must be a table"),
         ('attributes = { line = "' + "v" * 300 + '" }', "at most 256"),

@@ -61,7 +61,11 @@ def test_the_shipped_descriptor_set_has_every_message_and_the_language_options()
     assert "google/protobuf/timestamp.proto" in files  # imports included: usable on its own
     ours = [f for n, f in files.items() if n.startswith("inspection_pb/v1/")]
     assert {f.name.rsplit("/", 1)[1] for f in ours} == {
-        "calibrator.proto", "common.proto", "frames.proto", "heads.proto", "results.proto"
+        "calibrator.proto",
+        "common.proto",
+        "frames.proto",
+        "heads.proto",
+        "results.proto",
     }
     for f in ours:
         assert f.options.go_package.endswith(";inspectionv1")

@@ -45,7 +45,7 @@ def test_a_shallow_forward_gives_the_same_early_taps_and_zeros_after(tiny_vit) -
 def test_head_depth_is_the_last_weighted_tap_for_knn_and_every_tap_for_learned_heads(
     tiny_vit, references, fitted_heads
 ) -> None:
-    knn = fit_head(tiny_vit, references, method="knn", options=FitOptions(support_views="none"))
+    knn = fit_head(tiny_vit, references, method="knn", options=FitOptions(support_views="none", knn_taps="mid"))
     assert knn.options.tap_weights == (0.0, 1.0, 1.0, 0.0) and knn.depth == 3
     assert knn.with_options(tap_weights=None).depth == 4
     assert knn.with_options(tap_weights=(1.0, 0.0, 0.0, 0.0)).depth == 1
@@ -53,7 +53,7 @@ def test_head_depth_is_the_last_weighted_tap_for_knn_and_every_tap_for_learned_h
 
 
 def test_scoring_a_mid_tap_knn_head_skips_the_last_block_and_scores_the_same(tiny_vit, references, monkeypatch) -> None:
-    knn = fit_head(tiny_vit, references, method="knn", options=FitOptions(support_views="none"))
+    knn = fit_head(tiny_vit, references, method="knn", options=FitOptions(support_views="none", knn_taps="mid"))
     calls = _BlockCalls(tiny_vit)
     try:
         shallow = knn.score(references)
