@@ -18,23 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scorer import data
-from scorer.backbones import load_backbone
-from scorer.backbones.base import auto_precision
-from scorer.fit import fit_head
-from scorer.head import search_dtype
-from scorer.images import load_image
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "kolektor_sdd"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.score_cost import kolektor  # noqa: E402
+from scorer.fit import fit_head  # noqa: E402
+from scorer.head import search_dtype  # noqa: E402
 
 
 def main(k: int = 4, n: int = 8, rounds: int = 3) -> None:
-    torch.set_num_threads(2)
-    bb = load_backbone("dinov2-vits14")
-    bb.set_precision(auto_precision("cpu"))
-    cat = data.discover(DATA)[0]
-    refs = [load_image(p) for p in data.draw_references(cat.train, k, 0)]
-    test = [load_image(s.path) for s in cat.test[:n]]
+    bb, refs, test = kolektor(k, n)
     head = fit_head(bb, refs, method="knn")
     head = head.with_options(bank_dtype=search_dtype(head))  # what a worker's --bank-dtype auto searches in
     real = bb.extract

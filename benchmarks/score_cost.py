@@ -25,13 +25,19 @@ from scorer.images import load_image
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "kolektor_sdd"
 
 
-def main(k: int = 4, n: int = 8, bank_dtype: str = "float32") -> None:
+def kolektor(k: int, n: int) -> tuple:
+    """The CPU benchmarks' set-up: 2 threads, dinov2-vits14 at this CPU's precision, kolektor_sdd's K seed-0
+    references and its first ``n`` test images -> (backbone, references, test images)."""
     torch.set_num_threads(2)
     bb = load_backbone("dinov2-vits14")
     bb.set_precision(auto_precision("cpu"))
     cat = data.discover(DATA)[0]
     refs = [load_image(p) for p in data.draw_references(cat.train, k, 0)]
-    test = [load_image(s.path) for s in cat.test[:n]]
+    return bb, refs, [load_image(s.path) for s in cat.test[:n]]
+
+
+def main(k: int = 4, n: int = 8, bank_dtype: str = "float32") -> None:
+    bb, refs, test = kolektor(k, n)
     with bb.precision_scope(bb.precision):
         tokens = bb.embed(test)
     for views in ("none", "flip", "rot+flip"):

@@ -349,6 +349,23 @@ class Reconnector:
         self.error = None
 
 
+def fetched_positions(consumer) -> list[tuple[object, int, int]]:  # noqa: ANN001 - a kafka-python KafkaConsumer
+    """(partition, fetched high-water mark, position) of each assigned partition that has both, from the
+    consumer's local state; a partition mid-rebalance or reconnecting is left out until next time."""
+    out = []
+    for tp in consumer.assignment():
+        hw = consumer.highwater(tp)
+        if hw is None:
+            continue
+        try:
+            pos = consumer.position(tp, timeout_ms=1000)
+        except Exception:  # noqa: BLE001 - mid-rebalance or reconnecting: look again next time
+            continue
+        if pos is not None:
+            out.append((tp, hw, pos))
+    return out
+
+
 class LostLogRewind:
     """Rewinds partitions whose position is past the log end: the broker lost its log and counts from 0 again.
 
@@ -374,15 +391,8 @@ class LostLogRewind:
         now = self.clock()
         due: list[tuple[object, int, int]] = []  # (partition, position, high-water mark)
         seen: dict[object, tuple[int, float]] = {}
-        for tp in consumer.assignment():
-            hw = consumer.highwater(tp)
-            if hw is None:
-                continue
-            try:
-                pos = consumer.position(tp, timeout_ms=1000)
-            except Exception:  # noqa: BLE001 - mid-rebalance or reconnecting: look again next time
-                continue
-            if pos is None or pos <= hw:
+        for tp, hw, pos in fetched_positions(consumer):
+            if pos <= hw:
                 continue
             first = self._suspect.get(tp)
             since = first[1] if first is not None and first[0] == pos else now

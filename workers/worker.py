@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from inspection_core.errors import KafkaError
-from inspection_core.kafka import KafkaConfig, LostLogRewind, Reconnector
+from inspection_core.kafka import KafkaConfig, LostLogRewind, Reconnector, fetched_positions
 from inspection_core.names import DeadLetterReason
 from inspection_core.wire import CONTENT_TYPE, content_type, encode, header
 from inspection_pb.v1 import frames_pb2, results_pb2
@@ -77,7 +76,7 @@ class Outputs(NamedTuple):
     dead_letters: list[DeadLetter]
 
 
-def _assignment_log(worker_id: str, consumer_of: Callable[[], object]):  # noqa: ANN202 - a ConsumerRebalanceListener
+def _assignment_log(worker_id: str, consumer):  # noqa: ANN001, ANN202 - a KafkaConsumer -> a ConsumerRebalanceListener
     """Logs each rebalance's outcome: which frames partitions this worker reads, of how many the topic has, and
     whether this worker made the assignment (the group leader) is what an operator asks first."""
     from kafka import ConsumerRebalanceListener
@@ -87,7 +86,6 @@ def _assignment_log(worker_id: str, consumer_of: Callable[[], object]):  # noqa:
             pass
 
         def on_partitions_assigned(self, assigned) -> None:  # noqa: ANN001
-            consumer = consumer_of()
             parts = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "no partition"
             topics = sorted(consumer.subscription() or ())
             known = {t: len(consumer.partitions_for_topic(t) or ()) for t in topics}
@@ -371,16 +369,7 @@ class Worker:
             return
         self._lag_t = time.monotonic()
         current: set[int] = set()
-        for tp in self.consumer.assignment():
-            hw = self.consumer.highwater(tp)
-            if hw is None:
-                continue
-            try:
-                pos = self.consumer.position(tp, timeout_ms=1000)
-            except Exception:  # noqa: BLE001 - mid-rebalance: try again next time
-                continue
-            if pos is None:
-                continue
+        for tp, hw, pos in fetched_positions(self.consumer):
             metrics.CONSUMER_LAG.labels(partition=str(tp.partition)).set(max(0, hw - pos))
             current.add(tp.partition)
         for p in self._lag_partitions - current:  # revoked by a rebalance: not ours to report
@@ -439,7 +428,7 @@ class Worker:
         self._reconnector.stop = self.stop_event  # `cff-inspect run` shares one stop event among its parts
         self.consumer = self.kafka.consumer(group_id=self.cfg.group_id)
         self.consumer.subscribe(
-            [self.kafka.topics["frames"]], listener=_assignment_log(self.cfg.worker_id, lambda: self.consumer)
+            [self.kafka.topics["frames"]], listener=_assignment_log(self.cfg.worker_id, self.consumer)
         )
         self.producer = self.kafka.producer()
         log.info(

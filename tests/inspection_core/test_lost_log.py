@@ -35,6 +35,16 @@ def _produce(kafka: KafkaConfig, tp: TopicPartition, n: int) -> None:
     p.close()
 
 
+def _setup(start_broker, produced: int, at: int) -> tuple[KafkaConsumer, TopicPartition, _Clock, LostLogRewind]:  # noqa: ANN001
+    """A one-partition frames topic holding ``produced`` records, a consumer standing at offset ``at`` and a
+    rewind with a 2 s settle time on a clock the test moves."""
+    kafka = start_broker(partitions=1)
+    tp = TopicPartition(kafka.topics["frames"], 0)
+    _produce(kafka, tp, produced)
+    clock = _Clock()
+    return _consumer_at(kafka, tp, at), tp, clock, LostLogRewind("test", settle_s=2.0, clock=clock)
+
+
 def _poll_until_highwater(c: KafkaConsumer, tp: TopicPartition) -> list:
     got = poll_records(c, until=lambda _: c.highwater(tp) is not None, timeout=20)
     assert c.highwater(tp) is not None, "no fetch response arrived"
@@ -42,12 +52,7 @@ def _poll_until_highwater(c: KafkaConsumer, tp: TopicPartition) -> list:
 
 
 def test_a_consumer_past_the_end_is_rewound_once_it_stays_there(start_broker) -> None:
-    kafka = start_broker(partitions=1)
-    tp = TopicPartition(kafka.topics["frames"], 0)
-    _produce(kafka, tp, 10)
-    c = _consumer_at(kafka, tp, 500)  # where it stood before the broker lost its log
-    clock = _Clock()
-    rewind = LostLogRewind("test", settle_s=2.0, clock=clock)
+    c, tp, clock, rewind = _setup(start_broker, 10, 500)  # where it stood before the broker lost its log
     try:
         assert _poll_until_highwater(c, tp) == []  # Tansu: no error, no records
         assert c.highwater(tp) == 10 and c.position(tp) == 500
@@ -64,12 +69,7 @@ def test_a_consumer_past_the_end_is_rewound_once_it_stays_there(start_broker) ->
 
 
 def test_a_consumer_at_or_before_the_end_is_left_alone(start_broker) -> None:
-    kafka = start_broker(partitions=1)
-    tp = TopicPartition(kafka.topics["frames"], 0)
-    _produce(kafka, tp, 5)
-    c = _consumer_at(kafka, tp, 0)
-    clock = _Clock()
-    rewind = LostLogRewind("test", settle_s=2.0, clock=clock)
+    c, tp, clock, rewind = _setup(start_broker, 5, 0)
     try:
         got = poll_records(c, until=lambda recs: len(recs) >= 5 and c.highwater(tp) is not None, timeout=20)
         assert len(got) == 5 and c.position(tp) == 5 == c.highwater(tp)
@@ -83,12 +83,7 @@ def test_a_consumer_at_or_before_the_end_is_left_alone(start_broker) -> None:
 
 def test_a_position_that_moves_is_not_rewound(start_broker) -> None:
     """Past the end but moving (a high-water mark that lags a fetch): the settle clock starts again."""
-    kafka = start_broker(partitions=1)
-    tp = TopicPartition(kafka.topics["frames"], 0)
-    _produce(kafka, tp, 1)
-    c = _consumer_at(kafka, tp, 100)
-    clock = _Clock()
-    rewind = LostLogRewind("test", settle_s=2.0, clock=clock)
+    c, tp, clock, rewind = _setup(start_broker, 1, 100)
     try:
         _poll_until_highwater(c, tp)
         assert rewind.check(c) == []
