@@ -470,6 +470,57 @@ def _bank_without(head: Head, ref_feats: BackboneOutput, j: int | None) -> Head:
     return replace(head, bank=bank_for(head, sub) if head.bank_features != "raw" else build_bank(sub))
 
 
+@dataclass(frozen=True)
+class HeldOutSearch:
+    """The held-out set searched once, tap by tap, against a head's leave-one-out banks.
+
+    The search is most of a fit's thresholding; with it the tap judgement and the thresholds of the chosen
+    fusion read the same per-tap grids instead of searching again (the fused maps are the same bits: the
+    same grids, batched the same way, fused and blurred by the same code).
+    """
+
+    taps: tuple[int, ...]  # the taps searched; the others' grids are zeros
+    bank_rows: tuple[int, ...]  # the bank it was searched against (rows per tap), to refuse another head's
+    normals: torch.Tensor  # (n, S, gh, gw) float32
+    anomalies: torch.Tensor
+
+    def serves(self, head: Head) -> bool:
+        return set(head.weighted_taps()) <= set(self.taps) and self.bank_rows == tuple(b.shape[0] for b in head.bank)
+
+
+def _by_source(src: Sequence[int | None]) -> list[tuple[int | None, list[int]]]:
+    """Query indices grouped by the reference they came from (None first), each group scored on one bank."""
+    return [
+        (j, [i for i in range(len(src)) if src[i] == j]) for j in sorted(set(src), key=lambda x: -1 if x is None else x)
+    ]
+
+
+def _for_search(head: Head) -> Head:
+    """The bank is searched in the dtype a worker on this machine would use (``search_dtype``), so thresholds
+    are set on the scores production sees."""
+    if (dtype := search_dtype(head)) != head.options.bank_dtype:
+        head = head.with_options(bank_dtype=dtype)  # a copy only where it differs: the head's device cache stays
+    return head
+
+
+def search_held_out(head: Head, ref_feats: BackboneOutput, held: HeldOut, taps: Sequence[int]) -> HeldOutSearch:
+    """Per-tap grids of the held-out normals and anomalies, each against the bank without its source."""
+    head = _for_search(head)
+
+    def grids(queries: BackboneOutput, src: Sequence[int | None]) -> torch.Tensor:
+        out = torch.zeros(len(queries), head.n_stages, *head.grid)
+        for j, idx in _by_source(src):
+            out[idx] = _bank_without(head, ref_feats, j).search_features(queries.select(idx), taps=taps)
+        return out
+
+    return HeldOutSearch(
+        tuple(taps),
+        tuple(b.shape[0] for b in head.bank),
+        grids(held.normals, held.normal_src),
+        grids(held.anomalies, held.anomaly_src),
+    )
+
+
 def held_out_scores(
     head: Head,
     ref_feats: BackboneOutput,
@@ -477,22 +528,23 @@ def held_out_scores(
     src: Sequence[int | None],
     *,
     per_stage: bool = False,
+    grids: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Scores, maps (and stage maps) of ``queries``, each against the bank without its source reference.
 
-    The bank is searched in the dtype a worker on this machine would use (``search_dtype``), so thresholds
-    are set on the scores production sees.
+    ``grids``: the queries' ``HeldOutSearch`` grids, which stand for the search.
     """
-    if (dtype := search_dtype(head)) != head.options.bank_dtype:
-        head = head.with_options(bank_dtype=dtype)  # a copy only where it differs: the head's device cache stays
+    head = _for_search(head)
     n = len(queries)
     scores = np.zeros(n, np.float32)
     maps = np.zeros((n, head.options.map_size, head.options.map_size), np.float32)
     stages = None
     with torch.inference_mode():
-        for j in sorted(set(src), key=lambda x: -1 if x is None else x):
-            idx = [i for i in range(n) if src[i] == j]
-            sc, mp, st = _bank_without(head, ref_feats, j).score_features(queries.select(idx), per_stage=per_stage)
+        for j, idx in _by_source(src):
+            if grids is None:
+                sc, mp, st = _bank_without(head, ref_feats, j).score_features(queries.select(idx), per_stage=per_stage)
+            else:
+                sc, mp, st = head.score_features(queries.select(idx), per_stage=per_stage, grids=grids[idx])
             scores[idx], maps[idx] = sc, mp
             if st is not None:
                 if stages is None:
@@ -510,28 +562,36 @@ def _ranking(normal: np.ndarray, anomalous: np.ndarray, a_maps: np.ndarray, mask
     return {"image_auroc": float(i_auroc), "pixel_ap": float(p_ap), "score": float(np.mean(vals)) if vals else 0.0}
 
 
-def _held_out_per_tap(head: Head, ref_feats: BackboneOutput, held: HeldOut) -> tuple[list[dict], np.ndarray]:
-    """Each tap's held-out ranking alone (``_ranking``) and its pixel APs (0 where undefined)."""
+def _held_out_per_tap(
+    head: Head, ref_feats: BackboneOutput, held: HeldOut, taps: Sequence[int]
+) -> tuple[list[dict], np.ndarray, HeldOutSearch]:
+    """Each of ``taps``' held-out ranking alone (``_ranking``), its pixel APs (0 where undefined), and the
+    search they came from (for the thresholds of whichever fusion is chosen)."""
     plain = head.with_options(tap_weights=None)
-    n_sc, _, n_st = held_out_scores(plain, ref_feats, held.normals, held.normal_src, per_stage=True)
-    a_sc, _, a_st = held_out_scores(plain, ref_feats, held.anomalies, held.anomaly_src, per_stage=True)
+    search = search_held_out(plain, ref_feats, held, taps)
+    _, _, n_st = held_out_scores(plain, ref_feats, held.normals, held.normal_src, per_stage=True, grids=search.normals)
+    _, _, a_st = held_out_scores(
+        plain, ref_feats, held.anomalies, held.anomaly_src, per_stage=True, grids=search.anomalies
+    )
     assert n_st is not None and a_st is not None
     per_tap = []
-    for s in range(n_st.shape[1]):
+    for s in taps:
         ns = image_score(torch.from_numpy(n_st[:, s].astype(np.float32)), head.options).numpy()
         an = image_score(torch.from_numpy(a_st[:, s].astype(np.float32)), head.options).numpy()
         per_tap.append(_ranking(ns, an, a_st[:, s], held.masks))
     aps = np.array([0.0 if not math.isfinite(t["pixel_ap"]) else t["pixel_ap"] for t in per_tap])
-    return per_tap, aps
+    return per_tap, aps, search
 
 
-def choose_knn_taps(head: Head, ref_feats: BackboneOutput, held: HeldOut) -> tuple[tuple[float, ...], dict]:
+def choose_knn_taps(
+    head: Head, ref_feats: BackboneOutput, held: HeldOut
+) -> tuple[tuple[float, ...], dict, HeldOutSearch]:
     """Fusion weights of a knn head from the held-out set alone.
 
     A tap whose map localises the held-out synthetic anomalies at less than half the best tap's pixel AP is
     dropped (on the encoder here: the last block, a saliency-tuned, semantic layer); the others are averaged.
     """
-    per_tap, aps = _held_out_per_tap(head, ref_feats, held)
+    per_tap, aps, search = _held_out_per_tap(head, ref_feats, held, range(len(head.taps)))
     keep = aps >= 0.5 * aps.max() if aps.max() > 0 else np.ones(len(aps), bool)
     weights = tuple(float(x) for x in keep.astype(np.float32))
     record = {
@@ -540,7 +600,7 @@ def choose_knn_taps(head: Head, ref_feats: BackboneOutput, held: HeldOut) -> tup
         "per_tap": per_tap,
         "weights": list(weights),
     }
-    return weights, record
+    return weights, record, search
 
 
 def mid_taps(n: int) -> tuple[float, ...]:
@@ -550,7 +610,7 @@ def mid_taps(n: int) -> tuple[float, ...]:
 
 def choose_mid_plus_first(
     head: Head, ref_feats: BackboneOutput, held: HeldOut, n_refs: int
-) -> tuple[tuple[float, ...], dict]:
+) -> tuple[tuple[float, ...], dict, HeldOutSearch | None]:
     """The mid-level taps, plus the first tap only where the held-out set says it localises best of all.
 
     The mid-level taps are the prior (PatchCore's argument, and the best rule measured on real defects); the
@@ -563,40 +623,48 @@ def choose_mid_plus_first(
     n = len(head.taps)
     weights = mid_taps(n)
     if n_refs < 2:
-        return weights, {"rule": "mid-level taps (K = 1: no leave-one-out held-out set to judge the first tap)"}
-    per_tap, aps = _held_out_per_tap(head, ref_feats, held)
-    per_tap = per_tap[: n - 1]  # the last tap is never chosen (nor embedded, when only this head is fitted)
+        rule = "mid-level taps (K = 1: no leave-one-out held-out set to judge the first tap)"
+        return weights, {"rule": rule}, None
+    # the last tap is never chosen (nor embedded, when only this head is fitted), so it is not searched either
+    per_tap, aps, search = _held_out_per_tap(head, ref_feats, held, range(n - 1))
     first = bool(aps[0] > 0 and aps[0] >= aps[1 : n - 1].max())
     if first:
         weights = (1.0, *weights[1:])
     rule = "mid-level taps, plus the first where its held-out pixel AP is at least every mid-level tap's"
-    return weights, {
-        "rule": rule,
-        "taps": list(head.taps),
-        "per_tap": per_tap,
-        "first_added": first,
-        "weights": list(weights),
-    }
+    return (
+        weights,
+        {
+            "rule": rule,
+            "taps": list(head.taps),
+            "per_tap": per_tap,
+            "first_added": first,
+            "weights": list(weights),
+        },
+        search,
+    )
 
 
 def _fit_knn(
     backbone: Backbone, ref_feats: BackboneOutput, held: HeldOut, opts: FitOptions, *, n_refs: int, views: str
-) -> tuple[Head, dict | None]:
-    """``ref_feats`` holds the references, then each view of them in the same order (``n_refs`` sources)."""
+) -> tuple[Head, dict | None, HeldOutSearch | None]:
+    """``ref_feats`` holds the references, then each view of them in the same order (``n_refs`` sources).
+
+    Also the held-out search the tap choice made, if it made one, for the thresholds to reuse.
+    """
     from scorer.head import knn_head
 
     head = knn_head(backbone, ref_feats, replace(opts.score, tap_weights=None))
     head.meta.update(shots=n_refs, bank_sources=n_refs, support_views=views, bank_images=len(ref_feats))
     n = len(backbone.taps)
     if opts.knn_taps == "all" or n < 3:
-        return head, None
+        return head, None, None
     if opts.knn_taps == "mid":
-        return head.with_options(tap_weights=mid_taps(n)), {"rule": "mid-level taps (first and last dropped)"}
+        return head.with_options(tap_weights=mid_taps(n)), {"rule": "mid-level taps (first and last dropped)"}, None
     if opts.knn_taps == "mid+first":
-        weights, record = choose_mid_plus_first(head, ref_feats, held, n_refs)
+        weights, record, search = choose_mid_plus_first(head, ref_feats, held, n_refs)
     else:
-        weights, record = choose_knn_taps(head, ref_feats, held)
-    return head.with_options(tap_weights=weights), record
+        weights, record, search = choose_knn_taps(head, ref_feats, held)
+    return head.with_options(tap_weights=weights), record, search
 
 
 def _fit_heads(
@@ -624,6 +692,7 @@ def _fit_heads(
     heads: dict[str, Head] = {}
     knn: Head | None = None
     knn_record: dict | None = None
+    knn_search: HeldOutSearch | None = None
     knn_feats = ref_feats
     if "knn" in methods or ("cff" in methods and opts.guard):
         kind = views_for(opts.support_views, len(refs))
@@ -636,7 +705,7 @@ def _fit_heads(
             with backbone.precision_scope(backbone.precision):
                 extra_feats = backbone.embed(extra, letterbox=opts.score.letterbox, progress=views_done, depth=depth)
             knn_feats = concat_outputs([ref_feats, extra_feats])
-        knn, knn_record = _fit_knn(backbone, knn_feats, held, opts, n_refs=len(refs), views=kind)
+        knn, knn_record, knn_search = _fit_knn(backbone, knn_feats, held, opts, n_refs=len(refs), views=kind)
         knn.meta["view_taps"] = depth or n_taps  # taps of the views' bank rows; later ones are zero rows
     learned: dict[str, Head] = {}
     meta: dict = {"shots": len(refs), "base_head": base_head is not None}
@@ -646,7 +715,7 @@ def _fit_heads(
     thresholds = Counter(progress, "thresholds", (knn is not None) + sum(name in methods for name in learned))
     thresholds.start()
     if knn is not None:
-        knn = calibrate_thresholds(knn, knn_feats, held, opts, meta={"shots": len(refs)})
+        knn = calibrate_thresholds(knn, knn_feats, held, opts, meta={"shots": len(refs)}, search=knn_search)
         thresholds.step(detail="knn")
         if knn_record is not None:
             knn.meta["tap_choice"] = knn_record
@@ -898,7 +967,13 @@ def _augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def calibrate_thresholds(
-    head: Head, ref_feats: BackboneOutput, held: HeldOut, opts: FitOptions, *, meta: dict | None = None
+    head: Head,
+    ref_feats: BackboneOutput,
+    held: HeldOut,
+    opts: FitOptions,
+    *,
+    meta: dict | None = None,
+    search: HeldOutSearch | None = None,
 ) -> Head:
     """Image and pixel thresholds, and the head's held-out quality, from the held-out set.
 
@@ -906,8 +981,14 @@ def calibrate_thresholds(
     rate (std floored at 5 % of the mean, since K is tiny). Pixel: the F1-best threshold on the held-out
     synthetic anomalies, but never below the (1 - pixel_far) quantile of held-out normal pixels.
     """
-    n_scores, n_maps, _ = held_out_scores(head, ref_feats, held.normals, held.normal_src)
-    a_scores, a_maps, _ = held_out_scores(head, ref_feats, held.anomalies, held.anomaly_src)
+    if search is not None and not search.serves(head):
+        raise HeadError(
+            f"the held-out search covers taps {search.taps} of banks of {search.bank_rows} rows; the head weights "
+            f"taps {head.weighted_taps()} of banks of {tuple(b.shape[0] for b in head.bank)} rows"
+        )
+    n_grids, a_grids = (None, None) if search is None else (search.normals, search.anomalies)
+    n_scores, n_maps, _ = held_out_scores(head, ref_feats, held.normals, held.normal_src, grids=n_grids)
+    a_scores, a_maps, _ = held_out_scores(head, ref_feats, held.anomalies, held.anomaly_src, grids=a_grids)
     z = NormalDist().inv_cdf(1 - opts.image_far)
     mu, sd = float(n_scores.mean()), float(n_scores.std())
     sd = max(sd, 0.05 * abs(mu))

@@ -202,6 +202,15 @@ class Head:
 
     # -- maps ----------------------------------------------------------------
     def score_tokens(self, out: BackboneOutput, *, fold: bool = True, per_stage: bool = False) -> TokenScores:
+        taps = range(self.n_stages) if per_stage else None
+        return self.maps_from_grids(self.stage_grids(out, fold=fold, taps=taps), out.content, per_stage=per_stage)
+
+    def stage_grids(self, out: BackboneOutput, *, fold: bool = True, taps: Sequence[int] | None = None) -> torch.Tensor:
+        """(B, S, gh, gw) float32 per-tap anomaly grids: the bank search, the costly part of scoring.
+
+        ``taps``: the taps to search (default: those the fusion weights); the others are zeros. Kept apart from
+        ``maps_from_grids`` so a fit can search its held-out set once and fuse the taps several ways.
+        """
         tokens = out.tokens
         if len(tokens) != self.n_stages:
             raise HeadError(f"backbone gave {len(tokens)} stages, head expects {self.n_stages}")
@@ -217,13 +226,13 @@ class Head:
         opts = self.options
         b = tokens[0].shape[0]
         gh, gw = self.grid
+        search = set(self.weighted_taps() if taps is None else taps)
         calibrated, projected = self.stage_features(tokens, fold=fold)
         bank_q = self.bank_view(tokens, calibrated, projected)
         bank = self.on_device(tokens[0].device)["bank"]
         grid_maps = []  # per stage (B, G, G) in "anomaly" units
-        tw = opts.tap_weights
         for i in range(self.n_stages):
-            if tw is not None and tw[i] == 0 and not per_stage:  # a tap the fusion ignores costs no bank search
+            if i not in search:  # a tap the fusion ignores costs no bank search
                 grid_maps.append(tokens[i].new_zeros(b, gh, gw, dtype=torch.float32))
                 continue
             # one matmul per stage (chunked over bank rows) and top-1 where the tokens are
@@ -232,35 +241,70 @@ class Head:
             if self.prototypes is not None and calibrated:
                 stage = stage + opts.proto_weight * self._proto_map(calibrated[i], i)
             grid_maps.append(stage.view(b, gh, gw))
-        stacked = torch.stack(grid_maps, 1)  # (B, S, G, G)
+        return torch.stack(grid_maps, 1)  # (B, S, G, G)
+
+    def weighted_taps(self) -> list[int]:
+        """The taps whose maps the fusion reads (every tap unless some have weight 0)."""
+        tw = self.options.tap_weights
+        return [i for i in range(self.n_stages) if tw is None or tw[i] != 0]
+
+    def maps_from_grids(
+        self, stacked: torch.Tensor, content: torch.Tensor | None, *, per_stage: bool = False
+    ) -> TokenScores:
+        """Fused source-pixel maps and image scores (and per-tap maps) from ``stage_grids``' output."""
+        opts = self.options
         fused_grid = fuse_stages(stacked, self.method, opts.tap_weights)
-        maps = to_source_maps(fused_grid[:, None], opts.map_size, out.content)[:, 0]
+        maps = to_source_maps(fused_grid[:, None], opts.map_size, content)[:, 0]
         if opts.smooth_sigma > 0:
             maps = gaussian_blur(maps, opts.smooth_sigma)
         image_scores = image_score(maps, opts)
         stage_maps = None
         if per_stage:
-            stage_maps = to_source_maps(stacked, opts.map_size, out.content)
+            stage_maps = to_source_maps(stacked, opts.map_size, content)
             if opts.smooth_sigma > 0:
                 stage_maps = gaussian_blur(stage_maps.flatten(0, 1), opts.smooth_sigma).view_as(stage_maps)
         return TokenScores(image_scores=image_scores, maps=maps, stage_maps=stage_maps)
 
     def score_features(
-        self, feats: BackboneOutput, *, batch: int = 8, per_stage: bool = False
+        self,
+        feats: BackboneOutput,
+        *,
+        batch: int = 8,
+        per_stage: bool = False,
+        grids: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Precomputed tokens -> (image scores, float32 maps, float16 stage maps or None), in batches."""
+        """Precomputed tokens -> (image scores, float32 maps, float16 stage maps or None), in batches.
+
+        ``grids``: ``search_features``' output for these tokens (same order), so nothing is searched again.
+        """
         scores, maps, stages = [], [], []
         n = feats.tokens[0].shape[0]
+        if grids is not None and grids.shape[0] != n:
+            raise HeadError(f"{grids.shape[0]} searched grids for {n} images")
         with torch.inference_mode():
             for s in range(0, n, batch):
                 sl = feats.select(slice(s, s + batch))
-                sl = BackboneOutput([t.float() for t in sl.tokens], sl.grid, sl.global_embedding, sl.content)
-                r = self.score_tokens(sl, per_stage=per_stage)
+                if grids is None:
+                    sl = BackboneOutput([t.float() for t in sl.tokens], sl.grid, sl.global_embedding, sl.content)
+                    r = self.score_tokens(sl, per_stage=per_stage)
+                else:
+                    r = self.maps_from_grids(grids[s : s + batch], sl.content, per_stage=per_stage)
                 scores.append(r.image_scores.float().cpu().numpy())
                 maps.append(r.maps.float().cpu().numpy())
                 if per_stage and r.stage_maps is not None:
                     stages.append(r.stage_maps.cpu().numpy().astype(np.float16))
         return np.concatenate(scores), np.concatenate(maps), (np.concatenate(stages) if stages else None)
+
+    def search_features(self, feats: BackboneOutput, *, taps: Sequence[int], batch: int = 8) -> torch.Tensor:
+        """(n, S, gh, gw) per-tap grids of precomputed tokens, batched as ``score_features`` batches them."""
+        out = []
+        n = feats.tokens[0].shape[0]
+        with torch.inference_mode():
+            for s in range(0, n, batch):
+                sl = feats.select(slice(s, s + batch))
+                sl = BackboneOutput([t.float() for t in sl.tokens], sl.grid, sl.global_embedding, sl.content)
+                out.append(self.stage_grids(sl, taps=taps).cpu())
+        return torch.cat(out)
 
     def _proto_map(self, feats: torch.Tensor, i: int) -> torch.Tensor:
         """Anomalous-class probability per token (softmax over the normal/anomalous pair)."""

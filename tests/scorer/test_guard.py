@@ -38,12 +38,13 @@ def test_mid_plus_first_adds_the_first_tap_only_where_it_localises_best(tiny_vit
     head = fit_head(tiny_vit, references, options=replace(FAST, knn_taps="mid+first"))
     choice = head.meta["tap_choice"]
     aps = np.array([t["pixel_ap"] for t in choice["per_tap"]])
+    assert len(aps) == 3  # the last tap is neither judged nor searched
     assert choice["first_added"] == bool(aps[0] >= aps[1:3].max())
     assert head.options.tap_weights == (float(choice["first_added"]), 1.0, 1.0, 0.0)
     # both outcomes, with the held-out APs made to say so
-    for made, want in (([0.9, 0.5, 0.6, 0.1], 1.0), ([0.59, 0.5, 0.6, 0.9], 0.0)):
+    for made, want in (([0.9, 0.5, 0.6], 1.0), ([0.59, 0.5, 0.6], 0.0)):
         fake = [{"pixel_ap": a, "image_auroc": 0.5, "score": a} for a in made]
-        monkeypatch.setattr(fit_mod, "_held_out_per_tap", lambda *a, fake=fake, made=made: (fake, np.array(made)))
+        monkeypatch.setattr(fit_mod, "_held_out_per_tap", lambda *a, fake=fake, made=made: (fake, np.array(made), None))
         h = fit_head(tiny_vit, references, options=replace(FAST, knn_taps="mid+first", support_views="none"))
         assert h.options.tap_weights == (want, 1.0, 1.0, 0.0)
     # one reference: the prior stands, no held-out judgement at all
