@@ -358,24 +358,39 @@ def search_dtype(head: Head) -> str:
     return head.options.bank_dtype
 
 
+# On a CPU the similarity block (query rows x bank rows) is kept to 16 MiB of float32 so it stays in the last-level
+# cache between the matmul that writes it and the max that reads it: on the 2-core EPYC (32 MiB L3) 2048 x 2048
+# blocks searched 1.31x faster than whole 8-image batches against 4096-row bank chunks, with the same bits.
+_CPU_BLOCK = 1 << 22
+_CPU_BANK_STEP = 2048
+
+
 def nn_distance(query: torch.Tensor, bank: torch.Tensor, *, chunk: int = 4096, dtype: str = "float32") -> torch.Tensor:
     """``1 - max cosine`` of every query token to the bank: (B, N, D) x (M, D) -> (B, N).
 
     The bank is stored L2-normalised; the query is normalised here. One matmul per
-    chunk of bank rows keeps memory bounded for large K.
+    block of query and bank rows keeps memory bounded for large K (``chunk``: at most this many bank rows).
     """
     dt = getattr(torch, dtype)
-    q = F.normalize(query.float(), dim=-1).to(dt)
-    bk = bank.to(q.device)
-    if q.is_cuda and q.shape[0] * q.shape[1] * bk.shape[0] * q.element_size() <= 1 << 31:
-        chunk = bk.shape[0]  # the whole bank in one matmul when the similarity block fits in 2 GiB
-    best = None
-    for s in range(0, bk.shape[0], chunk):
-        sims = q @ bk[s : s + chunk].to(dt).T  # (B, N, m)
-        m = sims.amax(-1).float()
-        best = m if best is None else torch.maximum(best, m)
-    assert best is not None
-    return 1.0 - best
+    b, n, d = query.shape
+    q = F.normalize(query.float(), dim=-1).to(dt).reshape(b * n, d)
+    bk = bank.to(q.device, dt)  # a no-op for a head's device cache, which holds the bank in the search dtype
+    if q.is_cuda:
+        rows = q.shape[0]
+        if q.shape[0] * bk.shape[0] * q.element_size() <= 1 << 31:
+            chunk = bk.shape[0]  # the whole bank in one matmul when the similarity block fits in 2 GiB
+    else:
+        chunk = max(1, min(chunk, _CPU_BANK_STEP))
+        rows = max(1, _CPU_BLOCK // chunk)
+    best = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+    for r in range(0, q.shape[0], rows):
+        qq, top = q[r : r + rows], None
+        for s in range(0, bk.shape[0], chunk):
+            m = (qq @ bk[s : s + chunk].T).amax(-1).float()  # (rows, m) -> (rows,)
+            top = m if top is None else torch.maximum(top, m)
+        assert top is not None
+        best[r : r + rows] = top
+    return (1.0 - best).view(b, n)
 
 
 def fuse_stages(stacked: torch.Tensor, method: str, tap_weights: Sequence[float] | None) -> torch.Tensor:

@@ -398,3 +398,21 @@ def test_a_tap_with_zero_weight_is_not_searched_and_the_map_is_unchanged(tiny_vi
     assert n_fast == 2 and len(calls) == 2 + 4
     torch.testing.assert_close(fast.maps, full.maps)
     torch.testing.assert_close(fast.image_scores, full.image_scores)
+
+
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_bank_search_in_blocks_is_the_exact_nearest_cosine(monkeypatch, chunk) -> None:
+    """The CPU search tiles query and bank rows (cache-sized blocks); every tiling gives the nearest cosine."""
+    from scorer import head as head_mod
+
+    gen = torch.Generator().manual_seed(3)
+    query = torch.randn(3, 50, 16, generator=gen)
+    bank = F.normalize(torch.randn(61, 16, generator=gen), dim=-1)
+    want = 1 - (F.normalize(query, dim=-1) @ bank.T).amax(-1)
+    whole = head_mod.nn_distance(query, bank, chunk=chunk)
+    monkeypatch.setattr(head_mod, "_CPU_BLOCK", 64)  # 64 // 7 = 9 query rows a block: ragged tiles both ways
+    tiled = head_mod.nn_distance(query, bank, chunk=chunk)
+    assert whole.shape == tiled.shape == (3, 50)
+    assert torch.allclose(whole, want, atol=1e-6) and torch.allclose(tiled, want, atol=1e-6)
+    low = head_mod.nn_distance(query, bank, chunk=chunk, dtype="bfloat16")
+    assert (low - want).abs().max() < 2e-2
