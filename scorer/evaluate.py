@@ -119,8 +119,9 @@ def default_head_factory(
         key = (seed, tuple(hashlib.sha256(im.tobytes()).hexdigest() for im in images))
         if key not in cache:
             cache.clear()
-            # knn also as the cff guard's reference; it needs no base head
-            wanted = learned + (("knn",) if base_head is None and ("knn" in asked or "cff" in learned) else ())
+            # knn also as the cff guard's reference, with a base head too: it needs none, and `heads fit
+            # --base-head` guards the same way, so the cross-dataset cff row is what that fit deploys
+            wanted = learned + (("knn",) if "knn" in asked or "cff" in learned else ())
             heads = fit_heads_from_features(
                 backbone,
                 images,

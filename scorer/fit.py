@@ -388,7 +388,9 @@ def fit_heads_from_features(
     for m in methods:
         if m not in FIT_METHODS:
             raise ConfigError(f"unknown method {m!r}; known: {', '.join(FIT_METHODS)}")
-    if base_head is not None and "knn" in methods:
+    if base_head is not None and not {"aprilgan", "cff"} & set(methods):
+        # beside a learned head knn may come too (the base head serves the learned one; knn is its guard's
+        # reference), but a base head for knn alone is a mistake worth naming
         raise ConfigError("method knn is training-free and takes no base head")
     with backbone.precision_scope(opts.precision):
         return _fit_heads(backbone, references, ref_feats, base_head, opts, seed, tuple(methods), progress)

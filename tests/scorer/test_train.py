@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inspection_core.errors import DatasetError, HeadError
+from inspection_core.errors import ConfigError, DatasetError, HeadError
 from scorer.artifact import load_head, save_head
 from scorer.demo import make_demo_dataset
 from scorer.evaluate import EvalConfig, run_eval
@@ -50,6 +50,11 @@ def test_cross_dataset_protocol_is_labelled(aux, tiny_vit, tmp_path) -> None:
     )
     assert rep["protocol"] == "cross-dataset" and rep["base_head"] == "base.safetensors"
     assert len(rep["records"]) == 2
+    # the cross-dataset cff row is guarded like `heads fit --base-head`: knn is fitted beside it as its reference
+    (cff,) = [r for r in rep["records"] if r["method"] == "cff"]
+    for run in cff["per_seed"]:
+        assert run["guard"] is not None and run["guard"]["chosen"] in ("cff", "knn")
+        assert set(run["guard"]) >= {"cff", "knn", "reason"}
 
 
 def test_train_base_needs_masks(tmp_path, make_category, tiny_vit) -> None:
@@ -63,3 +68,13 @@ def test_base_head_for_another_backbone_is_refused(aux, tiny_vit, tiny_vit_seed1
     refs = [torch.full((40, 40, 3), 120, dtype=torch.uint8).numpy()]
     with pytest.raises(HeadError, match="weights"):
         fit_head(tiny_vit_seed1, refs, base_head=base)
+
+
+def test_base_head_for_knn_alone_is_refused_but_guards_cff(aux, tiny_vit) -> None:
+    base = train_base(tiny_vit, [aux], TrainOptions(epochs_stage1=1, epochs_stage2=1))
+    refs = [torch.full((40, 40, 3), 120 + 5 * i, dtype=torch.uint8).numpy() for i in range(2)]
+    with pytest.raises(ConfigError, match="knn is training-free and takes no base head"):
+        fit_head(tiny_vit, refs, base_head=base, method="knn")
+    # what `heads fit --base-head` deploys: the calibrated head behind its guard, knn its reference
+    head = fit_head(tiny_vit, refs, base_head=base, options=FitOptions(steps_stage2=2, n_synthetic=2))
+    assert head.meta["guard"]["requested"] == "cff" and head.meta["guard"]["chosen"] in ("cff", "knn")
