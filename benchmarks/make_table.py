@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from scorer.evaluate import METRIC_KEYS, _fmt
+from scorer.evaluate import METRIC_KEYS
+from scorer.metrics import format_mean_std
 
 PROTOCOLS = {"deploy": "deployment (references only)", "cross": "cross-dataset (base head on the other dataset)"}
 
@@ -27,7 +28,7 @@ def main(folder: str) -> None:
         for f in files:
             rep = json.loads(f.read_text())
             for r in sorted(rep["records"], key=lambda r: (r["method"] != "cff", r["method"], r["shots"])):
-                cells = [_fmt(r["mean"][k], r["std"][k]) for k in METRIC_KEYS]
+                cells = [format_mean_std(r["mean"][k], r["std"][k]) for k in METRIC_KEYS]
                 print(
                     f"| {r['dataset']} | {r['method']} | {r['shots']} | "
                     + " | ".join(cells)
@@ -41,7 +42,7 @@ def main(folder: str) -> None:
             print("| dataset | method | tap | i_auroc | p_auroc | p_ap | aupro |")
             print("|---|---|---|---|---|---|---|")
             for ds, m, tap, st in stage_rows:
-                cells = [_fmt(st["mean"][k], st["std"][k]) for k in ("i_auroc", "p_auroc", "p_ap", "aupro")]
+                cells = [format_mean_std(st["mean"][k], st["std"][k]) for k in ("i_auroc", "p_auroc", "p_ap", "aupro")]
                 print(f"| {ds} | {m} | {tap} | " + " | ".join(cells) + " |")
 
 

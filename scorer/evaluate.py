@@ -36,7 +36,7 @@ from scorer.data import Category, discover, draw_references
 from scorer.features import FeatureCache
 from scorer.head import Head, ScoreOptions, knn_head
 from scorer.images import load_image, load_mask
-from scorer.metrics import image_metrics, pixel_metrics, summarise
+from scorer.metrics import format_mean_std, image_metrics, pixel_metrics, summarise
 from scorer.progress import Counter, Progress, no_progress
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def _fit_scope(backbone: Backbone, precision: str | None):  # noqa: ANN202
     return backbone.precision_scope(precision) if precision else contextlib.nullcontext()
 
 
-def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     im = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
     return np.asarray(im) > 127
 
@@ -205,7 +205,7 @@ def evaluate_category(
     masks = np.zeros((len(tests), size, size), dtype=bool)
     for i, (s, img) in enumerate(zip(tests, images, strict=True)):
         if s.mask_path is not None:
-            masks[i] = _resize_mask(load_mask(s.mask_path, img.shape[:2]), size)
+            masks[i] = resize_mask(load_mask(s.mask_path, img.shape[:2]), size)
     del images
     if runs is None:
         runs = Counter(progress, "runs", len(cfg.methods) * len(cfg.shots) * len(cfg.seeds))
@@ -382,21 +382,15 @@ def _fit_options_record(fit_options: object | None) -> dict:
     return {k: v for k, v in asdict(fo).items() if k != "score"}
 
 
-def _fmt(mean: float, std: float) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    return f"{100 * mean:.1f}±{100 * std:.1f}"
-
-
 def markdown_table(report: dict) -> str:
     head = "| dataset | category | method | K | " + " | ".join(METRIC_KEYS) + " |"
     sep = "|" + "---|" * (4 + len(METRIC_KEYS))
     lines = [head, sep]
     for r in report["records"]:
-        cells = [_fmt(r["mean"][k], r["std"][k]) for k in METRIC_KEYS]
+        cells = [format_mean_std(r["mean"][k], r["std"][k]) for k in METRIC_KEYS]
         lines.append(f"| {r['dataset']} | {r['category']} | {r['method']} | {r['shots']} | " + " | ".join(cells) + " |")
         for tap, st in (r.get("stages") or {}).items():
-            cells = [_fmt(st["mean"][k], st["std"][k]) for k in METRIC_KEYS]
+            cells = [format_mean_std(st["mean"][k], st["std"][k]) for k in METRIC_KEYS]
             lines.append(f"| | | ↳ tap {tap} | {r['shots']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

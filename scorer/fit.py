@@ -193,7 +193,7 @@ def check_references(references: Sequence[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def _mask_targets(masks: Sequence[np.ndarray], size: int, *, letterbox: bool = False) -> torch.Tensor:
+def mask_targets(masks: Sequence[np.ndarray], size: int, *, letterbox: bool = False) -> torch.Tensor:
     """Masks at ``size``: squashed like the images, or (training targets of a letterboxed head) placed where
     the letterbox puts the image on the token grid."""
     out = np.zeros((len(masks), size, size), dtype=np.float32)
@@ -204,7 +204,7 @@ def _mask_targets(masks: Sequence[np.ndarray], size: int, *, letterbox: bool = F
     return torch.from_numpy(out)
 
 
-def _token_normal(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def token_normal(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Tokens whose patch holds no defect pixel (B, N) — the ones alignment may use."""
     pooled = F.adaptive_max_pool2d(masks[:, None], grid)[:, 0]
     return (pooled == 0).flatten(1)
@@ -450,7 +450,7 @@ def held_out_set(
             normal_src, how = [None] * len(views), "augmented views"
         synth = synthesize(refs, opts.n_validation, seed + 7919)
         anomalies = backbone.embed([x[0] for x in synth], letterbox=lb, progress=part(n_views), depth=depth)
-    masks = _mask_targets([x[1] for x in synth], opts.score.map_size).numpy() > 0.5
+    masks = mask_targets([x[1] for x in synth], opts.score.map_size).numpy() > 0.5
     src: list[int | None] = [x[2] if k >= 2 else None for x in synth]
     return HeldOut(normals, normal_src, anomalies, src, masks, how)
 
@@ -776,8 +776,8 @@ def _fit_learned(
     )
     tokens = [torch.cat([ref_feats.tokens[i].float(), synth_feats.tokens[i].float()]) for i in range(n_stages)]
     blank = [np.zeros(r.shape[:2], dtype=bool) for r in refs]
-    targets = _mask_targets(blank + [x[1] for x in synth], res, letterbox=lb)
-    normal_tok = _token_normal(targets, grid)
+    targets = mask_targets(blank + [x[1] for x in synth], res, letterbox=lb)
+    normal_tok = token_normal(targets, grid)
 
     text = None
     if backbone.has_text:

@@ -422,6 +422,13 @@ def aupro_aprilgan(maps: np.ndarray, masks: np.ndarray, max_step: int = 200, exp
 # aggregation
 
 
+def format_mean_std(mean: object, std: object) -> str:
+    """``mean±std`` in percent for tables and plot labels; an en dash where the mean is undefined."""
+    m = float(mean) if isinstance(mean, int | float) and math.isfinite(mean) else None
+    s = float(std) if isinstance(std, int | float) and math.isfinite(std) else 0.0
+    return "–" if m is None else f"{100 * m:.1f}±{100 * s:.1f}"
+
+
 def summarise(
     values: Sequence[Mapping[str, float]],
 ) -> tuple[dict[str, float], dict[str, float]]:

@@ -19,6 +19,7 @@ import numpy as np
 
 from inspection_core.errors import ConfigError
 from scorer.curves import Curves, ScoreHistogram, image_curves
+from scorer.metrics import format_mean_std
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -55,11 +56,6 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def _finite(x: object) -> float | None:
     return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
-
-
-def _fmt(mean: object, std: object) -> str:
-    m, s = _finite(mean), _finite(std)
-    return "–" if m is None else f"{100 * m:.1f}±{100 * (s or 0.0):.1f}"
 
 
 def _slug(text: str) -> str:
@@ -136,7 +132,7 @@ def _curves_figure(
                         curves.append((p["seed"], h.curves()))
                         total = int(h.anomalous.sum() + h.normal.sum())
                         baseline = float(h.anomalous.sum()) / total if total else None
-                label = f"{r['method']} {_fmt(r['mean'].get(metric), r['std'].get(metric))}"
+                label = f"{r['method']} {format_mean_std(r['mean'].get(metric), r['std'].get(metric))}"
                 any_drawn |= _draw_curves(ax, curves, kind, colours[r["method"]], label, baseline)
             if any_drawn:
                 ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")

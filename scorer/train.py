@@ -23,7 +23,7 @@ from inspection_core.errors import ConfigError, DatasetError
 from scorer.backbones.base import Backbone
 from scorer.data import discover
 from scorer.features import FeatureCache
-from scorer.fit import FitOptions, _mask_targets, _token_normal, train_stage1, train_stage2
+from scorer.fit import FitOptions, mask_targets, token_normal, train_stage1, train_stage2
 from scorer.head import Head
 from scorer.images import load_mask
 from scorer.progress import Counter, Progress, no_progress
@@ -108,8 +108,8 @@ def _train_base(
             with Image.open(p) as im:
                 size = (im.height, im.width)
             masks.append(load_mask(m, size))
-    targets = _mask_targets(masks, fo.loss_resolution)
-    normal_tok = _token_normal(targets, feats.grid)
+    targets = mask_targets(masks, fo.loss_resolution)
+    normal_tok = token_normal(targets, feats.grid)
     text = None
     if backbone.has_text:
         text = F.normalize(backbone.encode_text_prompts(fo.object_name).float().cpu(), dim=0)

@@ -18,7 +18,7 @@ import scorer.fit as fit
 from scorer.backbones import load_backbone
 from scorer.backbones.base import auto_precision
 from scorer.data import discover, draw_references
-from scorer.evaluate import _resize_mask
+from scorer.evaluate import resize_mask
 from scorer.images import load_image, load_mask
 from scorer.metrics import image_metrics, pixel_metrics
 
@@ -36,7 +36,7 @@ imgs = [load_image(s.path) for s in tests]
 masks = np.zeros((len(tests), 256, 256), bool)
 for i, (s, im) in enumerate(zip(tests, imgs)):
     if s.mask_path is not None:
-        masks[i] = _resize_mask(load_mask(s.mask_path, im.shape[:2]), 256)
+        masks[i] = resize_mask(load_mask(s.mask_path, im.shape[:2]), 256)
 t = time.perf_counter()
 with torch.inference_mode():
     feats = bb.embed(imgs, depth=3)

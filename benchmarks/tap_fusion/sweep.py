@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scorer.backbones import load_backbone  # noqa: E402
 from scorer.backbones.base import BackboneOutput  # noqa: E402
 from scorer.data import discover, draw_references  # noqa: E402
-from scorer.evaluate import _resize_mask  # noqa: E402
+from scorer.evaluate import resize_mask  # noqa: E402
 from scorer.features import FeatureCache  # noqa: E402
 from scorer.head import gaussian_blur, nn_distance, upsample  # noqa: E402
 from scorer.images import load_image, load_mask  # noqa: E402
@@ -82,7 +82,7 @@ class DS:
         for i, s in enumerate(tests):
             if s.mask_path is not None:
                 img = load_image(s.path)
-                self.masks[i] = _resize_mask(load_mask(s.mask_path, img.shape[:2]), 256)
+                self.masks[i] = resize_mask(load_mask(s.mask_path, img.shape[:2]), 256)
         self.test = FeatureCache(CACHE).embed_paths(bb, [s.path for s in tests])
         self.bb = bb
 
@@ -156,7 +156,7 @@ if __name__ == "__main__":
                 others = [feats[q] for q in range(k) if q != j] or feats
                 A.append(dist_grids([t[i:i+1] for t in sf.tokens], bank_of(others), grid))
             A = torch.cat(A)
-            amask = np.stack([_resize_mask(s[1], 256) for s in syn])
+            amask = np.stack([resize_mask(s[1], 256) for s in syn])
             vp, vi = [], []
             for s in range(4):
                 nm, am = to_maps(N[:, s:s+1]), to_maps(A[:, s:s+1])

@@ -21,6 +21,7 @@ from scorer.metrics import (
     aupro_aprilgan,
     aupro_slow,
     f1_max,
+    format_mean_std,
     image_metrics,
     pixel_metrics,
     summarise,
@@ -477,3 +478,12 @@ def test_pixel_metrics_category_sized_input() -> None:
     out = pixel_metrics(maps, masks)
     assert all(0.0 < v <= 1.0 for v in out.values())
     assert out["p_auroc"] > 0.8
+
+
+def test_table_cells_name_undefined_metrics_instead_of_printing_nan() -> None:
+    # a report's null / NaN (no defective pixel in a category) must read as a dash in the markdown table and
+    # plot labels, and a missing std (one seed) as 0
+    assert format_mean_std(0.8234, 0.0123) == "82.3±1.2"
+    assert format_mean_std(float("nan"), float("nan")) == "–"
+    assert format_mean_std(None, None) == "–"
+    assert format_mean_std(0.5, None) == "50.0±0.0"
