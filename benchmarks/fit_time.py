@@ -7,6 +7,7 @@ kolektor_sdd references, seed 0; prints one JSON line)
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import sys
 import time
@@ -30,12 +31,19 @@ def main(repo: str, method: str, k: int, reps: int, options: dict[str, str] | No
     cat = data.discover(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "kolektor_sdd")[0]
     refs = [load_image(p) for p in data.draw_references(cat.train, k, 0)]
     fit_head(bb, refs[:1], method="knn")  # warm-up: first forward, allocator
-    seconds, head = [], None
+    kwargs: dict = {"options": opts} if opts is not None else {}
+    takes_progress = "progress" in inspect.signature(fit_head).parameters  # checkouts before the progress events
+    seconds, stages, head = [], [], None
     for _ in range(reps):
+        ends: dict[str, float] = {}  # stage -> seconds into the fit at its last event (where the time went)
         t = time.perf_counter()
-        head = fit_head(bb, refs, method=method, **({"options": opts} if opts is not None else {}))
+        if takes_progress:
+            kwargs["progress"] = lambda e, ends=ends, t=t: ends.__setitem__(e.stage, round(time.perf_counter() - t, 2))
+        head = fit_head(bb, refs, method=method, **kwargs)
         seconds.append(time.perf_counter() - t)
-    return {"repo": repo, "method": method, "options": options or {}, "chosen": head.method, "k": k, "seconds": seconds}
+        stages.append(ends)
+    out = {"repo": repo, "method": method, "options": options or {}, "chosen": head.method, "k": k, "seconds": seconds}
+    return {**out, "stage_ends": stages} if takes_progress else out
 
 
 if __name__ == "__main__":
