@@ -28,7 +28,7 @@ def main(folder: str) -> None:
         for f in files:
             rep = json.loads(f.read_text())
             for r in sorted(rep["records"], key=lambda r: (r["method"] != "cff", r["method"], r["shots"])):
-                cells = [format_mean_std(r["mean"][k], r["std"][k]) for k in METRIC_KEYS]
+                cells = [format_mean_std(r["mean"].get(k), r["std"].get(k)) for k in METRIC_KEYS]
                 print(
                     f"| {r['dataset']} | {r['method']} | {r['shots']} | "
                     + " | ".join(cells)

@@ -36,12 +36,13 @@ from scorer.data import Category, discover, draw_references
 from scorer.features import FeatureCache
 from scorer.head import Head, ScoreOptions, knn_head
 from scorer.images import load_image, load_mask
-from scorer.metrics import format_mean_std, image_metrics, pixel_metrics, summarise
+from scorer.metrics import format_mean_std, image_metrics, pixel_metrics, summarise, verdict_metrics
 from scorer.progress import Counter, Progress, no_progress
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("i_auroc", "i_ap", "i_f1", "p_auroc", "p_ap", "p_f1", "aupro")
+# v_far / v_recall: the verdict at the head's own fitted image threshold (no test label chooses it)
+METRIC_KEYS = ("i_auroc", "i_ap", "i_f1", "p_auroc", "p_ap", "p_f1", "aupro", "v_far", "v_recall")
 
 # (data_root, dataset, category, method, K, seed) of a run -> its pixel-score histogram
 HistogramKey = tuple[str, str, str, str, int, int]
@@ -251,7 +252,11 @@ def evaluate_category(
                 slot["fit_s"].append(time.perf_counter() - tf)
                 head = head.with_options(**{f: getattr(cfg.score, f) for f in keep})
                 scores, maps, stages = head.score_features(test_feats, batch=cfg.batch_size, per_stage=cfg.per_stage)
-                m = {**image_metrics(scores, labels), **pixel_metrics(maps, masks)}
+                m = {
+                    **image_metrics(scores, labels),
+                    **pixel_metrics(maps, masks),
+                    **verdict_metrics(scores, labels, head.image_threshold),
+                }
                 if pixel_histograms is not None:
                     key = (str(root), cat.dataset, cat.name, method, k, seed)
                     pixel_histograms[key] = ScoreHistogram.of(maps, masks)
@@ -390,7 +395,7 @@ def markdown_table(report: dict) -> str:
         cells = [format_mean_std(r["mean"][k], r["std"][k]) for k in METRIC_KEYS]
         lines.append(f"| {r['dataset']} | {r['category']} | {r['method']} | {r['shots']} | " + " | ".join(cells) + " |")
         for tap, st in (r.get("stages") or {}).items():
-            cells = [format_mean_std(st["mean"][k], st["std"][k]) for k in METRIC_KEYS]
+            cells = [format_mean_std(st["mean"].get(k), st["std"].get(k)) for k in METRIC_KEYS]
             lines.append(f"| | | ↳ tap {tap} | {r['shots']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -691,6 +691,14 @@ def _fit_heads(
     # never nearest, so were the tap weighted later it would search the references alone.
     depth = n_taps - 1 if methods == ("knn",) and opts.knn_taps in ("mid", "mid+first") and n_taps >= 3 else None
     held = held_out_set(backbone, refs, ref_feats, opts, seed, progress, depth=depth)
+    if len(refs) == 1:
+        # measured (BENCHMARKS.md, the verdict at the fitted threshold): views of the one reference score like
+        # it, other good parts do not, and such thresholds flagged most good test images on both datasets
+        log.warning(
+            "one reference: the image threshold comes from views of that image alone, which cannot show how other "
+            "good parts differ; expect false alarms until you fit with 2 or more references or set the threshold "
+            "from known-good frames (heads set-threshold)"
+        )
     heads: dict[str, Head] = {}
     knn: Head | None = None
     knn_record: dict | None = None

@@ -419,6 +419,23 @@ def aupro_aprilgan(maps: np.ndarray, masks: np.ndarray, max_step: int = 200, exp
 
 
 # --------------------------------------------------------------------------
+def verdict_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """The verdict an MES acts on, at the head's own image threshold (``is_defect = score >= threshold``).
+
+    ``v_far``: share of normal images flagged (the fit aims at ``image_far``); ``v_recall``: share of defective
+    images flagged. AUROC and F1-max hide these: they rank, or pick the best threshold with the test labels.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    _check_same_shape(s, y, "scores", "labels")
+    if not math.isfinite(threshold):
+        return {"v_far": math.nan, "v_recall": math.nan}
+    flagged = s >= threshold
+    far = float(flagged[~y].mean()) if (~y).any() else math.nan
+    recall = float(flagged[y].mean()) if y.any() else math.nan
+    return {"v_far": far, "v_recall": recall}
+
+
 # aggregation
 
 

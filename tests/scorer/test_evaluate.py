@@ -44,6 +44,12 @@ def test_report_schema_and_reference_logging(demo, tiny_vit, tmp_path) -> None:
         for p in r["per_seed"]:
             assert len(p["references"]) == r["shots"] == len(set(p["references"]))
             assert all("/train/good/" in ref for ref in p["references"])
+            # the verdict at the head's own threshold, as a worker would flag these very images
+            sc = np.array([x["score"] for x in p["image_scores"]])
+            y = np.array([x["label"] for x in p["image_scores"]]).astype(bool)
+            flagged = sc >= p["image_threshold"]
+            assert p["metrics"]["v_far"] == pytest.approx(flagged[~y].mean())
+            assert p["metrics"]["v_recall"] == pytest.approx(flagged[y].mean())
     # cff and knn are evaluated on the same references for the same (K, seed)
     by = {(r["method"], r["shots"]): r for r in recs}
     for k in (1, 2):

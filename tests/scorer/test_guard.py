@@ -105,3 +105,14 @@ def test_fit_option_strings_for_the_new_options() -> None:
         FitOptions().with_strings({"guard": "maybe"})
     with pytest.raises(ConfigError, match="knn_taps must be one of mid, mid\\+first, auto, all"):
         FitOptions().with_strings({"knn_taps": "some"})
+
+
+def test_one_reference_fit_warns_that_its_image_threshold_is_a_guess(tiny_vit, references, caplog) -> None:
+    # measured: thresholds from views of a single reference flagged most good test images (BENCHMARKS.md)
+    with caplog.at_level("WARNING", logger="scorer.fit"):
+        fit_head(tiny_vit, references[:1], options=FAST)
+    assert any("one reference" in r.getMessage() and "set-threshold" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scorer.fit"):
+        fit_head(tiny_vit, references[:2], options=FAST)
+    assert not any("one reference" in r.getMessage() for r in caplog.records)

@@ -25,6 +25,7 @@ from scorer.metrics import (
     image_metrics,
     pixel_metrics,
     summarise,
+    verdict_metrics,
 )
 
 TOL = 1e-6
@@ -487,3 +488,16 @@ def test_table_cells_name_undefined_metrics_instead_of_printing_nan() -> None:
     assert format_mean_std(float("nan"), float("nan")) == "–"
     assert format_mean_std(None, None) == "–"
     assert format_mean_std(0.5, None) == "50.0±0.0"
+
+
+def test_verdict_at_the_fitted_threshold_counts_what_a_worker_flags() -> None:
+    scores = np.array([0.1, 0.3, 0.5, 0.2, 0.5, 0.9])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    # a score equal to the threshold is a defect, as Head.score decides it
+    assert verdict_metrics(scores, labels, 0.5) == pytest.approx({"v_far": 1 / 3, "v_recall": 2 / 3})
+    assert verdict_metrics(scores, labels, 1.0) == pytest.approx({"v_far": 0.0, "v_recall": 0.0})
+    # no threshold (an unfitted head) or no defective image: undefined, not 0
+    assert all(math.isnan(v) for v in verdict_metrics(scores, labels, math.nan).values())
+    assert math.isnan(verdict_metrics(scores[:3], labels[:3], 0.5)["v_recall"])
+    with pytest.raises(ConfigError, match="scores"):
+        verdict_metrics(scores, labels[:5], 0.5)

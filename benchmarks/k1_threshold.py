@@ -1,0 +1,47 @@
+# ruff: noqa
+"""K = 1 image threshold: held-out crops scored against the bank with vs without the reference's own tokens.
+
+python benchmarks/k1_threshold.py  (refits K = 1 heads for seeds 0-2 of both datasets; test scores and the stored
+threshold come from the round-3 eval reports; one JSON line per fit; raw: results/k1-threshold-views-only.jsonl)
+"""
+import json, sys
+from dataclasses import replace
+from pathlib import Path
+from statistics import NormalDist
+import numpy as np, torch
+torch.set_num_threads(2)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import scorer.fit as fit
+from scorer.backbones import load_backbone
+from scorer.backbones.base import auto_precision
+from scorer.data import discover, draw_references
+from scorer.images import load_image
+z = NormalDist().inv_cdf(0.99)
+bb = load_backbone("dinov2-vits14"); bb.set_precision(auto_precision("cpu"))
+cap = {}
+orig = fit.calibrate_thresholds
+def c(head, ref_feats, held, opts, *, meta=None, search=None):
+    cap.update(head=head, feats=ref_feats, held=held)
+    return orig(head, ref_feats, held, opts, meta=meta, search=search)
+fit.calibrate_thresholds = c
+for ds, f in (("kolektor_sdd", "round3-knn-kolektor_sdd.json"), ("magnetic_tile", "round3-knn-magnetic_tile.json")):
+    cat = discover(Path(__file__).resolve().parents[2] / "shared" / "datasets" / ds)[0]
+    rep = json.load(open(Path(__file__).resolve().parent / "results" / f))
+    rec = [r for r in rep["records"] if r["method"] == "knn" and r["shots"] == 1][0]
+    for ps in rec["per_seed"]:
+        seed = ps["seed"]
+        refs = [load_image(p) for p in draw_references(cat.train, 1, seed)]
+        head = fit.fit_head(bb, refs, seed=seed)
+        h, feats, held = cap["head"], cap["feats"], cap["held"]
+        n_img = len(feats); n_tok = feats.tokens[0].shape[1]
+        rows = torch.ones(n_img, n_tok, dtype=torch.bool); rows[0] = False
+        hv = replace(h, bank=[b[rows.flatten()] for b in h.bank])
+        out = {}
+        for name, hh in (("self", h), ("views_only", hv)):
+            sc, _, _ = fit.held_out_scores(hh, feats, held.normals, held.normal_src)
+            mu, sd = float(sc.mean()), float(sc.std()); sd = max(sd, 0.05 * abs(mu))
+            t = max(float(sc.max()), mu + z * sd)
+            s = np.array([x["score"] for x in ps["image_scores"]]); l = np.array([x["label"] for x in ps["image_scores"]])
+            out[name] = {"normals": [round(float(x), 4) for x in sc], "thr": t, "far": float((s[l == 0] >= t).mean()), "recall": float((s[l == 1] >= t).mean())}
+        out["stored_thr"] = ps["image_threshold"]; out["fitted_thr"] = head.image_threshold
+        print(json.dumps({"dataset": ds, "seed": seed, **out}), flush=True)
