@@ -255,26 +255,57 @@ def _heads_fit_offline(args: argparse.Namespace, product: str, paths: list[Path]
 
 
 def _check_thresholds(args: argparse.Namespace) -> None:
-    if args.image_threshold is None and args.pixel_threshold is None:
-        raise ConfigError("give --image-threshold and/or --pixel-threshold")
+    if args.good and args.image_threshold is not None:
+        raise ConfigError("--good sets the image threshold from known-good images; give it or --image-threshold")
+    if args.image_threshold is None and args.pixel_threshold is None and not args.good:
+        raise ConfigError("give --image-threshold, --good (known-good images) and/or --pixel-threshold")
     for name in ("image_threshold", "pixel_threshold"):
         v = getattr(args, name)
         if v is not None and (not math.isfinite(v) or v <= 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
 
 
+def _from_good(args: argparse.Namespace, head_file: str):  # noqa: ANN202 - (Head, summary dict)
+    """The head in ``head_file`` re-thresholded on ``--good``'s known-good images, scored here."""
+    from scorer.fit import threshold_from_good
+    from scorer.images import load_image
+
+    paths = _expand_images(args.good)
+    head, _ = _load_head_and_backbone(argparse.Namespace(**{**vars(args), "head": head_file}))
+    out = threshold_from_good(head, [load_image(p) for p in paths], image_far=args.image_far)
+    tg = out.meta["threshold_from_good"]
+    summary = {
+        "good_images": len(paths),
+        "good_score_max": max(tg["scores"]),
+        "previous_image_threshold": _num(head.image_threshold),
+        "image_threshold": _num(out.image_threshold),
+        "previously_flagged": sum(x >= head.image_threshold for x in tg["scores"]),
+    }
+    print(json.dumps(summary), file=sys.stderr)
+    return out, summary
+
+
 def cmd_heads_set_threshold(args: argparse.Namespace) -> int:
     _check_thresholds(args)
+    if not args.good:
+        refuse_local_backbone_options(args, "they apply with --good, which scores images here")
+        if args.backbone or args.image_far != 0.01:
+            raise ConfigError("--backbone and --image-far apply with --good (known-good images to score)")
     if args.head is None:
         if not args.product:
             raise ConfigError("give --product (calibrator) or --head FILE (offline)")
+        product = check_product_id(args.product)
         with _client(args) as c:
+            image = args.image_threshold
+            if args.good:  # score them here with the version the calibrator holds, then send the number
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    f = Path(tmp) / "head.safetensors"
+                    f.write_bytes(c.download(product, args.version))
+                    image = _from_good(args, str(f))[0].image_threshold
             info = c.set_thresholds(
-                check_product_id(args.product),
-                args.version,
-                image=args.image_threshold,
-                pixel=args.pixel_threshold,
-                activate=args.activate,
+                product, args.version, image=image, pixel=args.pixel_threshold, activate=args.activate
             )
         _print_info(info)
         return 0
@@ -282,7 +313,10 @@ def cmd_heads_set_threshold(args: argparse.Namespace) -> int:
     from scorer.artifact import load_head, read_manifest, save_head
 
     manifest = read_manifest(args.head)
-    head = load_head(args.head).with_thresholds(image=args.image_threshold, pixel=args.pixel_threshold)
+    if args.good:
+        head = _from_good(args, args.head)[0].with_thresholds(pixel=args.pixel_threshold)
+    else:
+        head = load_head(args.head).with_thresholds(image=args.image_threshold, pixel=args.pixel_threshold)
     version = manifest.get("version")
     new_version = (int(version) + 1) if isinstance(version, int) else None
     out = Path(args.out or args.head)
@@ -349,9 +383,20 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--head", help="offline: artifact file to re-threshold")
     t.add_argument("--image-threshold", type=float)
     t.add_argument("--pixel-threshold", type=float)
+    t.add_argument(
+        "--good",
+        nargs="+",
+        metavar="PATH",
+        help="known-good images or folders of the line: the image threshold is set from their scores (the fit's "
+        "rule), scored here with the head's backbone",
+    )
+    t.add_argument(
+        "--image-far", type=float, default=0.01, help="with --good: target share of good images flagged (%(default)s)"
+    )
     t.add_argument("--out", help="offline: write here instead of replacing the file")
     t.add_argument("--no-activate", dest="activate", action="store_false", help="calibrator: keep the old active")
     _add_remote(t)
+    add_backbone_args(t, default=None, sized=False)
     t.set_defaults(func=cmd_heads_set_threshold)
     i = hs.add_parser("inspect", help="print a head artifact's manifest")
     i.add_argument("head")

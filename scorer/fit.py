@@ -976,6 +976,51 @@ def _augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(f, 0, 255).astype(np.uint8)
 
 
+def image_threshold_from_normals(scores: Sequence[float] | np.ndarray, image_far: float) -> float:
+    """``max(max, mean + z * std)`` of good images' scores, z for the target false-alarm rate.
+
+    The std is floored at 5 % of the mean, since there are few scores (the fit's held-out normals, or a line's
+    known-good frames).
+    """
+    sc = np.asarray(scores, dtype=np.float64).ravel()
+    if sc.size == 0 or not np.isfinite(sc).all():
+        raise ConfigError(f"need finite scores of good images to set an image threshold, got {sc.tolist()[:8]}")
+    if not 0 < image_far < 0.5:
+        raise ConfigError(f"image_far must be in (0, 0.5), got {image_far}")
+    z = NormalDist().inv_cdf(1 - image_far)
+    mu = float(sc.mean())
+    sd = max(float(sc.std()), 0.05 * abs(mu))
+    return max(float(sc.max()), mu + z * sd)
+
+
+MIN_GOOD_FRAMES = 2
+
+
+def threshold_from_good(head: Head, images: Sequence[np.ndarray], *, image_far: float = 0.01) -> Head:
+    """The head with its image threshold set from known-good images of the line instead of its held-out set.
+
+    A fit sees only its references; with K <= 2 that cannot show how other good parts differ, and its threshold
+    is off (BENCHMARKS.md: at K = 1 it flagged 64-99 % of good images). Known-good frames are that evidence. The
+    pixel threshold is kept; the scores and the rule are recorded in ``meta["threshold_from_good"]``.
+    """
+    if len(images) < MIN_GOOD_FRAMES:
+        raise ConfigError(f"need at least {MIN_GOOD_FRAMES} known-good images to see their spread, got {len(images)}")
+    scores = head.score(list(images)).image_scores.astype(np.float64)
+    t = image_threshold_from_normals(scores, image_far)
+    out = head.with_thresholds(image=t)
+    out.meta = {
+        **head.meta,
+        "threshold_from_good": {
+            "n": len(scores),
+            "image_far": image_far,
+            "scores": [float(x) for x in scores],
+            "previous_image_threshold": head.image_threshold,
+            "rule": "max(max, mean + z * max(std, 0.05 * mean)) of the good images' scores",
+        },
+    }
+    return out
+
+
 def calibrate_thresholds(
     head: Head,
     ref_feats: BackboneOutput,
@@ -999,10 +1044,7 @@ def calibrate_thresholds(
     n_grids, a_grids = (None, None) if search is None else (search.normals, search.anomalies)
     n_scores, n_maps, _ = held_out_scores(head, ref_feats, held.normals, held.normal_src, grids=n_grids)
     a_scores, a_maps, _ = held_out_scores(head, ref_feats, held.anomalies, held.anomaly_src, grids=a_grids)
-    z = NormalDist().inv_cdf(1 - opts.image_far)
-    mu, sd = float(n_scores.mean()), float(n_scores.std())
-    sd = max(sd, 0.05 * abs(mu))
-    image_t = max(float(n_scores.max()), mu + z * sd)
+    image_t = image_threshold_from_normals(n_scores, opts.image_far)
     normal_q = float(np.quantile(n_maps.astype(np.float32), 1 - opts.pixel_far))
     flat, lab = a_maps.ravel(), held.masks.ravel()
     # F1 at each candidate from one sort: pixels >= t are the tail of the sorted values from t's left index

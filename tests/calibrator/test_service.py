@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 import grpc
@@ -254,6 +255,14 @@ def test_cli_fit_and_set_threshold_through_the_service(client, refs, tmp_path, c
     assert "gear-v2" in capsys.readouterr().out
     assert store.active("gear") == 2
     assert load_head(store.path("gear", 2)).image_threshold == pytest.approx(0.25)
+    # from known-good images: scored here with the head the calibrator holds, the number sent as a new version
+    assert main(["heads", "set-threshold", "--calibrator", addr, "--product", "gear", "--good", str(d)]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(err.strip().splitlines()[-1])
+    assert "gear-v3" in out and store.active("gear") == 3 and summary["good_images"] == len(refs)
+    v3 = load_head(store.path("gear", 3))
+    assert v3.image_threshold == pytest.approx(summary["image_threshold"]) and v3.image_threshold != 0.25
+    assert v3.image_threshold >= summary["good_score_max"]
     art = tmp_path / "gear.safetensors"
     assert main(["heads", "download", "--calibrator", addr, "--product", "gear", "--out", str(art)]) == 0
     assert hashlib.sha256(art.read_bytes()).hexdigest() == store.info("gear")["sha256"]

@@ -10,6 +10,7 @@ from PIL import Image
 
 from cff_inspect.cli import main
 from cff_inspect.commands import output_stem, score_paths
+from scorer.artifact import load_head
 from scorer.demo import make_demo_dataset
 
 
@@ -203,3 +204,39 @@ def test_bench_pipeline_sweeps_batch_and_wait(tmp_path) -> None:
     assert rep["curve"][0]["mean_batch"] == pytest.approx(1.0)
     assert rep["pipeline_over_bare"] == pytest.approx(rep["pipeline_fps"] / rep["bare_scorer_fps"])
     assert all(r["latency_p99_s"] >= r["latency_p50_s"] > 0 for r in rep["curve"])
+
+
+def test_set_threshold_from_known_good_images(demo, tmp_path, capsys) -> None:
+    # one reference: the fit's threshold rests on views of that image alone; known-good frames of the line fix it
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    first = sorted((demo / "train" / "good").glob("*.png"))[0]
+    (ref / first.name).write_bytes(first.read_bytes())
+    art = tmp_path / "gear-v1.safetensors"
+    fit = ["heads", "fit", "--product", "gear", "--refs", str(ref), "--backbone", "tiny-vit", "--out", str(art)]
+    assert main(fit) == 0
+    capsys.readouterr()
+    good = demo / "test" / "good"
+    art2 = tmp_path / "gear-v2.safetensors"
+    assert main(["heads", "set-threshold", "--head", str(art), "--good", str(good), "--out", str(art2)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["version"] == 2
+    summary = json.loads(err.strip().splitlines()[-1])
+    head = load_head(art2)
+    # the fit's own rule on these scores: never below the highest good score, so none of them is flagged
+    assert head.image_threshold == pytest.approx(summary["image_threshold"])
+    assert head.image_threshold >= summary["good_score_max"]
+    assert head.meta["threshold_from_good"]["n"] == summary["good_images"] == len(list(good.glob("*.png")))
+    assert head.pixel_threshold == pytest.approx(load_head(art).pixel_threshold)  # only the image cut moves
+    # bad input names the problem, and nothing is written
+    art3 = tmp_path / "gear-v3.safetensors"
+    for argv, msg in (
+        (["--good", str(good), "--image-threshold", "0.3"], "give it or --image-threshold"),
+        (["--good", str(sorted(good.glob("*.png"))[0])], "at least 2 known-good images"),
+        (["--good", str(tmp_path / "nowhere")], "no such file or folder"),
+        (["--image-threshold", "0.3", "--image-far", "0.05"], "apply with --good"),
+        (["--image-threshold", "0.3", "--threads", "1"], "--threads: no backbone runs here"),
+    ):
+        assert main(["heads", "set-threshold", "--head", str(art), "--out", str(art3), *argv]) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+        assert not art3.exists()

@@ -116,3 +116,27 @@ def test_one_reference_fit_warns_that_its_image_threshold_is_a_guess(tiny_vit, r
     with caplog.at_level("WARNING", logger="scorer.fit"):
         fit_head(tiny_vit, references[:2], options=FAST)
     assert not any("one reference" in r.getMessage() for r in caplog.records)
+
+
+def test_image_threshold_rule_is_shared_by_the_fit_and_known_good_frames(tiny_vit, references) -> None:
+    from statistics import NormalDist
+
+    from scorer.fit import image_threshold_from_normals, threshold_from_good
+
+    z = NormalDist().inv_cdf(0.99)
+    assert image_threshold_from_normals([0.1, 0.1, 0.1], 0.01) == pytest.approx(0.1 + z * 0.005)  # sd floor: 5 %
+    assert image_threshold_from_normals([0.1, 0.3], 0.01) == pytest.approx(0.2 + z * 0.1)
+    assert image_threshold_from_normals([0.1, 0.1, 0.1, 0.1, 0.9], 0.4) == pytest.approx(0.9)  # never below the max
+    with pytest.raises(ConfigError, match="finite scores"):
+        image_threshold_from_normals([0.1, float("nan")], 0.01)
+    with pytest.raises(ConfigError, match="image_far"):
+        image_threshold_from_normals([0.1, 0.2], 0.7)
+    head = fit_head(tiny_vit, references[:1], options=FAST)
+    fm = head.meta["fit_metrics"]
+    assert head.image_threshold == pytest.approx(image_threshold_from_normals(fm["normal_scores"], 0.01))
+    good = threshold_from_good(head, references[1:], image_far=0.01)
+    scores = head.score(references[1:]).image_scores
+    assert good.image_threshold == pytest.approx(image_threshold_from_normals(scores, 0.01))
+    assert good.pixel_threshold == head.pixel_threshold and good.meta["threshold_from_good"]["n"] == 2
+    with pytest.raises(ConfigError, match="at least 2 known-good images"):
+        threshold_from_good(head, references[:1])
