@@ -1,0 +1,48 @@
+# ruff: noqa
+"""Image threshold from 8 or 16 known-good frames (train/good, never the references) against the fit's own.
+
+python benchmarks/good_frames.py 1,2,4   (K values; seeds 0-2 of both datasets; one JSON line per fit)
+
+Each default head is refitted (the same references as the stored eval reports), scores 16 other train/good images,
+and the threshold `heads set-threshold --good` would set (the fit's rule, here written out) is applied to the
+stored test scores of the report rows: false alarms on good test images and defects flagged.
+Raw: results/good-frames-threshold.jsonl.
+"""
+import json, sys
+from pathlib import Path
+from statistics import NormalDist
+import numpy as np, torch
+torch.set_num_threads(2)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scorer.backbones import load_backbone
+from scorer.backbones.base import auto_precision
+from scorer.data import discover, draw_references
+from scorer.fit import fit_head
+from scorer.images import load_image
+z = NormalDist().inv_cdf(0.99)
+from scorer.fit import image_threshold_from_normals
+def rule(sc):
+    return image_threshold_from_normals(sc, 0.01)
+bb = load_backbone("dinov2-vits14"); bb.set_precision(auto_precision("cpu"))
+R = str(Path(__file__).resolve().parent / "results") + "/"
+src = {("kolektor_sdd", 1): ("round3-knn-kolektor_sdd.json", "knn"), ("kolektor_sdd", 2): ("round4-kolektor_sdd.json", "knn-midfirst"),
+       ("kolektor_sdd", 4): ("round4-kolektor_sdd.json", "knn-midfirst"), ("magnetic_tile", 1): ("round3-knn-magnetic_tile.json", "knn"),
+       ("magnetic_tile", 2): ("round3-knn-magnetic_tile.json", "knn"), ("magnetic_tile", 4): ("round3-knn-magnetic_tile.json", "knn")}
+for k in [int(x) for x in sys.argv[1].split(",")]:
+    for ds in ("kolektor_sdd", "magnetic_tile"):
+        cat = discover(Path(__file__).resolve().parents[2] / "shared" / "datasets" / ds)[0]
+        f, m = src[(ds, k)]
+        rec = [r for r in json.load(open(R + f))["records"] if r["method"] == m and r["shots"] == k][0]
+        for ps in rec["per_seed"]:
+            seed = ps["seed"]
+            refs_p = draw_references(cat.train, k, seed)
+            head = fit_head(bb, [load_image(p) for p in refs_p], seed=seed)
+            pool = [p for p in cat.train if p not in set(refs_p)]
+            rng = np.random.default_rng(1000 + seed)
+            good = [pool[i] for i in rng.choice(len(pool), 16, replace=False)]
+            gs = head.score([load_image(p) for p in good]).image_scores
+            s = np.array([x["score"] for x in ps["image_scores"]]); l = np.array([x["label"] for x in ps["image_scores"]])
+            out = {"dataset": ds, "k": k, "seed": seed, "fit_thr": head.image_threshold, "stored_thr": ps["image_threshold"], "good_scores": [float(x) for x in gs]}
+            for name, t in (("fit", ps["image_threshold"]), ("good8", rule(gs[:8])), ("good16", rule(gs))):
+                out[name] = {"thr": t, "far": float((s[l == 0] >= t).mean()), "recall": float((s[l == 1] >= t).mean())}
+            print(json.dumps(out), flush=True)
