@@ -697,7 +697,7 @@ def _fit_heads(
         log.warning(
             "one reference: the image threshold comes from views of that image alone, which cannot show how other "
             "good parts differ; expect false alarms until you fit with 2 or more references or set the threshold "
-            "from known-good frames (heads set-threshold)"
+            "from known-good frames (heads set-threshold --good)"
         )
     heads: dict[str, Head] = {}
     knn: Head | None = None
