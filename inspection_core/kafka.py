@@ -225,6 +225,9 @@ class KafkaConfig:
             raise KafkaError(f"cannot create a consumer for {self.bootstrap_servers}: {exc}") from None
 
 
+IDENTITY_PREFIX = b"cff-inspect/"  # what every consumer of the range-per-consumer protocol puts in its user data
+
+
 def one_assignment_per_consumer():  # noqa: ANN201 - a kafka-python AbstractPartitionAssignor
     """The range assignor, counting each consumer once however many member ids the broker keeps for it.
 
@@ -233,11 +236,16 @@ def one_assignment_per_consumer():  # noqa: ANN201 - a kafka-python AbstractPart
     and the other 3, holding every frame of its camera, went to its own stale member ids for good. Each
     consumer puts a random identity in its subscription's user data (the same in every join it sends), so the
     leader sees those member ids as one consumer, assigns partitions per consumer and gives every member id of a
-    consumer the same partitions; only the live one fetches them. Members without an identity (another assignor
-    version) count one each, as with plain range. One instance per consumer.
+    consumer the same partitions; only the live one fetches them. One instance per consumer.
+
+    A member can only be assigned by this protocol when every member offered it, and everything that offers it sends
+    an identity; a member id without one is what the broker kept of a join whose metadata it lost. Such ids get no
+    partitions while any member has an identity (seen: a lone worker handed 1 of 4 partitions, no consumer sharing
+    member ids, after the embedded broker restarted); only if none has one does plain range apply.
     """
     import uuid
 
+    from kafka.coordinator.assignors.abstract import ConsumerProtocolAssignment
     from kafka.coordinator.assignors.range import RangePartitionAssignor
     from kafka.protocol.consumer.metadata import ConsumerProtocolSubscription
 
@@ -245,16 +253,32 @@ def one_assignment_per_consumer():  # noqa: ANN201 - a kafka-python AbstractPart
         name = "range-per-consumer"
 
         def __init__(self) -> None:
-            self.identity = b"cff-inspect/" + uuid.uuid4().hex.encode()
+            self.identity = IDENTITY_PREFIX + uuid.uuid4().hex.encode()
+            # when this consumer, as leader, found itself the group's only consumer: the partitions per topic it
+            # assigned (to itself); None otherwise. ``assignment_shortfall`` compares what arrives with it.
+            self.sole_assignment: dict[str, set[int]] | None = None
 
         def metadata(self, topics):  # noqa: ANN001, ANN201 - kafka-python's signature
             return ConsumerProtocolSubscription(self.version, list(topics), self.identity)
 
         def assign(self, cluster, members):  # noqa: ANN001, ANN201
             by_consumer: dict[bytes, list] = {}
+            anonymous = []
             for m in members:
-                ident = bytes(getattr(m.metadata, "user_data", None) or b"") or m.member_id.encode()
-                by_consumer.setdefault(ident, []).append(m)
+                ident = bytes(getattr(m.metadata, "user_data", None) or b"")
+                if ident.startswith(IDENTITY_PREFIX):
+                    by_consumer.setdefault(ident, []).append(m)
+                else:
+                    anonymous.append(m)
+            if not by_consumer:  # nobody sent an identity: plain range over every member id
+                return RangePartitionAssignor.assign(cluster, members)
+            if anonymous:
+                log.warning(
+                    "the group lists %d member ids without a consumer identity (joins a restarted broker kept without "
+                    "their metadata); they get no partitions, the %d identified consumers share them",
+                    len(anonymous),
+                    len(by_consumer),
+                )
             groups = [sorted(ms, key=lambda m: m.member_id) for ms in by_consumer.values()]
             stale = [g for g in groups if len(g) > 1]
             if stale:
@@ -266,9 +290,40 @@ def one_assignment_per_consumer():  # noqa: ANN201 - a kafka-python AbstractPart
                 )
             # the lowest member id of each consumer stands for it; its assignment is what all of them get
             per_consumer = RangePartitionAssignor.assign(cluster, [g[0] for g in groups])
-            return {m.member_id: per_consumer[g[0].member_id] for g in groups for m in g}
+            out = {m.member_id: per_consumer[g[0].member_id] for g in groups for m in g}
+            self.sole_assignment = None
+            if len(groups) == 1:
+                self.sole_assignment = {t: set(ps) for t, ps in per_consumer[groups[0][0].member_id].assignment}
+            nothing = ConsumerProtocolAssignment(self.version, [], b"")
+            return {**out, **{m.member_id: nothing for m in anonymous}}
 
     return OneAssignmentPerConsumer()
+
+
+def assignment_shortfall(consumer, assigned) -> str | None:  # noqa: ANN001 - a KafkaConsumer, TopicPartitions
+    """Why a lone group leader should rejoin: it received fewer partitions than the topic has.
+
+    After the embedded broker restarted, a worker alone in its group assigned itself every partition of a topic
+    that had come back with 4, and the broker answered its sync with an older assignment (one partition): no
+    member was stale and the metadata agreed, so the client saw nothing to rejoin for, and the camera's
+    partition went unread. A leader that found itself the only consumer must read every partition it knows of.
+    """
+    strategies = getattr(consumer, "config", {}).get("partition_assignment_strategy", ())
+    mine = next((a for a in strategies if hasattr(a, "sole_assignment")), None)
+    coordinator = getattr(consumer, "_coordinator", None)
+    if mine is None or mine.sole_assignment is None or not getattr(coordinator, "_is_leader", False):
+        return None
+    got: dict[str, set[int]] = {}
+    for tp in assigned:
+        got.setdefault(tp.topic, set()).add(tp.partition)
+    for topic in sorted(consumer.subscription() or ()):
+        known = set(consumer.partitions_for_topic(topic) or ()) | mine.sole_assignment.get(topic, set())
+        if known - got.get(topic, set()):
+            return (
+                f"alone in the group, it received {sorted(got.get(topic, ()))} of {topic}'s partitions "
+                f"{sorted(known)}"
+            )
+    return None
 
 
 def discard_producer(producer) -> None:  # noqa: ANN001 - a kafka-python KafkaProducer

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from inspection_core.errors import KafkaError
-from inspection_core.kafka import KafkaConfig, LostLogRewind, Reconnector, fetched_positions
+from inspection_core.kafka import KafkaConfig, LostLogRewind, Reconnector, assignment_shortfall, fetched_positions
 from inspection_core.names import DeadLetterReason
 from inspection_core.wire import CONTENT_TYPE, content_type, encode, header
 from inspection_pb.v1 import frames_pb2, results_pb2
@@ -68,6 +69,10 @@ class Pending:
     queue_wait_s: float
 
 
+# a lone leader short of partitions rejoins at once the first time, then at most this often (metadata may lag)
+REJOIN_BACKOFF_S = 10.0
+
+
 class Outputs(NamedTuple):
     """What one batch of records becomes."""
 
@@ -76,9 +81,10 @@ class Outputs(NamedTuple):
     dead_letters: list[DeadLetter]
 
 
-def _assignment_log(worker_id: str, consumer):  # noqa: ANN001, ANN202 - a KafkaConsumer -> a ConsumerRebalanceListener
+def _assignment_log(worker_id: str, consumer, on_shortfall: Callable[[str], None]):  # noqa: ANN001, ANN202
     """Logs each rebalance's outcome: which frames partitions this worker reads, of how many the topic has, and
-    whether this worker made the assignment (the group leader) is what an operator asks first."""
+    whether this worker made the assignment (the group leader) is what an operator asks first. A lone leader that
+    received less than every partition says why to ``on_shortfall`` (``assignment_shortfall``)."""
     from kafka import ConsumerRebalanceListener
 
     class AssignmentLog(ConsumerRebalanceListener):
@@ -97,6 +103,8 @@ def _assignment_log(worker_id: str, consumer):  # noqa: ANN001, ANN202 - a Kafka
                 ", ".join(f"{t}: {n}" for t, n in known.items()) or "unknown",
                 "assigned by this worker as group leader" if leader else "assigned by another member",
             )
+            if (why := assignment_shortfall(consumer, assigned)) is not None:
+                on_shortfall(why)
 
     return AssignmentLog()
 
@@ -108,6 +116,8 @@ class Worker:
         self.heads: dict[str, ActiveHead] = {p: self._prepared(a) for p, a in (heads or {}).items()}
         self._lock = threading.Lock()
         self.stop_event = threading.Event()
+        self._rejoin_at: float | None = None  # when to ask the group for a new assignment (a lone leader's shortfall)
+        self._rejoined = False
         self.counters: dict[str, int] = defaultdict(int)
         self.evidence = (
             EvidenceArchive(cfg.evidence_dir, cfg.evidence_max_bytes, cfg.evidence_url) if cfg.evidence_dir else None
@@ -261,6 +271,7 @@ class Worker:
                 timeout = 200
             else:
                 timeout = int(max(0.0, self.cfg.max_wait_ms - (time.monotonic() - first) * 1000))
+            self._rejoin_if_short()
             polled = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_batch - len(batch))
             self.last_poll_ok = time.monotonic()
             for recs in polled.values():
@@ -415,6 +426,18 @@ class Worker:
         """Why the last publish failed, while it keeps failing (readiness)."""
         return self._reconnector.error
 
+    def _shortfall(self, why: str) -> None:
+        log.warning("worker %s: %s; rejoining the group", self.cfg.worker_id, why)
+        self._rejoin_at = time.monotonic() + (REJOIN_BACKOFF_S if self._rejoined else 0.0)
+
+    def _rejoin_if_short(self) -> None:
+        """Asks for a new assignment (outside the rebalance callback, which the join would otherwise undo)."""
+        if self._rejoin_at is not None and time.monotonic() >= self._rejoin_at:
+            self._rejoin_at, self._rejoined = None, True
+            coordinator = getattr(self.consumer, "_coordinator", None)
+            if coordinator is not None:
+                coordinator.request_rejoin()
+
     def run(self, *, ready: threading.Event | None = None) -> None:
         """Consume, score, publish and commit until ``stop_event``.
 
@@ -428,7 +451,8 @@ class Worker:
         self._reconnector.stop = self.stop_event  # `cff-inspect run` shares one stop event among its parts
         self.consumer = self.kafka.consumer(group_id=self.cfg.group_id)
         self.consumer.subscribe(
-            [self.kafka.topics["frames"]], listener=_assignment_log(self.cfg.worker_id, self.consumer)
+            [self.kafka.topics["frames"]],
+            listener=_assignment_log(self.cfg.worker_id, self.consumer, self._shortfall),
         )
         self.producer = self.kafka.producer()
         log.info(
