@@ -303,10 +303,11 @@ def one_assignment_per_consumer():  # noqa: ANN201 - a kafka-python AbstractPart
 def assignment_shortfall(consumer, assigned) -> str | None:  # noqa: ANN001 - a KafkaConsumer, TopicPartitions
     """Why a lone group leader should rejoin: it received fewer partitions than the topic has.
 
-    After the embedded broker restarted, a worker alone in its group assigned itself every partition of a topic
-    that had come back with 4, and the broker answered its sync with an older assignment (one partition): no
-    member was stale and the metadata agreed, so the client saw nothing to rejoin for, and the camera's
-    partition went unread. A leader that found itself the only consumer must read every partition it knows of.
+    After the embedded broker restarted, a worker alone in its group and its leader read 1 of the 4 partitions
+    its metadata listed for a topic that had come back with 4 (most likely the broker answered its sync with an
+    older assignment, or it assigned from metadata the client never revisited); no member id was stale, the client
+    never rejoined, and the camera's partition went unread. A leader that found itself the only consumer must
+    read every partition it knows of.
     """
     strategies = getattr(consumer, "config", {}).get("partition_assignment_strategy", ())
     mine = next((a for a in strategies if hasattr(a, "sole_assignment")), None)
