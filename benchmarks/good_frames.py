@@ -4,13 +4,12 @@
 python benchmarks/good_frames.py 1,2,4   (K values; seeds 0-2 of both datasets; one JSON line per fit)
 
 Each default head is refitted (the same references as the stored eval reports), scores 16 other train/good images,
-and the threshold `heads set-threshold --good` would set (the fit's rule, here written out) is applied to the
+and the threshold `heads set-threshold --good` would set (the fit's rule) is applied to the
 stored test scores of the report rows: false alarms on good test images and defects flagged.
 Raw: results/good-frames-threshold.jsonl.
 """
 import json, sys
 from pathlib import Path
-from statistics import NormalDist
 import numpy as np, torch
 torch.set_num_threads(2)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -18,11 +17,9 @@ from scorer.backbones import load_backbone
 from scorer.backbones.base import auto_precision
 from scorer.data import discover, draw_references
 from scorer.fit import fit_head
-from scorer.images import load_image
-z = NormalDist().inv_cdf(0.99)
 from scorer.fit import image_threshold_from_normals
-def rule(sc):
-    return image_threshold_from_normals(sc, 0.01)
+from scorer.images import load_image
+from scorer.metrics import verdict_metrics
 bb = load_backbone("dinov2-vits14"); bb.set_precision(auto_precision("cpu"))
 R = str(Path(__file__).resolve().parent / "results") + "/"
 src = {("kolektor_sdd", 1): ("round3-knn-kolektor_sdd.json", "knn"), ("kolektor_sdd", 2): ("round4-kolektor_sdd.json", "knn-midfirst"),
@@ -43,6 +40,8 @@ for k in [int(x) for x in sys.argv[1].split(",")]:
             gs = head.score([load_image(p) for p in good]).image_scores
             s = np.array([x["score"] for x in ps["image_scores"]]); l = np.array([x["label"] for x in ps["image_scores"]])
             out = {"dataset": ds, "k": k, "seed": seed, "fit_thr": head.image_threshold, "stored_thr": ps["image_threshold"], "good_scores": [float(x) for x in gs]}
-            for name, t in (("fit", ps["image_threshold"]), ("good8", rule(gs[:8])), ("good16", rule(gs))):
-                out[name] = {"thr": t, "far": float((s[l == 0] >= t).mean()), "recall": float((s[l == 1] >= t).mean())}
+            for name, t in (("fit", ps["image_threshold"]), ("good8", image_threshold_from_normals(gs[:8], 0.01)),
+                            ("good16", image_threshold_from_normals(gs, 0.01))):
+                v = verdict_metrics(s, l, t)
+                out[name] = {"thr": t, "far": v["v_far"], "recall": v["v_recall"]}
             print(json.dumps(out), flush=True)

@@ -7,7 +7,6 @@ threshold come from the round-3 eval reports; one JSON line per fit; raw: result
 import json, sys
 from dataclasses import replace
 from pathlib import Path
-from statistics import NormalDist
 import numpy as np, torch
 torch.set_num_threads(2)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -16,7 +15,7 @@ from scorer.backbones import load_backbone
 from scorer.backbones.base import auto_precision
 from scorer.data import discover, draw_references
 from scorer.images import load_image
-z = NormalDist().inv_cdf(0.99)
+from scorer.metrics import verdict_metrics
 bb = load_backbone("dinov2-vits14"); bb.set_precision(auto_precision("cpu"))
 cap = {}
 orig = fit.calibrate_thresholds
@@ -39,9 +38,9 @@ for ds, f in (("kolektor_sdd", "round3-knn-kolektor_sdd.json"), ("magnetic_tile"
         out = {}
         for name, hh in (("self", h), ("views_only", hv)):
             sc, _, _ = fit.held_out_scores(hh, feats, held.normals, held.normal_src)
-            mu, sd = float(sc.mean()), float(sc.std()); sd = max(sd, 0.05 * abs(mu))
-            t = max(float(sc.max()), mu + z * sd)
+            t = fit.image_threshold_from_normals(sc, 0.01)  # the fit's rule on these held-out scores
             s = np.array([x["score"] for x in ps["image_scores"]]); l = np.array([x["label"] for x in ps["image_scores"]])
-            out[name] = {"normals": [round(float(x), 4) for x in sc], "thr": t, "far": float((s[l == 0] >= t).mean()), "recall": float((s[l == 1] >= t).mean())}
+            v = verdict_metrics(s, l, t)
+            out[name] = {"normals": [round(float(x), 4) for x in sc], "thr": t, "far": v["v_far"], "recall": v["v_recall"]}
         out["stored_thr"] = ps["image_threshold"]; out["fitted_thr"] = head.image_threshold
         print(json.dumps({"dataset": ds, "seed": seed, **out}), flush=True)

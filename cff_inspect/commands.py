@@ -265,14 +265,15 @@ def _check_thresholds(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
 
 
-def _from_good(args: argparse.Namespace, head_file: str):  # noqa: ANN202 - (Head, summary dict)
-    """The head in ``head_file`` re-thresholded on ``--good``'s known-good images, scored here."""
-    from scorer.fit import threshold_from_good
+def _from_good(args: argparse.Namespace, head_file: str):  # noqa: ANN202 - a Head
+    """The head in ``head_file`` re-thresholded on ``--good``'s known-good images, scored here (summary on stderr)."""
+    from scorer.fit import FitOptions, threshold_from_good
     from scorer.images import load_image
 
     paths = _expand_images(args.good)
     head, _ = _load_head_and_backbone(argparse.Namespace(**{**vars(args), "head": head_file}))
-    out = threshold_from_good(head, [load_image(p) for p in paths], image_far=args.image_far)
+    far = FitOptions().image_far if args.image_far is None else args.image_far  # the fit's own target by default
+    out = threshold_from_good(head, [load_image(p) for p in paths], image_far=far)
     tg = out.meta["threshold_from_good"]
     summary = {
         "good_images": len(paths),
@@ -282,14 +283,14 @@ def _from_good(args: argparse.Namespace, head_file: str):  # noqa: ANN202 - (Hea
         "previously_flagged": sum(x >= head.image_threshold for x in tg["scores"]),
     }
     print(json.dumps(summary), file=sys.stderr)
-    return out, summary
+    return out
 
 
 def cmd_heads_set_threshold(args: argparse.Namespace) -> int:
     _check_thresholds(args)
     if not args.good:
         refuse_local_backbone_options(args, "they apply with --good, which scores images here")
-        if args.backbone or args.image_far != 0.01:
+        if args.backbone or args.image_far is not None:
             raise ConfigError("--backbone and --image-far apply with --good (known-good images to score)")
     if args.head is None:
         if not args.product:
@@ -303,7 +304,7 @@ def cmd_heads_set_threshold(args: argparse.Namespace) -> int:
                 with tempfile.TemporaryDirectory() as tmp:
                     f = Path(tmp) / "head.safetensors"
                     f.write_bytes(c.download(product, args.version))
-                    image = _from_good(args, str(f))[0].image_threshold
+                    image = _from_good(args, str(f)).image_threshold
             info = c.set_thresholds(
                 product, args.version, image=image, pixel=args.pixel_threshold, activate=args.activate
             )
@@ -314,7 +315,7 @@ def cmd_heads_set_threshold(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.head)
     if args.good:
-        head = _from_good(args, args.head)[0].with_thresholds(pixel=args.pixel_threshold)
+        head = _from_good(args, args.head).with_thresholds(pixel=args.pixel_threshold)
     else:
         head = load_head(args.head).with_thresholds(image=args.image_threshold, pixel=args.pixel_threshold)
     version = manifest.get("version")
@@ -391,7 +392,10 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
         "rule), scored here with the head's backbone",
     )
     t.add_argument(
-        "--image-far", type=float, default=0.01, help="with --good: target share of good images flagged (%(default)s)"
+        "--image-far",
+        type=float,
+        default=None,
+        help="with --good: target share of good images flagged (default: the fit's, 0.01)",
     )
     t.add_argument("--out", help="offline: write here instead of replacing the file")
     t.add_argument("--no-activate", dest="activate", action="store_false", help="calibrator: keep the old active")
