@@ -1,7 +1,8 @@
 """Head artifacts: one safetensors file, the JSON manifest in ``__metadata__``.
 
-Never pickles. Tensors: projections, calibration (unfolded and folded),
-prototypes and the memory bank (float16). The artifact's sha256 is the sha256 of
+Never pickles. Tensors: the memory bank (float16) and, for a learned head, projections, the CFF affine
+weights (``calib_*``), their fold into the projections (``folded_*``) and prototypes. A manifest's
+``method`` says which head type reads them. The artifact's sha256 is the sha256 of
 the whole file. Writes are atomic (temporary file, fsync, rename).
 """
 
@@ -16,13 +17,12 @@ from dataclasses import asdict, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from inspection_core.errors import HeadError
 from scorer.backbones.base import Backbone, sha256_file
-from scorer.head import Head, ScoreOptions, check_compatible
+from scorer.head import Head, ScoreOptions, check_compatible, head_type
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "cff-inspect-head"
@@ -40,25 +40,7 @@ def head_to_bytes(
     reference_sha256: list[str] | None = None,
     extra: dict | None = None,
 ) -> bytes:
-    # Every tensor is cloned: safetensors refuses tensors that share memory, and they
-    # do share it when folded() returns the projection itself (no calibration) or a
-    # list repeats one tensor.
-    t: dict[str, torch.Tensor] = {}
-    for i, b in enumerate(head.bank):
-        t[f"bank.{i}"] = b.detach().cpu().half().contiguous().clone()
-    if head.proj_w is not None and head.proj_b is not None:
-        for i, (w, b) in enumerate(zip(head.proj_w, head.proj_b, strict=True)):
-            t[f"proj_w.{i}"] = w.detach().cpu().float().contiguous().clone()
-            t[f"proj_b.{i}"] = b.detach().cpu().float().contiguous().clone()
-        for i, (w, b) in enumerate(head.folded()):
-            t[f"folded_w.{i}"] = w.detach().cpu().float().contiguous().clone()
-            t[f"folded_b.{i}"] = b.detach().cpu().float().contiguous().clone()
-    if head.calib_w is not None and head.calib_b is not None:
-        for i, (w, b) in enumerate(zip(head.calib_w, head.calib_b, strict=True)):
-            t[f"calib_w.{i}"] = w.detach().cpu().float().contiguous().clone()
-            t[f"calib_b.{i}"] = b.detach().cpu().float().contiguous().clone()
-    if head.prototypes is not None:
-        t["prototypes"] = head.prototypes.detach().cpu().float().contiguous().clone()
+    t = head.artifact_tensors()
     meta = dict(head.meta)
     manifest = {
         "format": FORMAT_NAME,
@@ -144,16 +126,7 @@ def load_head(path: str | Path, backbone: Backbone | None = None) -> Head:
         t = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as exc:
         raise HeadError(f"{p}: corrupt head artifact ({exc})") from None
-    n = len(manifest["taps"])
-
-    def group(name: str) -> list[torch.Tensor] | None:
-        keys = [f"{name}.{i}" for i in range(n)]
-        if not all(k in t for k in keys):
-            return None
-        return [t[k] for k in keys]
-
-    bank = group("bank")
-    if bank is None:
+    if not all(f"bank.{i}" in t for i in range(len(manifest["taps"]))):
         raise HeadError(f"{p}: artifact lacks memory-bank tensors")
     allowed = {f.name for f in fields(ScoreOptions)}
     opts = ScoreOptions(**{k: v for k, v in manifest.get("score_options", {}).items() if k in allowed})
@@ -169,20 +142,15 @@ def load_head(path: str | Path, backbone: Backbone | None = None) -> Head:
         }
     )
     it, pt = manifest.get("image_threshold"), manifest.get("pixel_threshold")
-    head = Head(
+    head = head_type(manifest["method"]).from_tensors(
+        t,
         method=manifest["method"],
+        bank_features=manifest["bank_features"],
         backbone_spec=manifest["backbone"],
         weights_id=manifest["weights_sha256"],
         taps=tuple(manifest["taps"]),
         image_size=int(manifest["image_size"]),
         grid=tuple(manifest["grid"]),
-        bank=bank,
-        bank_features=manifest["bank_features"],
-        proj_w=group("proj_w"),
-        proj_b=group("proj_b"),
-        calib_w=group("calib_w"),
-        calib_b=group("calib_b"),
-        prototypes=t.get("prototypes"),
         image_threshold=float("nan") if it is None else float(it),
         pixel_threshold=float("nan") if pt is None else float(pt),
         options=opts,

@@ -1,23 +1,24 @@
-"""The per-product head: projections, CFF calibration, prototypes, memory bank.
+"""The per-product heads: a training-free knn head and the learned (April-GAN / CFF) heads.
 
-One class covers the three methods, so that they are compared on exactly the
-same references, maps and image-score rule:
+They share one base, :class:`Head`, so that every method is compared on exactly the same references, maps
+and image-score rule: the bank search, the tap fusion, the source-pixel maps, the image score and the
+artifact's common fields. What differs lives in the two types:
 
-* ``knn``      memory bank of raw tokens only (AnomalyDINO-style, training-free);
-* ``aprilgan`` per-stage projection + prototype map + raw-token memory bank;
-* ``cff``      the same plus a per-stage affine calibration after the projection,
-  with the memory bank on the calibrated features (spec A9).
+* :class:`KnnHead`      a memory bank of raw tokens only (AnomalyDINO-style, training-free; the default);
+* :class:`LearnedHead`  per-stage projections, a prototype map and a memory bank; ``aprilgan`` has only the
+  projections, ``cff`` adds a per-stage affine map after them (the CFF affine weights, spec A9), with the
+  bank on the features it compares in.
 
-At inference the calibration is folded into the projection (one affine map per
-stage), so CFF costs nothing extra; the unfolded weights are kept because the
-``projected`` bank option needs them.
+At inference the CFF affine map is folded into the projection (one affine map per stage), so CFF costs
+nothing extra; the unfolded weights are kept because the ``projected`` bank option needs them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -76,23 +77,32 @@ class TokenScores:
     stage_maps: torch.Tensor | None = None  # (B, S, map_size, map_size) when asked for
 
 
-@dataclass
-class Head:
-    """A fitted head; see the module docstring. Tensors live on the CPU until used."""
+class _HeadType(type):
+    """``Head(method, ...)``, the form manifests and older callers use, builds the type the method names."""
 
-    method: str
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is Head:
+            return head_for_method(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+@dataclass
+class Head(metaclass=_HeadType):
+    """What every fitted head has and does: a memory bank per tap, thresholds, score options, and the scoring
+    plumbing (bank search, tap fusion, source maps, image scores). Tensors live on the CPU until used.
+
+    The types differ only through the hooks below: the features the bank is searched with
+    (``_search_inputs``), a per-tap term added to the search distance (``_stage_term``), how taps are
+    fused when no weights are given (``_fuse_unweighted``), how many taps scoring reads (``depth``), how a
+    bank is built (``bank_from``) and the artifact tensors (``artifact_tensors`` / ``from_tensors``).
+    """
+
     backbone_spec: str
     weights_id: str
     taps: tuple[int, ...]
     image_size: int
     grid: tuple[int, int]
     bank: list[torch.Tensor]  # per stage (M, Dbank), L2-normalised
-    bank_features: str = "raw"
-    proj_w: list[torch.Tensor] | None = None  # per stage (E, D)
-    proj_b: list[torch.Tensor] | None = None  # per stage (E,)
-    calib_w: list[torch.Tensor] | None = None  # per stage (E, E), identity at init
-    calib_b: list[torch.Tensor] | None = None  # per stage (E,)
-    prototypes: torch.Tensor | None = None  # (S, E, 2): normal, anomalous; unit columns
     image_threshold: float = float("nan")
     pixel_threshold: float = float("nan")
     options: ScoreOptions = field(default_factory=ScoreOptions)
@@ -102,18 +112,40 @@ class Head:
     # device once, not per batch (for K = 16 on ViT-L the banks alone are ~180 MB). New per replace().
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    if TYPE_CHECKING:
+        method: str  # knn, aprilgan or cff: what manifests and metrics call the head
+        bank_features: str
+
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
-        if self.bank_features not in BANK_FEATURES:
-            raise ConfigError(f"bank_features must be one of {BANK_FEATURES}, got {self.bank_features!r}")
         if len(self.bank) != len(self.taps):
             raise HeadError(f"head has {len(self.bank)} memory banks for {len(self.taps)} taps")
-        if self.bank_features != "raw" and self.proj_w is None:
-            raise HeadError(f"bank_features={self.bank_features!r} needs projections")
         tw = self.options.tap_weights
         if tw is not None and len(tw) != len(self.taps):
             raise HeadError(f"head has {len(tw)} tap weights for {len(self.taps)} taps")
+
+    # -- what the types provide ------------------------------------------------
+    def _search_inputs(self, tokens: Sequence[torch.Tensor], *, fold: bool) -> tuple[list[torch.Tensor], list]:
+        """(per tap: what the bank is searched with, per tap: what ``_stage_term`` reads)."""
+        raise NotImplementedError
+
+    def _stage_term(self, feats: Sequence[torch.Tensor], i: int) -> torch.Tensor | None:
+        """A map added to tap ``i``'s search distance, if the head has one."""
+        return None
+
+    def _fuse_unweighted(self, stacked: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _device_parts(self, device: torch.device) -> dict:
+        """Tensors beyond the bank that scoring wants on ``device``."""
+        return {}
+
+    def bank_from(self, ref_tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The memory bank of reference tokens, in the feature space this head compares in."""
+        raise NotImplementedError
+
+    def artifact_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors an artifact stores, cloned: safetensors refuses tensors that share memory."""
+        return {f"bank.{i}": b.detach().cpu().half().contiguous().clone() for i, b in enumerate(self.bank)}
 
     # -- features ------------------------------------------------------------
     @property
@@ -122,83 +154,21 @@ class Head:
 
     @property
     def depth(self) -> int:
-        """How many leading taps scoring reads: a knn head stops at its last weighted tap, so a backbone need
-        not run the blocks past it (the default mid-level taps skip blocks 10-12 of 12); learned heads read all."""
-        tw = self.options.tap_weights
-        if tw is None or self.proj_w is not None:
-            return self.n_stages
-        return max(i for i, w in enumerate(tw) if w > 0) + 1
-
-    def folded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Projection and calibration composed into one affine map per stage."""
-        if self.proj_w is None or self.proj_b is None:
-            raise HeadError("head has no projection to fold")
-        out = []
-        for i in range(self.n_stages):
-            w, b = self.proj_w[i], self.proj_b[i]
-            if self.calib_w is not None and self.calib_b is not None:
-                cw, cb = self.calib_w[i], self.calib_b[i]
-                w, b = cw @ w, cw @ b + cb
-            out.append((w, b))
-        return out
+        """How many leading taps scoring reads (``Backbone.run`` skips the blocks past them)."""
+        return self.n_stages
 
     def on_device(self, device: torch.device, bank_dtype: str | None = None) -> dict:
-        """Folded weights, bank (in ``bank_dtype``) and prototypes on ``device``, cached when not training."""
+        """Bank (in ``bank_dtype``) and the type's other scoring tensors on ``device``, cached when not training."""
         bank_dtype = bank_dtype or self.options.bank_dtype
         key = (str(device), bank_dtype)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
         dt = getattr(torch, bank_dtype)
-        out = {
-            "bank": [b.to(device=device, dtype=dt) for b in self.bank],
-            "folded": (
-                [(w.to(device).float(), b.to(device).float()) for w, b in self.folded()]
-                if self.proj_w is not None
-                else None
-            ),
-            "prototypes": self.prototypes.to(device).float() if self.prototypes is not None else None,
-        }
+        out = {"bank": [b.to(device=device, dtype=dt) for b in self.bank], **self._device_parts(device)}
         if not torch.is_grad_enabled():
             self._cache[key] = out
         return out
-
-    def stage_features(
-        self, tokens: Sequence[torch.Tensor], *, fold: bool = True
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(calibrated features, projected features) per stage, before normalisation.
-
-        With ``fold`` the calibrated features come from the folded weights and the
-        projected list is empty unless the bank needs it.
-        """
-        if self.proj_w is None or self.proj_b is None:
-            return [], []
-        dev = tokens[0].device
-        need_proj = self.bank_features == "projected" or not fold
-        projected = (
-            [F.linear(t.float(), self.proj_w[i].to(dev), self.proj_b[i].to(dev)) for i, t in enumerate(tokens)]
-            if need_proj
-            else []
-        )
-        if fold:
-            folded = self.on_device(dev)["folded"]
-            calibrated = [F.linear(t.float(), w, b) for t, (w, b) in zip(tokens, folded, strict=True)]
-        elif self.calib_w is not None and self.calib_b is not None:
-            calibrated = [
-                F.linear(p, self.calib_w[i].to(dev), self.calib_b[i].to(dev)) for i, p in enumerate(projected)
-            ]
-        else:
-            calibrated = projected
-        return calibrated, projected
-
-    def bank_view(
-        self, tokens: Sequence[torch.Tensor], calibrated: Sequence[torch.Tensor], projected: Sequence[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        if self.bank_features == "raw":
-            return list(tokens)
-        if self.bank_features == "projected":
-            return list(projected)
-        return list(calibrated)
 
     # -- maps ----------------------------------------------------------------
     def score_tokens(self, out: BackboneOutput, *, fold: bool = True, per_stage: bool = False) -> TokenScores:
@@ -227,8 +197,7 @@ class Head:
         b = tokens[0].shape[0]
         gh, gw = self.grid
         search = set(self.weighted_taps() if taps is None else taps)
-        calibrated, projected = self.stage_features(tokens, fold=fold)
-        bank_q = self.bank_view(tokens, calibrated, projected)
+        queries, term_feats = self._search_inputs(tokens, fold=fold)
         bank = self.on_device(tokens[0].device)["bank"]
         grid_maps = []  # per stage (B, G, G) in "anomaly" units
         for i in range(self.n_stages):
@@ -236,10 +205,10 @@ class Head:
                 grid_maps.append(tokens[i].new_zeros(b, gh, gw, dtype=torch.float32))
                 continue
             # one matmul per stage (chunked over bank rows) and top-1 where the tokens are
-            dist = nn_distance(bank_q[i], bank[i], chunk=opts.bank_chunk, dtype=opts.bank_dtype)  # (B, N)
-            stage = dist
-            if self.prototypes is not None and calibrated:
-                stage = stage + opts.proto_weight * self._proto_map(calibrated[i], i)
+            stage = nn_distance(queries[i], bank[i], chunk=opts.bank_chunk, dtype=opts.bank_dtype)  # (B, N)
+            term = self._stage_term(term_feats, i)
+            if term is not None:
+                stage = stage + term
             grid_maps.append(stage.view(b, gh, gw))
         return torch.stack(grid_maps, 1)  # (B, S, G, G)
 
@@ -248,13 +217,21 @@ class Head:
         tw = self.options.tap_weights
         return [i for i in range(self.n_stages) if tw is None or tw[i] != 0]
 
+    def fuse(self, stacked: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) per-tap maps -> (B, ...): the weighted mean, or the type's own rule without weights."""
+        tw = self.options.tap_weights
+        if tw is None:
+            return self._fuse_unweighted(stacked)
+        w = torch.tensor(tw, dtype=stacked.dtype, device=stacked.device)
+        w = (w / w.sum()).view(1, -1, *([1] * (stacked.dim() - 2)))
+        return (stacked * w).sum(1)
+
     def maps_from_grids(
         self, stacked: torch.Tensor, content: torch.Tensor | None, *, per_stage: bool = False
     ) -> TokenScores:
         """Fused source-pixel maps and image scores (and per-tap maps) from ``stage_grids``' output."""
         opts = self.options
-        fused_grid = fuse_stages(stacked, self.method, opts.tap_weights)
-        maps = to_source_maps(fused_grid[:, None], opts.map_size, content)[:, 0]
+        maps = to_source_maps(self.fuse(stacked)[:, None], opts.map_size, content)[:, 0]
         if opts.smooth_sigma > 0:
             maps = gaussian_blur(maps, opts.smooth_sigma)
         image_scores = image_score(maps, opts)
@@ -285,8 +262,7 @@ class Head:
             for s in range(0, n, batch):
                 sl = feats.select(slice(s, s + batch))
                 if grids is None:
-                    sl = BackboneOutput([t.float() for t in sl.tokens], sl.grid, sl.global_embedding, sl.content)
-                    r = self.score_tokens(sl, per_stage=per_stage)
+                    r = self.score_tokens(_as_float(sl), per_stage=per_stage)
                 else:
                     r = self.maps_from_grids(grids[s : s + batch], sl.content, per_stage=per_stage)
                 scores.append(r.image_scores.float().cpu().numpy())
@@ -301,33 +277,259 @@ class Head:
         n = feats.tokens[0].shape[0]
         with torch.inference_mode():
             for s in range(0, n, batch):
-                sl = feats.select(slice(s, s + batch))
-                sl = BackboneOutput([t.float() for t in sl.tokens], sl.grid, sl.global_embedding, sl.content)
-                out.append(self.stage_grids(sl, taps=taps).cpu())
+                out.append(self.stage_grids(_as_float(feats.select(slice(s, s + batch))), taps=taps).cpu())
         return torch.cat(out)
 
-    def _proto_map(self, feats: torch.Tensor, i: int) -> torch.Tensor:
-        """Anomalous-class probability per token (softmax over the normal/anomalous pair)."""
-        assert self.prototypes is not None
-        f = F.normalize(feats.float(), dim=-1)
-        protos = self.on_device(f.device)["prototypes"]
-        logits = self.options.temperature * (f @ protos[i])  # (B, N, 2)
-        return torch.sigmoid(logits[..., 1] - logits[..., 0])
-
     def score(self, images: Sequence[np.ndarray], *, batch_size: int = 8) -> Scores:
-        """Image scores, normalised scores, verdicts, maps and regions for decoded images."""
-        return _score_images(self, images, batch_size=batch_size)
+        """Image scores, normalised scores, verdicts, maps and regions for decoded RGB images (any size)."""
+        if self.backbone is None:
+            raise HeadError("head has no backbone attached; load it with load_head(path, backbone)")
+        if len(images) == 0:
+            size = self.options.map_size
+            return Scores(np.zeros(0), np.zeros(0), np.zeros(0, bool), np.zeros((0, size, size), np.float16), [])
+        scores, maps = [], []
+        with torch.inference_mode():
+            for s in range(0, len(images), batch_size):
+                chunk = images[s : s + batch_size]
+                # one forward pass, autocast per backbone.precision
+                out = self.backbone.forward_images(chunk, letterbox=self.options.letterbox, depth=self.depth)
+                r = self.score_tokens(out)
+                scores.append(r.image_scores.float().cpu().numpy())
+                maps.append(r.maps.float().cpu().numpy())
+        sc = np.concatenate(scores)
+        mp = np.concatenate(maps)
+        thr = self.image_threshold
+        norm = sc / thr if np.isfinite(thr) and thr > 0 else np.full_like(sc, np.nan)
+        regions = [find_regions(mp[i], self.pixel_threshold, image_hw(images[i])) for i in range(len(images))]
+        verdicts = (sc >= thr) if np.isfinite(thr) else np.zeros(len(sc), bool)
+        return Scores(sc, norm, verdicts, mp.astype(np.float16), regions)
 
     # -- convenience ----------------------------------------------------------
-    def with_options(self, **changes: object) -> Head:
+    def with_options(self, **changes: object) -> Self:
         return replace(self, options=replace(self.options, **changes))
 
-    def with_thresholds(self, image: float | None = None, pixel: float | None = None) -> Head:
+    def with_thresholds(self, image: float | None = None, pixel: float | None = None) -> Self:
         return replace(
             self,
             image_threshold=self.image_threshold if image is None else float(image),
             pixel_threshold=self.pixel_threshold if pixel is None else float(pixel),
         )
+
+
+def _as_float(out: BackboneOutput) -> BackboneOutput:
+    return BackboneOutput([t.float() for t in out.tokens], out.grid, out.global_embedding, out.content)
+
+
+@dataclass
+class KnnHead(Head):
+    """Training-free: raw reference tokens in the bank, the taps' distance maps averaged (or weighted)."""
+
+    method: ClassVar[str] = "knn"
+    bank_features: ClassVar[str] = "raw"
+    # none of the learned parts: code that reads them on any head sees None
+    proj_w: ClassVar[None] = None
+    proj_b: ClassVar[None] = None
+    calib_w: ClassVar[None] = None
+    calib_b: ClassVar[None] = None
+    prototypes: ClassVar[None] = None
+
+    @property
+    def depth(self) -> int:
+        """Scoring stops at the last weighted tap, so a backbone need not run the blocks past it (the default
+        mid-level taps skip blocks 10-12 of 12)."""
+        tw = self.options.tap_weights
+        if tw is None:
+            return self.n_stages
+        return max(i for i, w in enumerate(tw) if w > 0) + 1
+
+    def _search_inputs(self, tokens: Sequence[torch.Tensor], *, fold: bool) -> tuple[list[torch.Tensor], list]:
+        return list(tokens), []
+
+    def _fuse_unweighted(self, stacked: torch.Tensor) -> torch.Tensor:
+        return stacked.mean(1)
+
+    def bank_from(self, ref_tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return build_bank(ref_tokens)
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], *, method: str = "knn", bank_features: str = "raw", **common: Any
+    ) -> KnnHead:
+        if bank_features != "raw":
+            raise HeadError(f"a knn head's bank holds raw tokens, not bank_features={bank_features!r}")
+        return cls(bank=_tensor_group(tensors, "bank", len(common["taps"])) or [], **common)
+
+
+LEARNED_METHODS = ("aprilgan", "cff")
+
+
+@dataclass(kw_only=True)
+class LearnedHead(Head):
+    """Projections and a prototype map per tap, trained on synthetic anomalies; ``cff`` adds the CFF affine
+    weights after the projections. The taps' maps are summed, as April-GAN does (unless weighted)."""
+
+    method: str = "cff"  # aprilgan | cff: a label for manifests and metrics; scoring reads the tensors
+    proj_w: list[torch.Tensor]  # per stage (E, D)
+    proj_b: list[torch.Tensor]  # per stage (E,)
+    prototypes: torch.Tensor | None = None  # (S, E, 2): normal, anomalous; unit columns
+    calib_w: list[torch.Tensor] | None = None  # CFF affine weights per stage (E, E), identity at init
+    calib_b: list[torch.Tensor] | None = None  # per stage (E,)
+    bank_features: str = "raw"  # raw | projected | calibrated: the features the bank holds
+
+    def __post_init__(self) -> None:
+        if self.proj_w is None or self.proj_b is None:
+            raise HeadError(f"a learned ({self.method}) head needs its projections")
+        if self.method not in LEARNED_METHODS:
+            raise ConfigError(f"a learned head is aprilgan or cff, not {self.method!r}")
+        if self.bank_features not in BANK_FEATURES:
+            raise ConfigError(f"bank_features must be one of {BANK_FEATURES}, got {self.bank_features!r}")
+        super().__post_init__()
+
+    def folded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Projection and CFF affine map composed into one affine map per stage."""
+        out = []
+        for i in range(self.n_stages):
+            w, b = self.proj_w[i], self.proj_b[i]
+            if self.calib_w is not None and self.calib_b is not None:
+                cw, cb = self.calib_w[i], self.calib_b[i]
+                w, b = cw @ w, cw @ b + cb
+            out.append((w, b))
+        return out
+
+    def _device_parts(self, device: torch.device) -> dict:
+        return {
+            "folded": [(w.to(device).float(), b.to(device).float()) for w, b in self.folded()],
+            "prototypes": self.prototypes.to(device).float() if self.prototypes is not None else None,
+        }
+
+    def stage_features(
+        self, tokens: Sequence[torch.Tensor], *, fold: bool = True
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(features after the CFF affine map, projected features) per stage, before normalisation.
+
+        With ``fold`` the first come from the folded weights and the projected list is empty unless the bank
+        needs it. Without CFF affine weights both are the projected features.
+        """
+        dev = tokens[0].device
+        need_proj = self.bank_features == "projected" or not fold
+        projected = (
+            [F.linear(t.float(), self.proj_w[i].to(dev), self.proj_b[i].to(dev)) for i, t in enumerate(tokens)]
+            if need_proj
+            else []
+        )
+        if fold:
+            folded = self.on_device(dev)["folded"]
+            calibrated = [F.linear(t.float(), w, b) for t, (w, b) in zip(tokens, folded, strict=True)]
+        elif self.calib_w is not None and self.calib_b is not None:
+            calibrated = [
+                F.linear(p, self.calib_w[i].to(dev), self.calib_b[i].to(dev)) for i, p in enumerate(projected)
+            ]
+        else:
+            calibrated = projected
+        return calibrated, projected
+
+    def bank_view(
+        self, tokens: Sequence[torch.Tensor], calibrated: Sequence[torch.Tensor], projected: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        if self.bank_features == "raw":
+            return list(tokens)
+        if self.bank_features == "projected":
+            return list(projected)
+        return list(calibrated)
+
+    def _search_inputs(self, tokens: Sequence[torch.Tensor], *, fold: bool) -> tuple[list[torch.Tensor], list]:
+        calibrated, projected = self.stage_features(tokens, fold=fold)
+        return self.bank_view(tokens, calibrated, projected), calibrated
+
+    def _stage_term(self, feats: Sequence[torch.Tensor], i: int) -> torch.Tensor | None:
+        if self.prototypes is None:
+            return None
+        return self.options.proto_weight * self._proto_map(feats[i], i)
+
+    def _proto_map(self, feats: torch.Tensor, i: int) -> torch.Tensor:
+        """Anomalous-class probability per token (softmax over the normal/anomalous pair)."""
+        f = F.normalize(feats.float(), dim=-1)
+        protos = self.on_device(f.device)["prototypes"]
+        logits = self.options.temperature * (f @ protos[i])  # (B, N, 2)
+        return torch.sigmoid(logits[..., 1] - logits[..., 0])
+
+    def _fuse_unweighted(self, stacked: torch.Tensor) -> torch.Tensor:
+        return stacked.sum(1)
+
+    def bank_from(self, ref_tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            calibrated, projected = self.stage_features([t.float() for t in ref_tokens], fold=True)
+            return build_bank(self.bank_view(ref_tokens, calibrated, projected))
+
+    def artifact_tensors(self) -> dict[str, torch.Tensor]:
+        # folded() returns the projection itself where there is no CFF affine map: hence every clone
+        t = super().artifact_tensors()
+        groups = {"proj_w": self.proj_w, "proj_b": self.proj_b}
+        groups["folded_w"], groups["folded_b"] = (list(x) for x in zip(*self.folded(), strict=True))
+        if self.calib_w is not None and self.calib_b is not None:
+            groups["calib_w"], groups["calib_b"] = self.calib_w, self.calib_b
+        for name, group in groups.items():
+            for i, x in enumerate(group):
+                t[f"{name}.{i}"] = x.detach().cpu().float().contiguous().clone()
+        if self.prototypes is not None:
+            t["prototypes"] = self.prototypes.detach().cpu().float().contiguous().clone()
+        return t
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], *, method: str = "cff", bank_features: str = "raw", **common: Any
+    ) -> LearnedHead:
+        n = len(common["taps"])
+        return cls(
+            method=method,
+            bank=_tensor_group(tensors, "bank", n) or [],
+            bank_features=bank_features,
+            proj_w=_tensor_group(tensors, "proj_w", n),  # type: ignore[arg-type]
+            proj_b=_tensor_group(tensors, "proj_b", n),  # type: ignore[arg-type]
+            calib_w=_tensor_group(tensors, "calib_w", n),
+            calib_b=_tensor_group(tensors, "calib_b", n),
+            prototypes=tensors.get("prototypes"),
+            **common,
+        )
+
+
+def _tensor_group(tensors: Mapping[str, torch.Tensor], name: str, n: int) -> list[torch.Tensor] | None:
+    """``name.0`` .. ``name.{n-1}``, or None where any is missing."""
+    keys = [f"{name}.{i}" for i in range(n)]
+    return [tensors[k] for k in keys] if all(k in tensors for k in keys) else None
+
+
+def head_type(method: str) -> type[KnnHead] | type[LearnedHead]:
+    """The head type a method string (a manifest's, a request's) names."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return KnnHead if method == "knn" else LearnedHead
+
+
+def head_for_method(
+    method: str,
+    *args: Any,
+    bank_features: str = "raw",
+    proj_w: list[torch.Tensor] | None = None,
+    proj_b: list[torch.Tensor] | None = None,
+    calib_w: list[torch.Tensor] | None = None,
+    calib_b: list[torch.Tensor] | None = None,
+    prototypes: torch.Tensor | None = None,
+    **common: Any,
+) -> Head:
+    """A head from a method string and the parts it has (``Head(method, ...)``); positional arguments after
+    the method are the base fields, then ``bank_features``."""
+    if len(args) > 6:
+        bank_features, args = args[6], args[:6]
+    cls = head_type(method)
+    if bank_features not in BANK_FEATURES:
+        raise ConfigError(f"bank_features must be one of {BANK_FEATURES}, got {bank_features!r}")
+    if cls is KnnHead:
+        if bank_features != "raw" or proj_w is not None:
+            raise HeadError(f"bank_features={bank_features!r} needs projections; a knn head has none")
+        return KnnHead(*args, **common)
+    learned = dict(proj_w=proj_w, proj_b=proj_b, calib_w=calib_w, calib_b=calib_b, prototypes=prototypes)
+    return LearnedHead(*args, method=method, bank_features=bank_features, **learned, **common)  # type: ignore[arg-type]
 
 
 def check_compatible(head: Head, backbone: Backbone) -> None:
@@ -391,15 +593,6 @@ def nn_distance(query: torch.Tensor, bank: torch.Tensor, *, chunk: int = 4096, d
         assert top is not None
         best[r : r + rows] = top
     return (1.0 - best).view(b, n)
-
-
-def fuse_stages(stacked: torch.Tensor, method: str, tap_weights: Sequence[float] | None) -> torch.Tensor:
-    """(B, S, ...) per-tap maps -> (B, ...): weighted mean, or knn's mean / the learned heads' sum."""
-    if tap_weights is not None:
-        w = torch.tensor(tap_weights, dtype=stacked.dtype, device=stacked.device)
-        w = (w / w.sum()).view(1, -1, *([1] * (stacked.dim() - 2)))
-        return (stacked * w).sum(1)
-    return stacked.mean(1) if method == "knn" else stacked.sum(1)
 
 
 def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -466,17 +659,15 @@ def build_bank(tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [F.normalize(t.float().flatten(0, -2), dim=-1).half() for t in tokens]
 
 
-def knn_head(backbone: Backbone, ref_tokens: BackboneOutput, options: ScoreOptions | None = None) -> Head:
+def knn_head(backbone: Backbone, ref_tokens: BackboneOutput, options: ScoreOptions | None = None) -> KnnHead:
     """Training-free nearest-patch head on the backbone's four taps."""
-    return Head(
-        method="knn",
+    return KnnHead(
         backbone_spec=backbone.spec,
         weights_id=backbone.weights_id,
         taps=tuple(backbone.taps),
         image_size=backbone.image_size,
         grid=tuple(ref_tokens.grid),  # type: ignore[arg-type]
         bank=build_bank(ref_tokens.tokens),
-        bank_features="raw",
         options=options or ScoreOptions(),
         meta={"shots": int(ref_tokens.tokens[0].shape[0])},
         backbone=backbone,
@@ -543,34 +734,3 @@ def find_regions(amap: np.ndarray, threshold: float, src_hw: tuple[int, int], *,
         )
     out.sort(key=lambda r: -r.peak)
     return out
-
-
-def _score_images(self: Head, images: Sequence[np.ndarray], *, batch_size: int = 8) -> Scores:
-    """Score decoded RGB images (any size) with this head's backbone."""
-    if self.backbone is None:
-        raise HeadError("head has no backbone attached; load it with load_head(path, backbone)")
-    if len(images) == 0:
-        return Scores(
-            np.zeros(0),
-            np.zeros(0),
-            np.zeros(0, bool),
-            np.zeros((0, self.options.map_size, self.options.map_size), np.float16),
-            [],
-        )
-    scores, maps = [], []
-    with torch.inference_mode():
-        for s in range(0, len(images), batch_size):
-            chunk = images[s : s + batch_size]
-            # one forward pass, autocast per backbone.precision
-            out = self.backbone.forward_images(chunk, letterbox=self.options.letterbox, depth=self.depth)
-            r = self.score_tokens(out)
-            scores.append(r.image_scores.float().cpu().numpy())
-            maps.append(r.maps.float().cpu().numpy())
-    sc = np.concatenate(scores)
-    mp = np.concatenate(maps)
-    thr = self.image_threshold
-    norm = sc / thr if np.isfinite(thr) and thr > 0 else np.full_like(sc, np.nan)
-    regions = [find_regions(mp[i], self.pixel_threshold, image_hw(images[i])) for i in range(len(images))]
-    return Scores(
-        sc, norm, (sc >= thr) if np.isfinite(thr) else np.zeros(len(sc), bool), mp.astype(np.float16), regions
-    )

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scorer.head import Head, fuse_stages, gaussian_blur, image_score, upsample
+from scorer.head import Head, gaussian_blur, image_score, upsample
 
 
 def reference_score(head: Head, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +65,7 @@ def reference_score(head: Head, images: Sequence[np.ndarray]) -> tuple[np.ndarra
                 stage = dist if proto is None else dist + opts.proto_weight * proto
                 stage_maps.append(stage.view(1, gh, gw))
             stacked = torch.stack(stage_maps, 1)
-            fused = fuse_stages(stacked, head.method, opts.tap_weights)
+            fused = head.fuse(stacked)
             m = upsample(fused[:, None], opts.map_size)[:, 0]
             if opts.smooth_sigma > 0:
                 m = gaussian_blur(m, opts.smooth_sigma)

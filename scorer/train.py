@@ -24,7 +24,7 @@ from scorer.backbones.base import Backbone
 from scorer.data import discover
 from scorer.features import FeatureCache
 from scorer.fit import FitOptions, mask_targets, token_normal, train_stage1, train_stage2
-from scorer.head import Head
+from scorer.head import Head, LearnedHead
 from scorer.images import load_mask
 from scorer.progress import Counter, Progress, no_progress
 
@@ -150,7 +150,7 @@ def _train_base(
     )
     e = proj_w[0].shape[0]
     bank_dim = {"raw": proj_w[0].shape[1]}.get(fo.bank_features, e)
-    return Head(
+    return LearnedHead(
         method="cff",
         backbone_spec=backbone.spec,
         weights_id=backbone.weights_id,
