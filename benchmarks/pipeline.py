@@ -1,12 +1,12 @@
 """End-to-end pipeline throughput beside the bare scorer, same machine, model and run.
 
-    cff-inspect bench pipeline [--backbone dinov2-vits14] [--frames 64] [--max-batch 8]
+    cff-inspect bench pipeline [--backbone dinov2-vits14] [--frames 64] [--max-batch 8] [--out results.jsonl]
 
 1. bare scorer: ``Head.score`` on the decoded demo images in batches of max-batch;
 2. pipeline: frames (JPEG) published to the embedded broker as fast as possible, one
    worker in this process, results read back; frames/s from the first result to the
    last, latency = result time - capture time.
-Prints both and their ratio.
+Prints both and their ratio; ``--out`` appends the run as one JSON line (``benchmarks.report``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import tempfile
 import threading
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks import report
 from inspection_core.names import METHODS
 
 
@@ -78,26 +78,24 @@ def run(args: argparse.Namespace) -> dict:
                     flush=True,
                 )
     best = max(curve, key=lambda r: r["pipeline_fps"])
-    return {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(bb.device),
-        "device_name": torch.cuda.get_device_name(bb.device) if bb.device.type == "cuda" else "cpu",
-        "precision": bb.precision,
+    params = report.params_of(args) | {
         "backbone": bb.spec,
         "image_size": bb.image_size,
-        "method": args.method,
-        "frames": args.frames,
+        "precision": bb.precision,
         "offered_fps": args.offered_fps or "burst",
-        "bare_scorer_fps": bare_fps,
         "bare_batch": args.max_batch,
+    }
+    metrics = {
+        "bare_scorer_fps": bare_fps,
         "pipeline_fps": best["pipeline_fps"],
         "pipeline_over_bare": best["pipeline_over_bare"],
         "latency_p50_s": best["latency_p50_s"],
         "latency_p99_s": best["latency_p99_s"],
         "results": best["results"],
-        "curve": curve,
+        "best_max_batch": best["max_batch"],
+        "best_max_wait_ms": best["max_wait_ms"],
     }
+    return report.record("bench.pipeline", report.machine_facts(bb.device), params, metrics, curve=curve)
 
 
 def _pipeline_once(bootstrap: str, head, jpegs: list[bytes], max_batch: int, max_wait_ms: int, offered_fps: float):  # noqa: ANN001, ANN202
@@ -188,12 +186,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offered-fps", type=float, default=0.0, help="pace the frames (0 = one burst)")
     p.add_argument("--sweep-batch", type=int, nargs="+", default=None, help="max batch sizes to sweep")
     p.add_argument("--sweep-wait", type=int, nargs="+", default=None, help="max waits (ms) to sweep")
-    p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--out", "--json", dest="out", default=None, help="append the run here as one JSON line")
 
 
 def main(args: argparse.Namespace) -> int:
-    res = run(args)
-    print(json.dumps(res, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    rec = run(args)
+    print(json.dumps(rec, indent=2))
+    report.write(rec, args.out)
     return 0

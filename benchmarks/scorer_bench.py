@@ -1,7 +1,7 @@
 """Scorer speed, side by side in one run: the fast batched path vs the April-GAN reference protocol.
 
     cff-inspect bench scorer [--backbone dinov2-vits14] [--device auto] [--batch-sizes 1 4 8 ...]
-                             [--shots 1 4 16] [--precision fp32 bf16] [--out results.json]
+                             [--shots 1 4 16] [--precision fp32 bf16] [--out results.jsonl]
 
 For each backbone: the backbone alone per precision and batch size (images/s, latency p50/p99 per
 batch, model FLOPs per image and, on a GPU, the model FLOPs utilisation against a measured dense
@@ -9,22 +9,21 @@ bf16 matmul peak); the head alone per K and batch size (the memory-bank search a
 tokens); the whole ``Head.score`` path per K at each batch size; and, in the same run, the reference
 flow (one image at a time, fp32, a second forward pass for the memory bank, sklearn cosine on the
 CPU) with the speed-up as a ratio. ``--weights random`` builds CLIP models with random weights
-(speed only).
+(speed only). ``--out`` appends the run as one JSON line (``benchmarks.report``); its metrics are each
+head's best images/s and speed-up per backbone and K.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from benchmarks import report
 from scorer.options import resolve_device
 
 if TYPE_CHECKING:  # torch and the models load when a benchmark runs, not when the CLI builds its parser
@@ -97,17 +96,11 @@ def run(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     h, w = args.frame_size
     frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(max(args.batch_sizes))]
-    report: dict = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        },
-        "backbones": [],
-    }
+    machine = report.machine_facts(device)
+    backbones: list[dict] = []
+    metrics: dict[str, float] = {}
     if device.type == "cuda":
-        report["machine"]["peak_bf16_tflops_measured"] = measured_peak_tflops(device, torch.bfloat16)
+        machine["peak_bf16_tflops_measured"] = measured_peak_tflops(device, torch.bfloat16)
     for spec in args.backbone:
         weights = args.weights if args.weights != "random" or spec.startswith("clip:") else None
         bb = load_backbone(spec, weights=weights, device=device)
@@ -117,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
         entry: dict = {"backbone": spec, "image_size": size, "grid": list(bb.grid), "compile": args.compile}
         flops = model_flops_per_image(bb, size)
         entry["model_gflops_per_image"] = flops / 1e9
-        print(f"\n## {spec} at {size} px on {report['machine']['device']}: {flops / 1e9:.1f} GFLOP per image")
+        print(f"\n## {spec} at {size} px on {machine['device']}: {flops / 1e9:.1f} GFLOP per image")
         # -- backbone alone -------------------------------------------------------------
         rows = []
         for prec in args.precision:
@@ -126,9 +119,9 @@ def run(args: argparse.Namespace) -> dict:
                 with bb.precision_scope(prec):
                     ts = _bench(lambda batch=batch, bb=bb: bb.forward_images(batch), device, repeats=args.repeats)
                 r = _stats(ts, b) | {"precision": prec}
-                if "peak_bf16_tflops_measured" in report["machine"]:
+                if "peak_bf16_tflops_measured" in machine:
                     r["mfu_vs_measured_bf16_peak"] = (
-                        r["images_per_s"] * flops / 1e12 / report["machine"]["peak_bf16_tflops_measured"]
+                        r["images_per_s"] * flops / 1e12 / machine["peak_bf16_tflops_measured"]
                     )
                 rows.append(r)
                 print(
@@ -179,6 +172,10 @@ def run(args: argparse.Namespace) -> dict:
                     if best_fp32 is not None:
                         rec["speedup_fp32_vs_reference"] = best_fp32["images_per_s"] / ref_ips
                 entry["heads"].append(rec)
+                key = f"{spec}/{name}/K={k}"
+                metrics[f"{key}/images_per_s"] = best["images_per_s"]
+                if "speedup_vs_reference" in rec:
+                    metrics[f"{key}/speedup_vs_reference"] = rec["speedup_vs_reference"]
                 print(
                     f"{name:4s} K={k:<2d} Head.score best {best['precision']} batch {best['batch']:3d}: "
                     f"{best['images_per_s']:8.2f} img/s (p99 {best['latency_p99_ms']:.0f} ms per batch, "
@@ -195,8 +192,8 @@ def run(args: argparse.Namespace) -> dict:
                         else ""
                     )
                 )
-        report["backbones"].append(entry)
-    return report
+        backbones.append(entry)
+    return report.record("bench.scorer", machine, report.params_of(args), metrics, backbones=backbones)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -213,7 +210,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--frame-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
     p.add_argument("--compile", default="off", help="off | default | reduce-overhead (CUDA graphs) | max-autotune")
-    p.add_argument("--out", default=None, help="JSON report")
+    p.add_argument("--out", default=None, help="append the run here as one JSON line")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -221,14 +218,5 @@ def main(args: argparse.Namespace) -> int:
     gpu = args.device.startswith("cuda")
     args.batch_sizes = args.batch_sizes or ([1, 2, 4, 8, 16, 32, 64] if gpu else [1, 4, 8])
     args.precision = args.precision or ["fp32", "bf16"]
-    report = run(args)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    report.write(run(args), args.out)
     return 0
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    raise SystemExit(main(ap.parse_args()))

@@ -1,6 +1,6 @@
 """Markdown tables for BENCHMARKS.md from eval reports (``reports/{deploy,cross}-*.json``).
 
-python -m benchmarks.make_table reports/
+python -m experiments.first_quality_table.make_table reports/
 """
 
 from __future__ import annotations

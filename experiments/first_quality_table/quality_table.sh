@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The eval table of BENCHMARKS.md: dinov2-vits14 on both shared datasets, 1/2/4 shots x 3 seeds,
 # knn / aprilgan / cff, in both protocols. Tokens are cached, so every image is extracted once.
-#   bash benchmarks/quality_table.sh [OUT_DIR]
+#   CFF_INSPECT_DATA_ROOT=/path/to/datasets bash experiments/first_quality_table/quality_table.sh [OUT_DIR]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${1:-reports}
-DATA=${CFF_INSPECT_DATA_ROOT:-../shared/datasets}
+DATA=${CFF_INSPECT_DATA_ROOT:?set CFF_INSPECT_DATA_ROOT to the folder holding kolektor_sdd/ and magnetic_tile/}
 CACHE=${CFF_INSPECT_CACHE_DIR:-.cache/tokens}
 BIN=${CFF_INSPECT_BIN:-.venv/bin/cff-inspect}
 mkdir -p "$OUT"

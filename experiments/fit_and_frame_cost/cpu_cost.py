@@ -1,6 +1,6 @@
 """CPU cost per image of the scorer: backbone once, then each head's scoring, side by side.
 
-    python -m benchmarks.cpu_cost [--backbone dinov2-vits14] [--threads 2] [--repeats 5]
+    python -m experiments.fit_and_frame_cost.cpu_cost [--backbone dinov2-vits14] [--threads 2] [--repeats 5]
 
 Prints one table: seconds per image for the backbone forward (batch 1 and 8) and for
 scoring the tokens with knn / aprilgan / cff heads at K = 1, 4, 16 (memory-bank

@@ -1,6 +1,7 @@
-"""Per-frame CPU cost of the default knn head with and without the shallow forward (issue 12 fit/frame cost).
+"""Per-frame CPU cost of the default knn head with and without the shallow forward.
 
-python benchmarks/depth_cost.py [K] [N_IMAGES] [ROUNDS]   (kolektor_sdd references seed 0, the first N test images)
+python -m experiments.fit_and_frame_cost.depth_cost [K] [N_IMAGES] [ROUNDS]
+(kolektor_sdd references seed 0, the first N test images)
 
 The same fitted head scores the same frames, alternating: once as shipped (the backbone stops after the last
 weighted tap, block 9 of 12 for the mid-level taps) and once with every block run; one JSON line per pass, then
@@ -13,15 +14,13 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.score_cost import kolektor  # noqa: E402
-from scorer.fit import fit_head  # noqa: E402
-from scorer.head import search_dtype  # noqa: E402
+from experiments.common import kolektor
+from scorer.fit import fit_head
+from scorer.head import search_dtype
 
 
 def main(k: int = 4, n: int = 8, rounds: int = 3) -> None:

@@ -1,6 +1,7 @@
-"""K-shot fit wall time of one checkout (issue 12), so two checkouts can be timed back to back in one run.
+"""K-shot fit wall time of one checkout, so two checkouts can be timed back to back in one run.
 
-python benchmarks/fit_time.py REPO METHOD K REPEATS [NAME=VALUE ...]   (fit options, e.g. support_views=rot+flip;
+python -m experiments.fit_and_frame_cost.fit_time REPO METHOD K REPEATS [NAME=VALUE ...]
+(fit options, e.g. support_views=rot+flip;
 kolektor_sdd references, seed 0; prints one JSON line)
 """
 
@@ -11,7 +12,8 @@ import inspect
 import json
 import sys
 import time
-from pathlib import Path
+
+from experiments.common import dataset
 
 
 def main(repo: str, method: str, k: int, reps: int, options: dict[str, str] | None = None) -> dict:
@@ -28,7 +30,7 @@ def main(repo: str, method: str, k: int, reps: int, options: dict[str, str] | No
 
     bb = load_backbone("dinov2-vits14")
     bb.set_precision(auto_precision("cpu"))
-    cat = data.discover(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "kolektor_sdd")[0]
+    cat = data.discover(dataset("kolektor_sdd"))[0]
     refs = [load_image(p) for p in data.draw_references(cat.train, k, 0)]
     fit_head(bb, refs[:1], method="knn")  # warm-up: first forward, allocator
     kwargs: dict = {"options": opts} if opts is not None else {}

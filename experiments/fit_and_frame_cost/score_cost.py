@@ -1,6 +1,7 @@
-"""Per-frame CPU cost of a K-shot knn head against the size of its bank (issue 12: support views).
+"""Per-frame CPU cost of a K-shot knn head against the size of its bank (support views).
 
-python benchmarks/score_cost.py [K] [N_IMAGES] [BANK_DTYPE]   (kolektor_sdd references seed 0, the first N test
+python -m experiments.fit_and_frame_cost.score_cost [K] [N_IMAGES] [BANK_DTYPE]
+(kolektor_sdd references seed 0, the first N test
 images; BANK_DTYPE float32 (default: the exact search) or bfloat16 (what a worker's ``--bank-dtype auto`` picks
 where the backbone scores in bf16);
 one JSON line per support-views setting: the bank's image count, full score seconds per image, and the
@@ -12,28 +13,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from scorer import data
-from scorer.backbones import load_backbone
-from scorer.backbones.base import auto_precision
+from experiments.common import kolektor
 from scorer.fit import FitOptions, fit_head
-from scorer.images import load_image
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "kolektor_sdd"
-
-
-def kolektor(k: int, n: int) -> tuple:
-    """The CPU benchmarks' set-up: 2 threads, dinov2-vits14 at this CPU's precision, kolektor_sdd's K seed-0
-    references and its first ``n`` test images -> (backbone, references, test images)."""
-    torch.set_num_threads(2)
-    bb = load_backbone("dinov2-vits14")
-    bb.set_precision(auto_precision("cpu"))
-    cat = data.discover(DATA)[0]
-    refs = [load_image(p) for p in data.draw_references(cat.train, k, 0)]
-    return bb, refs, [load_image(s.path) for s in cat.test[:n]]
 
 
 def main(k: int = 4, n: int = 8, bank_dtype: str = "float32") -> None:

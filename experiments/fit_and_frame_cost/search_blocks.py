@@ -1,6 +1,7 @@
 """Per-frame CPU cost of the bank search in cache-sized blocks against the previous one-matmul-per-bank-chunk search.
 
-python benchmarks/search_blocks.py [K] [N_IMAGES] [ROUNDS]   (kolektor_sdd references seed 0, the first N test images)
+python -m experiments.fit_and_frame_cost.search_blocks [K] [N_IMAGES] [ROUNDS]
+(kolektor_sdd references seed 0, the first N test images)
 
 The same fitted default head scores the same frames' tokens, alternating the two searches (the previous one is
 kept here verbatim, as it was in ``scorer.head.nn_distance`` before); one JSON line per pass with the whole
@@ -13,16 +14,14 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.score_cost import kolektor  # noqa: E402
-from scorer import head as head_mod  # noqa: E402
-from scorer.fit import fit_head  # noqa: E402
-from scorer.head import search_dtype  # noqa: E402
+from experiments.common import kolektor
+from scorer import head as head_mod
+from scorer.fit import fit_head
+from scorer.head import search_dtype
 
 
 def previous_search(

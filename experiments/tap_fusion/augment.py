@@ -1,10 +1,10 @@
 # ruff: noqa
-"""Support augmentation sweep (issue 12, item 1): flips / rotations of the references into the knn bank.
+"""Support augmentation sweep : flips / rotations of the references into the knn bank.
 
 Same cached test tokens, same references and the same map/score rules as ``sweep.py``; the mid-level taps
 (blocks 6 and 9) and the every-tap mean are computed with the plain bank and with banks holding each
 reference's flipped / rotated views (rotated after the square resize, so a non-square product is not
-stretched differently by the rotation). Raw: benchmarks/results/augment-DATASET.jsonl.
+stretched differently by the rotation). Raw: augment-DATASET.jsonl in the results folder.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.tap_fusion import sweep  # noqa: E402
+from experiments.common import results_dir
+from experiments.tap_fusion import sweep
 
 from scorer.images import load_image  # noqa: E402
 
@@ -40,7 +40,7 @@ def main() -> None:
     kinds = os.environ.get("KINDS", "none,flip,rot+flip").split(",")
     ds = sweep.DS(name, bb)
     grid = bb.grid
-    out = open(Path(__file__).resolve().parents[1] / "results" / f"augment-{name}.jsonl", "a")
+    out = open(results_dir() / f"augment-{name}.jsonl", "a")
     for k in shots:
         for seed in [int(x) for x in os.environ.get("SEEDS", "0,1,2").split(",")]:
             paths = ds.refs(k, seed)

@@ -1,6 +1,6 @@
 """Which taps ``knn_taps=mid+first`` picks, per dataset, K and seed, from the fit alone (no test image is read).
 
-python benchmarks/tap_fusion/midfirst_choice.py DATASET K[,K...] [SEEDS]   (prints one JSON line per fit:
+python -m experiments.tap_fusion.midfirst_choice DATASET K[,K...] [SEEDS]   (prints one JSON line per fit:
 the weights and each tap's held-out pixel AP; the references are the eval's, ``draw_references(train, K, seed)``)
 """
 
@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments.common import datasets_root
 from scorer import data  # noqa: E402
 from scorer.backbones import load_backbone  # noqa: E402
 from scorer.backbones.base import auto_precision  # noqa: E402
 from scorer.fit import FitOptions, fit_head  # noqa: E402
 from scorer.images import load_image  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "datasets"
+DATA = datasets_root()
 
 
 def main(name: str, shots: list[int], seeds: list[int]) -> None:

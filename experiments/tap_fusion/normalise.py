@@ -1,19 +1,19 @@
 # ruff: noqa
-"""Per-tap scale normalisation of today's default knn fusion, paired on the same searched grids (issue 12).
+"""Per-tap scale normalisation of today's default knn fusion, paired on the same searched grids.
 
-python benchmarks/tap_fusion/normalise.py DATASET KS SEEDS N_TEST  (e.g. kolektor_sdd 2,4 0,1,2 100; N_TEST 0 = all)
+python -m experiments.tap_fusion.normalise DATASET KS SEEDS N_TEST  (e.g. kolektor_sdd 2,4 0,1,2 100; N_TEST 0 = all)
 
 Per K and seed: fit the default head (`fit_head`), keep its held-out search (the fit's `calibrate_thresholds` is
 wrapped to see it), search a stratified test subset once on the head's weighted taps, then fuse the same grids
 three ways: `raw` (the shipped weights on raw cosine distances), `mean` (each weight divided by the tap's mean
 held-out normal distance) and `p99` (by its 99th percentile). One JSON line per fit on stdout.
-Results: `benchmarks/results/normalise-<dataset>.jsonl`; K >= 2 only (K = 1 keeps no held-out search).
+Results: `normalise-<dataset>.jsonl` in the results folder; K >= 2 only (K = 1 keeps no held-out search).
 """
 import json, sys, time
 from pathlib import Path
 import numpy as np, torch
 torch.set_num_threads(2)
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments.common import dataset
 import scorer.fit as fit
 from scorer.backbones import load_backbone
 from scorer.backbones.base import auto_precision
@@ -23,7 +23,7 @@ from scorer.images import load_image, load_mask
 from scorer.metrics import image_metrics, pixel_metrics
 
 ds, shots, seeds, n_test = sys.argv[1], [int(x) for x in sys.argv[2].split(",")], [int(x) for x in sys.argv[3].split(",")], int(sys.argv[4])
-cat = discover(Path(__file__).resolve().parents[3] / "shared" / "datasets" / ds)[0]
+cat = discover(dataset(ds))[0]
 tests = list(cat.test)
 if n_test and n_test < len(tests):
     norm = [s for s in tests if s.label == 0]; bad = [s for s in tests if s.label == 1]
@@ -43,11 +43,11 @@ with torch.inference_mode():
 print("embedded", len(imgs), round(time.perf_counter() - t, 1), file=sys.stderr)
 del imgs
 captured = {}
-orig = fit.calibrate_thresholds
+orig = fit.set_thresholds
 def cap(head, ref_feats, held, opts, *, meta=None, search=None):
     captured["search"] = search; captured["held"] = held
     return orig(head, ref_feats, held, opts, meta=meta, search=search)
-fit.calibrate_thresholds = cap
+fit.set_thresholds = cap
 for k in shots:
     for seed in seeds:
         refs = [load_image(p) for p in draw_references(cat.train, k, seed)]

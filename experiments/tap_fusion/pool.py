@@ -2,7 +2,7 @@
 """Locally aware patch features (PatchCore's 3 x 3 neighbourhood average before the nearest-patch search),
 on the same cached tokens, references and rules as ``augment.py``: the mid-level taps with and without it.
 
-python benchmarks/tap_fusion/pool.py DATASET 1,2,4   (raw: benchmarks/results/pool-DATASET.jsonl)
+python -m experiments.tap_fusion.pool DATASET 1,2,4   (raw: pool-DATASET.jsonl in the results folder)
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.tap_fusion import sweep  # noqa: E402
-from benchmarks.tap_fusion.augment import views  # noqa: E402
+from experiments.common import results_dir
+from experiments.tap_fusion import sweep
+from experiments.tap_fusion.augment import views
 from scorer.backbones.base import BackboneOutput  # noqa: E402
 from scorer.images import load_image  # noqa: E402
 
@@ -42,7 +42,7 @@ def main() -> None:
     grid = bb.grid
     w = torch.tensor([0, 1, 1, 0.0]) / 2
     test_p = [pooled(t, grid, 3) if s in (1, 2) else t[:1] for s, t in enumerate(ds.test.tokens)]
-    out = open(Path(__file__).resolve().parents[1] / "results" / f"pool-{name}.jsonl", "a")
+    out = open(results_dir() / f"pool-{name}.jsonl", "a")
     for k in shots:
         for seed in [int(x) for x in os.environ.get("SEEDS", "0,1,2").split(",")]:
             imgs = [load_image(p) for p in ds.refs(k, seed)]

@@ -1,5 +1,5 @@
 # ruff: noqa
-"""Tap-fusion sweep (issue 12): per-tap knn distance grids on cached tokens, fusion/augmentation variants."""
+"""Tap-fusion sweep: per-tap knn distance grids on cached tokens, fusion/augmentation variants."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments.common import datasets_root, token_cache
 from scorer.backbones import load_backbone  # noqa: E402
 from scorer.backbones.base import BackboneOutput  # noqa: E402
 from scorer.data import discover, draw_references  # noqa: E402
@@ -21,8 +21,8 @@ from scorer.head import gaussian_blur, nn_distance, upsample  # noqa: E402
 from scorer.images import load_image, load_mask  # noqa: E402
 from scorer.metrics import image_metrics, pixel_metrics  # noqa: E402
 
-CACHE = str(Path(__file__).resolve().parents[2] / ".cache" / "tokens")
-DATA = Path(__file__).resolve().parents[3] / "shared" / "datasets"
+CACHE = token_cache()
+DATA = datasets_root()
 torch.set_num_threads(2)
 
 

@@ -1,6 +1,6 @@
-"""The issue-12 tables of BENCHMARKS.md from the sweep results.
+"""The tap-fusion and support-view tables of BENCHMARKS.md from the sweep results.
 
-``python benchmarks/tap_fusion/table.py [DEFAULT]``: every training-free row, then whether DEFAULT (a row name;
+``python -m experiments.tap_fusion.table [DEFAULT]``: every training-free row, then whether DEFAULT (a row name;
 ``eval-knn`` by default: the shipped head as ``cff-inspect eval --method knn`` measured it) is >= the best of the
 other rows on image AUROC and pixel AP at each K. Rows come from ``tapfusion-*.jsonl`` (sweep.py: tap fusion
 rules), ``augment-*.jsonl`` (augment.py: support views) and ``round3-*.json`` (cff-inspect eval reports).
@@ -8,11 +8,12 @@ rules), ``augment-*.jsonl`` (augment.py: support views) and ``round3-*.json`` (c
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from experiments.common import results_dir
+
+RESULTS = results_dir()
 DATASETS = ("kolektor_sdd", "magnetic_tile")
 NAMES = {
     "eval-knn": "knn, the default: mid taps + rot/flip views while K <= 4 (cff-inspect eval)",

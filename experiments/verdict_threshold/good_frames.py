@@ -1,18 +1,18 @@
 # ruff: noqa
 """Image threshold from 8 or 16 known-good frames (train/good, never the references) against the fit's own.
 
-python benchmarks/good_frames.py 1,2,4   (K values; seeds 0-2 of both datasets; one JSON line per fit)
+python -m experiments.verdict_threshold.good_frames 1,2,4   (K values; seeds 0-2 of both datasets; one JSON line per fit)
 
 Each default head is refitted (the same references as the stored eval reports), scores 16 other train/good images,
 and the threshold `heads set-threshold --good` would set (the fit's rule) is applied to the
 stored test scores of the report rows: false alarms on good test images and defects flagged.
-Raw: results/good-frames-threshold.jsonl.
+Raw: good-frames-threshold.jsonl.
 """
 import json, sys
 from pathlib import Path
 import numpy as np, torch
 torch.set_num_threads(2)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.common import dataset, results_dir
 from scorer.backbones import load_backbone
 from scorer.backbones.base import auto_precision
 from scorer.data import discover, draw_references
@@ -21,13 +21,16 @@ from scorer.fit import image_threshold_from_normals
 from scorer.images import load_image
 from scorer.metrics import verdict_metrics
 bb = load_backbone("dinov2-vits14"); bb.set_precision(auto_precision("cpu"))
-R = str(Path(__file__).resolve().parent / "results") + "/"
+R = str(results_dir()) + "/"
 src = {("kolektor_sdd", 1): ("round3-knn-kolektor_sdd.json", "knn"), ("kolektor_sdd", 2): ("round4-kolektor_sdd.json", "knn-midfirst"),
        ("kolektor_sdd", 4): ("round4-kolektor_sdd.json", "knn-midfirst"), ("magnetic_tile", 1): ("round3-knn-magnetic_tile.json", "knn"),
        ("magnetic_tile", 2): ("round3-knn-magnetic_tile.json", "knn"), ("magnetic_tile", 4): ("round3-knn-magnetic_tile.json", "knn")}
+for ds in ("kolektor_sdd", "magnetic_tile"):  # a regenerated run (benchmarks/regenerate.sh) holds every cell
+    if Path(R + f"quality-knn-{ds}.json").exists():
+        src.update({(ds, k): (f"quality-knn-{ds}.json", "knn") for k in (1, 2, 4)})
 for k in [int(x) for x in sys.argv[1].split(",")]:
     for ds in ("kolektor_sdd", "magnetic_tile"):
-        cat = discover(Path(__file__).resolve().parents[2] / "shared" / "datasets" / ds)[0]
+        cat = discover(dataset(ds))[0]
         f, m = src[(ds, k)]
         rec = [r for r in json.load(open(R + f))["records"] if r["method"] == m and r["shots"] == k][0]
         for ps in rec["per_seed"]:

@@ -1,15 +1,15 @@
 # ruff: noqa
 """K = 1 image threshold: held-out crops scored against the bank with vs without the reference's own tokens.
 
-python benchmarks/k1_threshold.py  (refits K = 1 heads for seeds 0-2 of both datasets; test scores and the stored
-threshold come from the round-3 eval reports; one JSON line per fit; raw: results/k1-threshold-views-only.jsonl)
+python -m experiments.verdict_threshold.k1_threshold  (refits K = 1 heads for seeds 0-2 of both datasets; test scores and the stored
+threshold come from the round-3 eval reports; one JSON line per fit; raw: k1-threshold-views-only.jsonl)
 """
 import json, sys
 from dataclasses import replace
 from pathlib import Path
 import numpy as np, torch
 torch.set_num_threads(2)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.common import dataset, results_dir
 import scorer.fit as fit
 from scorer.backbones import load_backbone
 from scorer.backbones.base import auto_precision
@@ -18,14 +18,14 @@ from scorer.images import load_image
 from scorer.metrics import verdict_metrics
 bb = load_backbone("dinov2-vits14"); bb.set_precision(auto_precision("cpu"))
 cap = {}
-orig = fit.calibrate_thresholds
+orig = fit.set_thresholds
 def c(head, ref_feats, held, opts, *, meta=None, search=None):
     cap.update(head=head, feats=ref_feats, held=held)
     return orig(head, ref_feats, held, opts, meta=meta, search=search)
-fit.calibrate_thresholds = c
+fit.set_thresholds = c
 for ds, f in (("kolektor_sdd", "round3-knn-kolektor_sdd.json"), ("magnetic_tile", "round3-knn-magnetic_tile.json")):
-    cat = discover(Path(__file__).resolve().parents[2] / "shared" / "datasets" / ds)[0]
-    rep = json.load(open(Path(__file__).resolve().parent / "results" / f))
+    cat = discover(dataset(ds))[0]
+    rep = json.load(open(results_dir() / f))
     rec = [r for r in rep["records"] if r["method"] == "knn" and r["shots"] == 1][0]
     for ps in rec["per_seed"]:
         seed = ps["seed"]

@@ -1,6 +1,7 @@
 """The verdict at each head's own fitted image threshold, from eval reports that keep every test image's score.
 
-python benchmarks/verdict_table.py REPORT:METHOD[:K,...] ...   (prints one markdown row per dataset, method and K)
+python -m experiments.verdict_threshold.verdict_table REPORT:METHOD[:K,...] ...
+(prints one markdown row per dataset, method and K)
 
 A report made before `v_far` / `v_recall` were in eval's metrics still has each seed's threshold and scores, so
 the rows are recomputed from those with `scorer.metrics.verdict_metrics`, the rule the eval now uses.
@@ -14,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scorer.metrics import format_mean_std, verdict_metrics  # noqa: E402
+from scorer.metrics import format_mean_std, verdict_metrics
 
 
 def rows(report: str, method: str, shots: set[int] | None) -> list[str]:

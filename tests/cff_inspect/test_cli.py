@@ -202,7 +202,8 @@ def test_bench_pipeline_sweeps_batch_and_wait(tmp_path) -> None:
     assert [(r["max_batch"], r["max_wait_ms"]) for r in rep["curve"]] == [(1, 5), (4, 5)]
     assert all(r["results"] == 12 for r in rep["curve"])  # every frame scored once in each configuration
     assert rep["curve"][0]["mean_batch"] == pytest.approx(1.0)
-    assert rep["pipeline_over_bare"] == pytest.approx(rep["pipeline_fps"] / rep["bare_scorer_fps"])
+    m = rep["metrics"]
+    assert m["pipeline_over_bare"] == pytest.approx(m["pipeline_fps"] / m["bare_scorer_fps"])
     assert all(r["latency_p99_s"] >= r["latency_p50_s"] > 0 for r in rep["curve"])
 
 
