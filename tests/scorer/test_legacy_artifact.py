@@ -1,7 +1,7 @@
 """Artifacts written before the head types were split must still load and score as they did.
 
-``data/legacy-*.safetensors`` were written by the single-class head (tiny-vit, random weights, two references)
-together with ``data/legacy-scores.json``: what each head scored on two queries then.
+``legacy_heads/legacy-*.safetensors`` were written by the single-class head (tiny-vit, random weights, two references)
+together with ``legacy_heads/legacy-scores.json``: what each head scored on two queries then.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from scorer.artifact import head_to_bytes, load_head
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "legacy_heads"
 EXPECTED = json.loads((DATA / "legacy-scores.json").read_text())
 
 pytestmark = pytest.mark.usefixtures("single_thread")
