@@ -65,8 +65,24 @@ def _headers(rec) -> dict[str, str]:  # noqa: ANN001 - kafka ConsumerRecord
     return {k: v.decode("utf-8", "replace") for k, v in rec.headers or ()}
 
 
+def _as_dict(m: Message, rec) -> dict | None:  # noqa: ANN001
+    """protobuf's JSON mapping of ``m``; None (logged) when it has no JSON form, e.g. a time past year 9999."""
+    try:
+        return json_format.MessageToDict(m, always_print_fields_with_no_presence=True)
+    except (json_format.Error, ValueError, OverflowError) as exc:
+        log.warning(
+            "%s partition %d offset %d: the record decodes but cannot be shown as JSON (%s); skipped",
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            str(exc)[:200],
+        )
+        return None
+
+
 def render(topic: str, rec, *, envelope: bool = False, with_bytes: bool = False) -> dict | None:  # noqa: ANN001
-    """One record as the JSON object ``tail`` prints (None when it does not decode; the reason is logged)."""
+    """One record as the JSON object ``tail`` prints (None when it does not decode or has no JSON form; the reason
+    is logged and tail goes on: one bad record must not end it)."""
     hdrs = rec.headers or []
     if topic == "dlq":
         enc, _ = parse_content_type(header(hdrs, CONTENT_TYPE))
@@ -81,9 +97,7 @@ def render(topic: str, rec, *, envelope: bool = False, with_bytes: bool = False)
             "worker": (header(hdrs, "worker") or b"").decode("utf-8", "replace"),
             "sizeBytes": len(rec.value or b""),
             "truncatedFromBytes": int(header(hdrs, "truncated-from-bytes") or 0) or None,
-            "frame": None
-            if frame is None
-            else _strip_bytes(json_format.MessageToDict(frame, always_print_fields_with_no_presence=True)),
+            "frame": None if frame is None or (shown := _as_dict(frame, rec)) is None else _strip_bytes(shown),
         }
         if with_bytes:
             msg["value"] = base64.b64encode(rec.value or b"").decode()
@@ -94,7 +108,10 @@ def render(topic: str, rec, *, envelope: bool = False, with_bytes: bool = False)
         except WireError as exc:
             log.warning("%s partition %d offset %d: %s", rec.topic, rec.partition, rec.offset, exc)
             return None
-        msg = json_format.MessageToDict(m, always_print_fields_with_no_presence=True)
+        shown = _as_dict(m, rec)
+        if shown is None:
+            return None
+        msg = shown
         if not with_bytes:
             msg = _strip_bytes(msg)
     if not envelope:

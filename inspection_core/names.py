@@ -31,4 +31,6 @@ class DeadLetterReason(StrEnum):
 
     NOT_A_FRAME = "not_a_frame"  # the bytes do not parse as a Frame
     INVALID_PRODUCT = "invalid_product"  # a Frame whose product id breaks the id rule
-    BAD_IMAGE = "bad_image"  # empty, unknown encoding, zero-size, too large or undecodable
+    BAD_IMAGE = "bad_image"  # empty, unknown encoding, not the declared format, zero-size, too large or undecodable
+    INVALID_FIELD = "invalid_field"  # an id, capture time or attribute set outside the frame rules
+    DECODE_LIMIT = "decode_limit"  # an image whose decode would exceed its scan count or time budget

@@ -80,8 +80,10 @@ class TokenScores:
 class _HeadType(type):
     """``Head(method, ...)``, the form manifests and older callers use, builds the type the method names."""
 
+
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        if cls is Head:
+        # also ``replace(head, method="knn", proj_w=None, ...)``: a head whose method changes changes type
+        if cls is Head or ("method" in kwargs and head_type(kwargs["method"]) is not cls):
             return head_for_method(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
@@ -344,6 +346,9 @@ class KnnHead(Head):
 
     def _search_inputs(self, tokens: Sequence[torch.Tensor], *, fold: bool) -> tuple[list[torch.Tensor], list]:
         return list(tokens), []
+
+    def folded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        raise HeadError("a knn head has no projection to fold")
 
     def _fuse_unweighted(self, stacked: torch.Tensor) -> torch.Tensor:
         return stacked.mean(1)

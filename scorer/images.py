@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -83,16 +84,22 @@ def check_size(width: int, height: int, *, name: str, max_pixels: int = MAX_PIXE
 
 
 def open_checked(
-    source: BinaryIO | Path, *, name: str, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE
+    source: BinaryIO | Path,
+    *,
+    name: str,
+    max_pixels: int = MAX_PIXELS,
+    max_side: int = MAX_SIDE,
+    formats: tuple[str, ...] | None = None,
 ) -> Image.Image:
     """``Image.open`` whose stated size passed :func:`check_size`; nothing is decoded yet (the caller closes it).
 
     PIL's own bomb guard fires inside ``Image.open``, before the size is known here: its error (past ~179 Mpx), and
     its warning (past ~89 Mpx) where warnings are errors, become the same ImageError. Our limit is the lower one, so
-    an image PIL only warns about is refused below all the same.
+    an image PIL only warns about is refused below all the same. ``formats`` (PIL plugin names) keeps every other
+    parser away from the bytes.
     """
     try:
-        im = Image.open(source)
+        im = Image.open(source, formats=list(formats) if formats is not None else None)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         stated = re.search(r"\((\d+) pixels\)", str(exc))  # PIL names the count, not the sides
         size = f"image of {stated[1]} pixels" if stated else f"image too large ({exc})"
@@ -127,6 +134,108 @@ def decode_image(
         ) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{name}: cannot decode image ({exc})") from None
+
+
+class DecodeLimitError(ImageError):
+    """An image whose header is within the size limits but whose decode would cost too much (scans, time)."""
+
+
+# A marker in entropy-coded data: 0xFF not followed by a stuffed 0x00, a restart marker or a fill byte.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# Input PIL hands its decoder at a time under a decode budget: the budget is checked between blocks.
+BUDGET_BLOCK = 4096
+
+
+def jpeg_scans(data: bytes) -> int:
+    """How many scans (SOS segments) a JPEG holds, from its markers alone.
+
+    Each scan costs the decoder a pass over every block of its components however few bytes it has, so thousands
+    of tiny scans make a small file take seconds (a scan bomb); progressive JPEGs normally have about 10.
+    Segments are skipped by their length, so bytes inside an APP or COM segment are never counted.
+    """
+    n, i, size = 0, 2, len(data)
+    while i + 4 <= size:
+        if data[i] != 0xFF or data[i + 1] in (0x00, 0xFF) or 0xD0 <= data[i + 1] <= 0xD7:
+            m = _JPEG_MARKER.search(data, i)  # entropy-coded data after a scan header: on to the next marker
+            if m is None:
+                break
+            i = m.start()
+            continue
+        marker = data[i + 1]
+        if marker == 0xD9:  # EOI
+            break
+        if marker in (0x01, 0xD8):  # standalone markers
+            i += 2
+            continue
+        n += marker == 0xDA
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return n
+
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),
+    (b"BM", "BMP"),
+    (b"GIF8", "GIF"),
+    (b"qoif", "QOI"),
+    (b"\x00\x00\x01\x00", "ICO"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format ``data`` starts like (PNG, JPEG, TIFF, PPM, BMP, GIF, WEBP, ...), None when unknown."""
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if len(data) > 2 and data[0:1] == b"P" and data[1:2] in b"1234567" and data[2:3].isspace():
+        return "PPM"
+    return None
+
+
+class _OverBudget(Exception):
+    pass
+
+
+class _Budgeted:
+    """A file whose reads fail once ``deadline`` passed: PIL decodes between reads, so this bounds the decode."""
+
+    def __init__(self, raw: BinaryIO, deadline: float) -> None:
+        self._raw, self._deadline = raw, deadline
+
+    def read(self, n: int = -1) -> bytes:
+        if time.perf_counter() > self._deadline:
+            raise _OverBudget
+        return self._raw.read(n)
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(self._raw, attr)
+
+
+def load_within(im: Image.Image, budget_s: float, *, name: str) -> None:
+    """``im.load()``, stopped with DecodeLimitError once it took over ``budget_s`` seconds.
+
+    The decoder is fed ``BUDGET_BLOCK`` bytes at a time and the clock is read between blocks, so the overrun is at
+    most one block's decode. Bounds what the header cannot show (a slow codec path, a scan count under the limit
+    on a huge image), so one frame cannot hold a worker past its consumer group's poll interval.
+    """
+    im.decodermaxblock = BUDGET_BLOCK
+    t0 = time.perf_counter()
+    raw = im.fp
+    im.fp = _Budgeted(raw, t0 + budget_s)  # type: ignore[assignment]  # read/seek/tell as the file's
+    try:
+        im.load()
+    except _OverBudget:
+        raise DecodeLimitError(
+            f"{name}: decoding took over {budget_s:g} s (the decode time budget) and was stopped after "
+            f"{time.perf_counter() - t0:.2f} s"
+        ) from None
+    finally:
+        im.fp = raw
 
 
 def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> np.ndarray:

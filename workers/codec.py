@@ -14,12 +14,27 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from inspection_core.errors import ConfigError, ImageError, InspectionError, cut
-from inspection_core.ids import check_product_id
+from inspection_core.errors import ConfigError, ImageError, InspectionError, cut, quoted
+from inspection_core.ids import (
+    MAX_CAMERA_ID,
+    MAX_FRAME_ID,
+    PRODUCT_ID,
+    check_free_id,
+    check_product_id,
+    printable_start,
+)
 from inspection_core.names import DeadLetterReason
 from inspection_core.wire import CONTENT_TYPE, OCTETS, WireError, decode, header
 from inspection_pb.v1 import frames_pb2
-from scorer.images import check_size, open_checked, to_rgb_uint8
+from scorer.images import (
+    DecodeLimitError,
+    check_size,
+    jpeg_scans,
+    load_within,
+    open_checked,
+    sniff_format,
+    to_rgb_uint8,
+)
 from workers.config import WorkerConfig
 
 if TYPE_CHECKING:
@@ -72,6 +87,92 @@ def check_product(frame: frames_pb2.Frame) -> None:
         raise BadFrame(str(exc), DeadLetterReason.INVALID_PRODUCT) from None
 
 
+# What a frame may carry besides its image: attributes are copied into its result and defect event, so they are
+# bounded far below any record limit (70 000 of them once made both too large to publish).
+MAX_ATTRIBUTES = 64
+MAX_ATTRIBUTE_KEY = 256  # bytes (UTF-8)
+MAX_ATTRIBUTE_VALUE = 1024
+MAX_ATTRIBUTES_BYTES = 16 << 10
+# protobuf's Timestamp range, 0001-01-01T00:00:00Z..9999-12-31T23:59:59Z: JSON cannot show a time outside it
+TIMESTAMP_MIN_S = -62_135_596_800
+TIMESTAMP_MAX_S = 253_402_300_799
+
+
+def _capture_time_problem(frame: frames_pb2.Frame, now: float, max_future_s: float) -> str | None:
+    if not frame.HasField("capture_time"):
+        return None
+    s, ns = frame.capture_time.seconds, frame.capture_time.nanos
+    if not TIMESTAMP_MIN_S <= s <= TIMESTAMP_MAX_S:
+        return f"capture_time {s} s is outside 0001-01-01..9999-12-31"
+    if not 0 <= ns <= 999_999_999:
+        return f"capture_time nanos {ns} is outside 0..999999999"
+    if s < 0:
+        return f"capture_time {s} s is before 1970-01-01"
+    ahead = s + ns / 1e9 - now
+    if ahead > max_future_s:
+        return f"capture_time {s} s is {ahead:.0f} s in the future (allowed clock skew {max_future_s:g} s)"
+    return None
+
+
+def _attributes_problem(attrs) -> str | None:  # noqa: ANN001 - a protobuf map<string, string>
+    if len(attrs) > MAX_ATTRIBUTES:
+        return f"{len(attrs)} attributes, over the limit of {MAX_ATTRIBUTES}"
+    total = 0
+    for k, v in attrs.items():
+        kb, vb = len(k.encode()), len(v.encode())
+        if kb > MAX_ATTRIBUTE_KEY:
+            return f"attribute {quoted(k)} has a {kb}-byte key, over the limit of {MAX_ATTRIBUTE_KEY}"
+        if vb > MAX_ATTRIBUTE_VALUE:
+            return f"attribute {quoted(k)} has a {vb}-byte value, over the limit of {MAX_ATTRIBUTE_VALUE}"
+        total += kb + vb
+    if total > MAX_ATTRIBUTES_BYTES:
+        return f"attributes total {total} bytes, over the limit of {MAX_ATTRIBUTES_BYTES}"
+    return None
+
+
+def check_frame(frame: frames_pb2.Frame, cfg: WorkerConfig, now: float) -> None:
+    """BadFrame (INVALID_FIELD) for ids, capture time or attributes outside the frame rules.
+
+    Everything here goes into a result, a defect event, record keys or metric labels: an unbounded id, a time
+    JSON cannot show or megabytes of attributes would make those unpublishable (or a process die encoding them).
+    """
+    problems = []
+    for what, value, limit in (
+        ("frame id", frame.frame_id, MAX_FRAME_ID),
+        ("camera id", frame.camera_id, MAX_CAMERA_ID),
+    ):
+        try:
+            check_free_id(value, what=what, limit=limit)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    problems.append(_capture_time_problem(frame, now, cfg.max_future_s))
+    problems.append(_attributes_problem(frame.attributes))
+    found = [p for p in problems if p]
+    if found:
+        raise BadFrame(f"frame {cut(frame.frame_id)}: {'; '.join(found)}", DeadLetterReason.INVALID_FIELD)
+
+
+def publishable(frame: frames_pb2.Frame) -> frames_pb2.Frame:
+    """What of a refused frame its BAD_FRAME result may repeat: ids cut to the rules (printable, bounded), the
+    capture time and attributes only where they passed; never the image. The result must always publish."""
+    safe = frames_pb2.Frame(
+        frame_id=printable_start(frame.frame_id, MAX_FRAME_ID) or "?",
+        camera_id=printable_start(frame.camera_id, MAX_CAMERA_ID),
+        product_id=frame.product_id
+        if PRODUCT_ID.fullmatch(frame.product_id)
+        else printable_start(frame.product_id, 64),
+        sequence=frame.sequence,
+        encoding=frame.encoding,
+        width=frame.width,
+        height=frame.height,
+    )
+    if _capture_time_problem(frame, float("inf"), 0.0) is None and frame.HasField("capture_time"):
+        safe.capture_time.CopyFrom(frame.capture_time)  # (a future time is refused, but JSON can show it)
+    if _attributes_problem(frame.attributes) is None:
+        safe.attributes.update(frame.attributes)
+    return safe
+
+
 def ts_seconds(ts) -> float:  # noqa: ANN001 - protobuf Timestamp
     return ts.seconds + ts.nanos / 1e9
 
@@ -107,13 +208,32 @@ def decode_frame_image(
         return np.frombuffer(frame.image, dtype=np.uint8).reshape(h, w, 3).copy()
     if enc not in (frames_pb2.ENCODING_JPEG, frames_pb2.ENCODING_PNG):
         raise BadFrame(f"unknown encoding {enc}")
+    declared = "JPEG" if enc == frames_pb2.ENCODING_JPEG else "PNG"
+    actual = sniff_format(frame.image)
+    if actual != declared:  # no other format's parser ever sees the bytes
+        what = actual or f"no known image format (first bytes {frame.image[:8].hex()})"
+        raise BadFrame(f"{name}: declared {declared} but the bytes are {what}")
+    if declared == "JPEG" and (scans := jpeg_scans(frame.image)) > cfg.max_jpeg_scans:
+        # before any decoder, PIL or the device's: each scan is a pass over every block
+        raise BadFrame(
+            f"{name}: JPEG has {scans} scans, over the limit of {cfg.max_jpeg_scans}; refused before decoding",
+            DeadLetterReason.DECODE_LIMIT,
+        )
     try:
         # the calibrator's header check; WorkerConfig's limits default to the same inspection_core.names
-        with open_checked(io.BytesIO(frame.image), name=name, max_pixels=cfg.max_pixels, max_side=cfg.max_side) as im:
-            if device is not None and enc == frames_pb2.ENCODING_JPEG and im.format == "JPEG":
-                return DeferredJpeg(frame.image, device)  # header checked: size within the limits
-            im.load()
+        with open_checked(
+            io.BytesIO(frame.image),
+            name=name,
+            max_pixels=cfg.max_pixels,
+            max_side=cfg.max_side,
+            formats=(declared,),
+        ) as im:
+            if device is not None and declared == "JPEG" and im.format == "JPEG":
+                return DeferredJpeg(frame.image, device)  # header checked: size and scan count within the limits
+            load_within(im, cfg.decode_budget_s, name=name)
             return to_rgb_uint8(im, name=name)
+    except DecodeLimitError as exc:
+        raise BadFrame(str(exc), DeadLetterReason.DECODE_LIMIT) from None
     except ImageError as exc:
         raise BadFrame(str(exc)) from None
     except (OSError, ValueError, SyntaxError) as exc:

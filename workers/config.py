@@ -25,6 +25,14 @@ class WorkerConfig:
     max_batch: int = 8
     max_wait_ms: int = 50
     max_age_s: float = 60.0  # older frames get STALE instead of being scored
+    # Clock skew allowed between a camera and this worker: a frame dated further ahead is BAD_FRAME (else a
+    # wrong or hostile clock would never turn STALE).
+    max_future_s: float = 300.0
+    # Decode bounds a header cannot show: a JPEG's scan count (each scan is a pass over every block; progressive
+    # JPEGs have ~10), and the seconds one image may take to decode. max_batch x decode_budget_s is added to the
+    # consumer's poll interval, so a batch of slow frames cannot get the worker thrown out of its group.
+    max_jpeg_scans: int = 256
+    decode_budget_s: float = 2.0
     max_pixels: int = MAX_PIXELS  # decompression-bomb guard
     max_side: int = MAX_SIDE
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -53,6 +61,12 @@ class WorkerConfig:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.max_age_s <= 0:
             raise ConfigError(f"max_age_s must be > 0, got {self.max_age_s}")
+        if not 0 <= self.max_future_s <= 86_400:
+            raise ConfigError(f"max_future_s must be in 0..86400 seconds, got {self.max_future_s}")
+        if not 1 <= self.max_jpeg_scans <= 100_000:
+            raise ConfigError(f"max_jpeg_scans must be in 1..100000, got {self.max_jpeg_scans}")
+        if not 0 < self.decode_budget_s <= 60:
+            raise ConfigError(f"decode_budget_s must be in (0, 60] seconds, got {self.decode_budget_s}")
         if self.bank_dtype not in BANK_DTYPES:
             raise ConfigError(f"bank_dtype must be auto, float32, bfloat16 or float16, got {self.bank_dtype!r}")
         if self.device_decode not in DEVICE_DECODE:
@@ -66,6 +80,12 @@ class WorkerConfig:
         if self.publish_timeout_s <= 0:
             raise ConfigError(f"publish_timeout_s must be > 0, got {self.publish_timeout_s}")
 
+    @property
+    def max_poll_interval_ms(self) -> int:
+        """The consumer's poll interval: the usual 30 s for scoring and publishing, plus a full batch's decode
+        budget (a batch of frames that each use it must not cost the worker its partitions)."""
+        return int(1000 * (30 + self.max_batch * self.decode_budget_s))
+
 
 @dataclass
 class ActiveHead:
@@ -73,6 +93,8 @@ class ActiveHead:
 
     head: Head
     ref: common_pb2.HeadRef
+    # the version is commissioning (its announcement or manifest says so): every verdict it gives is provisional
+    provisional: bool = False
 
 
 def head_ref(product: str, head: Head, sha256: str = "", version: int | None = None) -> common_pb2.HeadRef:

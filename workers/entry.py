@@ -43,6 +43,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=60.0,
         help="frames older than this get a STALE result instead of being scored",
     )
+    p.add_argument(
+        "--max-future-s",
+        type=float,
+        default=WorkerConfig.max_future_s,
+        help="clock skew allowed: frames dated further ahead get BAD_FRAME (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-jpeg-scans",
+        type=int,
+        default=WorkerConfig.max_jpeg_scans,
+        help="JPEGs with more scans are refused before decoding (progressive ones have ~10; default %(default)s)",
+    )
+    p.add_argument(
+        "--decode-budget-s",
+        type=float,
+        default=WorkerConfig.decode_budget_s,
+        help="an image taking longer to decode is stopped and refused (default %(default)s)",
+    )
     p.add_argument("--evidence-dir", default=None, help="archive defect JPEGs and overlays here")
     p.add_argument(
         "--evidence-max-bytes",
@@ -103,6 +121,9 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_age_s=args.max_age_s,
+        max_future_s=args.max_future_s,
+        max_jpeg_scans=args.max_jpeg_scans,
+        decode_budget_s=args.decode_budget_s,
         evidence_dir=args.evidence_dir,
         evidence_max_bytes=args.evidence_max_bytes,
         evidence_url=args.evidence_url,

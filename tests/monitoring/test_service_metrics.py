@@ -53,7 +53,13 @@ def test_labels_from_message_data_are_bounded() -> None:
     assert len(set(names)) == metrics.MAX_LABEL_VALUES + 1 and names[-1] == "other"
     assert metrics.bounded(kind, "cam-3") == "cam-3"  # known values stay themselves
     # dead-letter labels are the reasons the worker's codec attaches to each refusal (tests/workers/test_codec.py)
-    assert {r.value for r in DeadLetterReason} == {"not_a_frame", "invalid_product", "bad_image"}
+    assert {r.value for r in DeadLetterReason} == {
+        "not_a_frame",
+        "invalid_product",
+        "bad_image",
+        "invalid_field",
+        "decode_limit",
+    }
 
 
 def test_endpoints_and_readiness_name_the_failing_check() -> None:

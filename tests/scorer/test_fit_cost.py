@@ -58,8 +58,8 @@ def test_thresholds_reuse_the_tap_judgements_search_and_come_out_the_same(
 ) -> None:
     """The tap choice searches the held-out set once; the thresholds fuse that search instead of searching
     again, with the same thresholds and held-out figures to the bit. The comparison fit searches anew."""
-    from scorer import fit as fit_mod
     from scorer import head as head_mod
+    from scorer.fit import knn as fit_mod
 
     opts = FitOptions(support_views="flip", knn_taps=taps, n_validation=5)
     rows = []
@@ -88,7 +88,8 @@ def test_thresholds_reuse_the_tap_judgements_search_and_come_out_the_same(
 
 
 def test_thresholds_refuse_a_search_of_other_taps(tiny_vit, references) -> None:
-    from scorer.fit import calibrate_thresholds, held_out_set, search_held_out
+    from scorer.fit import held_out_set, search_held_out
+    from scorer.fit import set_thresholds as calibrate_thresholds
     from scorer.head import knn_head
 
     opts = FitOptions(n_validation=3)

@@ -33,7 +33,7 @@ def test_auto_taps_follow_the_held_out_rule(tiny_vit, references) -> None:
 
 
 def test_mid_plus_first_adds_the_first_tap_only_where_it_localises_best(tiny_vit, references, monkeypatch) -> None:
-    from scorer import fit as fit_mod
+    from scorer.fit import knn as fit_mod
 
     head = fit_head(tiny_vit, references, options=replace(FAST, knn_taps="mid+first"))
     choice = head.meta["tap_choice"]

@@ -291,3 +291,35 @@ def test_undecodable_bytes_name_the_frame_not_a_python_object() -> None:
         decode_image(b"hello world, not a picture", name="cam-1 frame 7")
     msg = str(e.value)
     assert msg.startswith("cam-1 frame 7: not an image") and "BytesIO" not in msg and "0x" not in msg
+
+
+# -- decode bounds a header cannot show -----------------------------------------------------------------------
+def test_formats_are_sniffed_from_their_magic_bytes() -> None:
+    from scorer.images import sniff_format
+
+    arr = Image.new("RGB", (8, 8), (1, 2, 3))
+    for fmt, want in (("PNG", "PNG"), ("JPEG", "JPEG"), ("TIFF", "TIFF"), ("PPM", "PPM"), ("BMP", "BMP")):
+        assert sniff_format(_png_bytes(arr, fmt)) == want
+    assert sniff_format(b"") is None and sniff_format(b"hello world") is None
+
+
+def test_open_checked_with_formats_keeps_other_parsers_away() -> None:
+    from scorer.images import open_checked
+
+    tiff = _png_bytes(Image.new("RGB", (8, 8)), "TIFF")
+    with open_checked(io.BytesIO(tiff), name="t") as im:
+        assert im.format == "TIFF"
+    with pytest.raises(Exception, match="cannot identify"):
+        open_checked(io.BytesIO(tiff), name="t", formats=("PNG",))
+
+
+def test_a_decode_over_its_time_budget_is_stopped() -> None:
+    from scorer.images import DecodeLimitError, load_within, open_checked
+
+    data = _png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8)))
+    with open_checked(io.BytesIO(data), name="big.png") as im:
+        with pytest.raises(DecodeLimitError, match=r"big.png: decoding took over 1e-05 s \(the decode time budget\)"):
+            load_within(im, 1e-5, name="big.png")
+    with open_checked(io.BytesIO(data), name="big.png") as im:
+        load_within(im, 30.0, name="big.png")
+        assert im.size == (1500, 1500) and np.asarray(im).shape == (1500, 1500, 3)

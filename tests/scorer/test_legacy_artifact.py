@@ -31,7 +31,12 @@ def test_a_legacy_artifact_loads_and_scores_as_it_did(tiny_vit, make_refs, metho
     head = load_head(DATA / f"legacy-{method}.safetensors", tiny_vit)
     assert head.method == method and head.meta["product"] == "legacy"
     assert (head.image_threshold, head.pixel_threshold) == (want["image_threshold"], want["pixel_threshold"])
-    s = head.score(_queries(make_refs))
+    old = tiny_vit.precision
+    try:
+        tiny_vit.set_precision("fp32")  # the scores were recorded at fp32; other tests may leave it at bf16
+        s = head.score(_queries(make_refs))
+    finally:
+        tiny_vit.set_precision(old)
     np.testing.assert_allclose(s.image_scores, want["image_scores"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose([m.astype(np.float64).sum() for m in s.maps], want["map_sums"], rtol=1e-4)
     np.testing.assert_allclose([m.max() for m in s.maps], want["map_max"], rtol=1e-3)
