@@ -1,4 +1,4 @@
-"""The few-shot anomaly scorer: backbones, CFF heads, memory bank, metrics, evaluation.
+"""The few-shot anomaly scorer: backbones, heads (training-free knn by default; cff with --method cff), metrics.
 
 Pure model code: nothing here knows of Kafka or gRPC. Importing the package (or ``scorer.errors``,
 ``scorer.images``) does not load torch; ``Backbone``, ``Head`` and ``load_backbone`` are imported on first use.

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from inspection_core.errors import KafkaError
+from inspection_core.errors import KafkaError, cut
 from inspection_core.kafka import KafkaConfig, LostLogRewind, Reconnector, assignment_shortfall, fetched_positions
 from inspection_core.names import DeadLetterReason
 from inspection_core.wire import CONTENT_TYPE, content_type, encode, header
@@ -33,11 +33,13 @@ from workers.codec import (
     BadFrame,
     DeadLetter,
     DeferredJpeg,
+    check_frame,
     check_product,
     decode_frame_image,
     decode_jpegs,
     is_stale,
     parse_frame,
+    publishable,
     record_content_type,
     ts_seconds,
 )
@@ -182,6 +184,7 @@ class Worker:
                 self.counters["dlq_unparseable"] += 1
                 continue
             try:
+                check_frame(frame, self.cfg, now)
                 check_product(frame)
             except BadFrame as exc:
                 self._bad_frame(rec, frame, exc, out)
@@ -226,7 +229,8 @@ class Worker:
         return new_result(frame, status, self.cfg.worker_id, reason)
 
     def _bad_frame(self, rec, frame: frames_pb2.Frame, exc: BadFrame, out: Outputs) -> None:  # noqa: ANN001
-        out.results.append(self._result(frame, results_pb2.STATUS_BAD_FRAME, str(exc)))
+        # only what passed the frame rules is repeated: the refusal itself must always publish
+        out.results.append(self._result(publishable(frame), results_pb2.STATUS_BAD_FRAME, str(exc)))
         ctype = header(getattr(rec, "headers", None), CONTENT_TYPE) or content_type(frames_pb2.Frame).encode()
         out.dead_letters.append(DeadLetter(rec.key, rec.value, exc.reason, str(exc), ctype))
         self.counters["bad_frame"] += 1
@@ -290,10 +294,18 @@ class Worker:
         t = self.kafka.topics
         recs: list[tuple[str, bytes | None, bytes, list]] = []
         r_enc, d_enc = self.kafka.encoding("results"), self.kafka.encoding("defects")
-        for r in out.results:
-            recs.append((t["results"], r.camera_id.encode(), *encode(r, r_enc)))
+        for i, r in enumerate(out.results):
+            try:
+                recs.append((t["results"], r.camera_id.encode(), *encode(r, r_enc)))
+            except Exception as exc:  # noqa: BLE001 - one record must never stop the loop (it would fail on every restart)
+                self._unencodable("results", r.frame_id, exc)
+                r = out.results[i] = self._stripped(r, exc)
+                recs.append((t["results"], r.camera_id.encode(), *encode(r, r_enc)))
         for d in out.defects:
-            recs.append((t["defects"], d.product_id.encode(), *encode(d, d_enc)))
+            try:
+                recs.append((t["defects"], d.product_id.encode(), *encode(d, d_enc)))
+            except Exception as exc:  # noqa: BLE001 - as above; the frame's result says DEFECT all the same
+                self._unencodable("defects", d.frame_id, exc)
         for dl in out.dead_letters:
             headers = [
                 (CONTENT_TYPE, dl.content_type),
@@ -308,6 +320,26 @@ class Worker:
                 self.counters["dlq_truncated"] += 1
             recs.append((t["frames.dlq"], dl.key[:1000] if dl.key else dl.key, value, headers))
         return recs
+
+    def _stripped(self, r: results_pb2.InspectionResult, exc: Exception) -> results_pb2.InspectionResult:
+        """A BAD_FRAME result with only the fields that always encode, for a result that did not."""
+        safe = publishable(frames_pb2.Frame(frame_id=r.frame_id, camera_id=r.camera_id, product_id=r.product_id))
+        safe.ClearField("capture_time")
+        reason = f"the result could not be encoded ({type(exc).__name__}: {str(exc)[:200]})"
+        return self._result(safe, results_pb2.STATUS_BAD_FRAME, reason)
+
+    def _unencodable(self, topic: str, frame_id: str, exc: Exception) -> None:
+        self.counters["unencodable"] += 1
+        metrics.RECORDS_DROPPED.labels(topic=topic, reason="unencodable").inc()
+        log.error(
+            "worker %s: the %s record of frame %s could not be encoded (%s: %s); %s",
+            self.cfg.worker_id,
+            topic,
+            cut(frame_id),
+            type(exc).__name__,
+            str(exc)[:200],
+            "a BAD_FRAME result without its fields is published instead" if topic == "results" else "skipped",
+        )
 
     def _publish(self, out: Outputs) -> None:
         """Send a batch's records and wait for the broker's acknowledgement of each.
@@ -449,7 +481,9 @@ class Worker:
         from kafka.errors import KafkaError as ClientError
 
         self._reconnector.stop = self.stop_event  # `cff-inspect run` shares one stop event among its parts
-        self.consumer = self.kafka.consumer(group_id=self.cfg.group_id)
+        self.consumer = self.kafka.consumer(
+            group_id=self.cfg.group_id, max_poll_interval_ms=self.cfg.max_poll_interval_ms
+        )
         self.consumer.subscribe(
             [self.kafka.topics["frames"]],
             listener=_assignment_log(self.cfg.worker_id, self.consumer, self._shortfall),
