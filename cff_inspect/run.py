@@ -106,6 +106,23 @@ def _stream_folder(cat: Path, out: Path) -> Path:
     return out
 
 
+def heads_key_file(state_dir: Path) -> Path:
+    """``STATE/heads.key``: made once (32 random bytes, hex, mode 0600 from the start), kept across runs like the
+    head store; an existing one is narrowed to 0600 if it was readable by others."""
+    path = state_dir / "heads.key"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            log.warning("%s was readable by other users; made it 0600", path)
+            path.chmod(0o600)
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return path
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from calibrator.client import CalibratorClient
     from calibrator.service import serve
@@ -116,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from inspection_core.ids import head_id
     from inspection_core.kafka import KafkaConfig, ensure_topics, quiet_kafka
     from inspection_core.runtime import wait_for
-    from inspection_core.trust import HeadSigner, HeadTrust
+    from inspection_core.trust import HeadSigner, HeadTrust, read_key
     from monitoring.http import MetricsServer
     from monitoring.prom import Prometheus, find_prometheus
     from scorer.data import discover, draw_references
@@ -155,12 +172,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         bb = backbone_from(args)
         refs = draw_references(cat.train, args.shots, 0)
         store = HeadStore(out / "heads")
-        # One process, so the heads key never touches a disk: announcements are signed and the worker pins the
-        # calibrator, as a plant deployment should (README: Security).
-        heads_key = secrets.token_bytes(32)
+        # Announcements are signed and the worker pins the calibrator, as a plant deployment should
+        # (docs/security.md). The key lives beside the head store, so a worker started by hand against this run
+        # can verify with --heads-key-file OUT/heads.key.
+        key_path = heads_key_file(out)
+        heads_key = read_key(key_path)
         server, cal_port = serve(store, bb, port=args.calibrator_port, kafka=kafka, signer=HeadSigner(heads_key))
         calibrator = f"127.0.0.1:{cal_port}"
-        print(f"calibrator on {calibrator} (store {out / 'heads'})", file=sys.stderr, flush=True)
+        print(
+            f"calibrator on {calibrator} (store {out / 'heads'}; announcements signed with {key_path})",
+            file=sys.stderr,
+            flush=True,
+        )
         worker = Worker(
             kafka,
             WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, evidence_dir=str(out / "evidence")),

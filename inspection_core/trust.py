@@ -11,15 +11,24 @@ bearer token) or announce their own artifact. Two checks close that:
 - **Pinned addresses.** A worker only downloads from (and sends its token to) calibrator addresses in its own
   configuration (``--calibrator-address``); with none configured, only loopback addresses are accepted.
 
-HMAC is symmetric: a worker's key could sign too, so the key belongs to machines you trust as much as the
-calibrator. Replays of an older signed announcement are refused by the worker (its announcement time must not
-go backwards for a product).
+- **Time.** An announcement's time must not go backwards for a product (no replays of older ones), and must not
+  lie more than :data:`MAX_CLOCK_SKEW_S` in the future: a record dated years ahead would otherwise become the
+  replay watermark and block every genuine announcement until the worker restarts.
+
+A worker without a key refuses to follow the heads topic unless told so explicitly (``allow_unsigned``,
+``--allow-unsigned-heads``). HMAC is symmetric: a worker's key could sign too, so the key belongs to machines you
+trust as much as the calibrator. Addresses are parsed, never matched as text: ``127.attacker.example`` is a host
+name (not loopback) and ``user@host`` forms are refused as malformed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import re
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +38,10 @@ SIGNATURE_HEADER = "signature"
 KEY_ID_HEADER = "key-id"
 _CONTEXT = b"cff-inspect heads v1\x00"
 MIN_KEY_BYTES = 16
+# How far ahead of this worker's clock an announcement may be dated (clocks of NTP-synchronised hosts differ by
+# far less; a calibrator whose clock is further ahead has its announcements refused until it is fixed).
+MAX_CLOCK_SKEW_S = 120.0
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")  # "_": Compose service names
 
 
 class TrustError(ConfigError):
@@ -47,17 +60,81 @@ def read_key(path: str | Path) -> bytes:
     return key
 
 
+def split_host_port(address: str, *, port_required: bool = True) -> tuple[str, int | None]:
+    """``HOST:PORT`` -> (canonical host, port): an IP address in its canonical form (IPv6 in brackets in the
+    text), or a lower-case DNS name. Anything else — user info (``user@host``), a scheme or path, an unbracketed
+    IPv6 address, a dotted name that is neither a valid IPv4 address nor a DNS name — raises ConfigError."""
+    a = address.strip()
+    shown = repr(address[:80])
+    if not a or any(c.isspace() or c in "@/\\?#%" for c in a) or not a.isascii():
+        raise ConfigError(f"address {shown} must be HOST:PORT (no user info, scheme, path or spaces)")
+    if a.startswith("["):
+        host, sep, rest = a[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"address {shown} must be [IPV6]:PORT")
+        port_text = rest[1:] if rest else None
+    elif a.count(":") == 1:
+        host, port_text = a.split(":")
+    elif ":" in a:
+        raise ConfigError(f"address {shown}: write an IPv6 address in brackets, [IPV6]:PORT")
+    else:
+        host, port_text = a, None
+    if port_text is None:
+        if port_required:
+            raise ConfigError(f"address {shown} must be HOST:PORT")
+        port = None
+    elif not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"address {shown} must be HOST:PORT with a port in 1..65535")
+    else:
+        port = int(port_text)
+    return _canonical_host(host, shown, bracketed=a.startswith("[")), port
+
+
+def _canonical_host(host: str, shown: str, *, bracketed: bool) -> str:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if bracketed != (ip.version == 6):
+            raise ConfigError(f"address {shown}: only IPv6 addresses go in brackets")
+        return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+    if bracketed:
+        raise ConfigError(f"address {shown}: {host[:60]!r} in brackets is not an IPv6 address")
+    name = host.lower().removesuffix(".")
+    labels = name.split(".")
+    # IPv4 shorthand ("127.1", "0x7f000001") is no DNS name: a resolver reads it as 127.0.0.1 while a check of
+    # the text saw a name. An all-numeric last label is never a DNS name either.
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(x) for x in labels) or labels[-1].isdigit():
+        raise ConfigError(f"address {shown}: {host[:60]!r} is neither an IP address nor a DNS name")
+    try:
+        socket.inet_aton(name)
+    except OSError:
+        return name
+    raise ConfigError(f"address {shown}: {host[:60]!r} is IPv4 shorthand; write the address in full (a.b.c.d)")
+
+
 def is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """True for ``localhost``, 127.0.0.0/8 and ::1 (port optional); any other or malformed address is not."""
+    try:
+        host, _ = split_host_port(address, port_required=False)
+    except ConfigError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def normalise_address(address: str) -> str:
-    a = address.strip()
-    host, sep, port = a.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"calibrator address {address!r} must be HOST:PORT")
-    return f"{host.lower()}:{int(port)}"
+    """The canonical ``HOST:PORT`` of a calibrator address (what pinned and announced addresses compare as)."""
+    try:
+        host, port = split_host_port(address)
+    except ConfigError as exc:
+        raise ConfigError(f"calibrator {exc}") from None
+    return f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -88,6 +165,8 @@ class HeadTrust:
 
     key: bytes | None = field(default=None, repr=False)
     addresses: tuple[str, ...] = ()  # pinned HOST:PORT; empty = loopback only
+    # Without a key, a follower refuses to run unless this says unauthenticated announcements are accepted.
+    allow_unsigned: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "addresses", tuple(normalise_address(a) for a in self.addresses))
@@ -97,6 +176,26 @@ class HeadTrust:
     @property
     def signed(self) -> bool:
         return self.key is not None
+
+    def require_key(self, what: str = "this worker") -> None:
+        """Refuse to follow announcements without a key unless unsigned ones were explicitly allowed."""
+        if self.key is None and not self.allow_unsigned:
+            raise ConfigError(
+                f"{what} has no heads key: give it the calibrator's key with --heads-key-file "
+                "(env CFF_INSPECT_HEADS_KEY_FILE), or --allow-unsigned-heads to accept head announcements from "
+                "anyone who can write the heads topic"
+            )
+
+    def check_time(self, announced_s: float, now_s: float | None = None) -> None:
+        """An announcement dated beyond the clock skew allowance is invalid (it must never become the replay
+        watermark)."""
+        now = time.time() if now_s is None else now_s
+        if announced_s > now + MAX_CLOCK_SKEW_S:
+            ahead = announced_s - now
+            raise TrustError(
+                f"announcement is dated {ahead:.0f} s ahead of this worker's clock (at most "
+                f"{MAX_CLOCK_SKEW_S:.0f} s allowed): forged, or the calibrator's clock is wrong"
+            )
 
     def check_signature(self, record_key: bytes | None, value: bytes, headers: list | None) -> None:
         if self.key is None:
@@ -116,8 +215,8 @@ class HeadTrust:
     def check_address(self, address: str) -> str:
         try:
             a = normalise_address(address)
-        except ConfigError:
-            raise TrustError(f"announcement names an invalid calibrator address {address[:80]!r}") from None
+        except ConfigError as exc:
+            raise TrustError(f"announcement names a malformed calibrator address: {exc}") from None
         if self.addresses:
             if a not in self.addresses:
                 raise TrustError(

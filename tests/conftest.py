@@ -231,10 +231,14 @@ StartWorker = Callable[..., subprocess.Popen]
 @pytest.fixture
 def start_worker() -> Iterator[StartWorker]:
     """``start_worker(kafka, *options)`` -> a ``cff-inspect worker`` process on ``kafka`` (CPU, one thread, no
-    metrics port clash), output piped; any still running after the test is stopped gracefully."""
+    metrics port clash), output piped; any still running after the test is stopped gracefully. Without
+    ``--heads-key-file`` (or ``--no-follow-heads``) it gets ``--allow-unsigned-heads``: a worker refuses to follow
+    unsigned announcements otherwise (tests/workers/test_head_trust.py tests that)."""
     procs: list[subprocess.Popen] = []
 
     def start(kafka: KafkaConfig, *options: str) -> subprocess.Popen:
+        if not {"--heads-key-file", "--no-follow-heads", "--allow-unsigned-heads"} & set(options):
+            options = (*options, "--allow-unsigned-heads")
         cmd = [
             sys.executable,
             "-m",

@@ -101,7 +101,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--heads-key-file",
         default=None,
-        help="accept only head announcements signed with this shared key (the calibrator's --heads-key-file)",
+        help="accept only head announcements signed with this shared key (the calibrator's --heads-key-file); "
+        "a worker that follows the heads topic needs it, or --allow-unsigned-heads",
+    )
+    p.add_argument(
+        "--allow-unsigned-heads",
+        action="store_true",
+        default=False,
+        help="follow the heads topic without a key: anyone who can write it can then change this worker's heads "
+        "(and, without --calibrator-address, name a loopback calibrator to download from); logs a warning",
     )
     p.add_argument(
         "--no-follow-heads",
@@ -135,18 +143,20 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
 
 
 def trust_from(args: argparse.Namespace) -> HeadTrust:
-    return HeadTrust(
+    """What the head follower believes; a worker that follows heads without a key (or the opt-out) fails here."""
+    trust = HeadTrust(
         key=read_key(args.heads_key_file) if args.heads_key_file else None,
         addresses=tuple(args.calibrator_address or ()),
+        allow_unsigned=args.allow_unsigned_heads,
     )
+    if args.follow_heads:
+        trust.require_key("a worker that follows the heads topic")
+    return trust
 
 
-def load_file_heads(
-    specs: list[str], backbone_override: str | None, weights: str | None, device: str, precision: str = "fp32"
-) -> tuple[Backbone, dict[str, ActiveHead]]:
-    """``PRODUCT=PATH`` pairs -> (backbone, {product: ActiveHead}); heads for another backbone are skipped."""
-    from scorer.artifact import file_sha256, load_head, read_manifest
-    from scorer.backbones import load_backbone
+def read_head_specs(specs: list[str], backbone_override: str | None) -> list[tuple[str, str, dict]]:
+    """``PRODUCT=PATH`` pairs -> (product, path, manifest), checked without loading any model."""
+    from scorer.artifact import read_manifest
 
     pairs = []
     for s in specs:
@@ -156,6 +166,17 @@ def load_file_heads(
         pairs.append((check_product_id(product), path, read_manifest(path)))
     if not pairs and not backbone_override:
         raise ConfigError("a worker needs --head PRODUCT=PATH (or --backbone to start without heads)")
+    return pairs
+
+
+def load_file_heads(
+    specs: list[str], backbone_override: str | None, weights: str | None, device: str, precision: str = "fp32"
+) -> tuple[Backbone, dict[str, ActiveHead]]:
+    """``PRODUCT=PATH`` pairs -> (backbone, {product: ActiveHead}); heads for another backbone are skipped."""
+    from scorer.artifact import file_sha256, load_head
+    from scorer.backbones import load_backbone
+
+    pairs = read_head_specs(specs, backbone_override)
     spec = backbone_override or pairs[0][2]["backbone"]
     size = next((m["image_size"] for _, _, m in pairs if m["backbone"] == spec), None)
     bb = load_backbone(spec, weights=weights, image_size=size, device=device).set_precision(precision)
@@ -166,7 +187,7 @@ def load_file_heads(
         except HeadError as exc:
             log.warning("ignoring head for %s: %s", product, exc)
             continue
-        heads[product] = ActiveHead(h, head_ref(product, h, file_sha256(path)))
+        heads[product] = ActiveHead(h, head_ref(product, h, file_sha256(path)), bool(h.meta.get("commissioning")))
     return bb, heads
 
 
@@ -219,7 +240,8 @@ def main(args: argparse.Namespace) -> int:
     quiet_kafka()
     kafka = kafka_from(args)
     cfg = config_from(args)
-    trust = trust_from(args)  # bad key files and addresses fail before any model is loaded
+    read_head_specs(args.head or [], args.backbone)  # what to score with, then whom to trust: before any model
+    trust = trust_from(args)
     if args.threads:
         import torch
 

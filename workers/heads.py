@@ -41,7 +41,10 @@ def download(address: str, product: str, version: int, security: ClientSecurity 
 
 
 class HeadFollower(threading.Thread):
-    """Applies announcements from the heads topic that pass :class:`HeadTrust` (signature, pinned address)."""
+    """Applies announcements from the heads topic that pass :class:`HeadTrust` (signature, time, pinned address).
+
+    Without a key the trust must say ``allow_unsigned`` (``--allow-unsigned-heads``), or construction fails.
+    """
 
     def __init__(
         self,
@@ -54,15 +57,17 @@ class HeadFollower(threading.Thread):
         super().__init__(name="head-follower", daemon=True)
         self.security = security
         self.trust = trust or HeadTrust()
+        self.trust.require_key(f"worker {worker.cfg.worker_id}")  # secure by default: no key, no follower
         self.kafka = kafka
         self.worker = worker
         self.backbone = backbone
         self.stop = worker.stop_event
-        self._seen: dict[str, float] = {}  # product -> announcement time of the last one applied
+        # product -> announcement time of the last one applied; never later than the clock allows (check_time)
+        self._seen: dict[str, float] = {}
         if not self.trust.signed:
             log.warning(
-                "head announcements are not authenticated: anyone who can write %s can change this worker's "
-                "heads; give the calibrator and the workers the same --heads-key-file",
+                "--allow-unsigned-heads: head announcements are not authenticated: anyone who can write %s can "
+                "change this worker's heads; give the calibrator and the workers the same --heads-key-file",
                 kafka.topic("heads"),
             )
 
@@ -93,6 +98,10 @@ class HeadFollower(threading.Thread):
         except ConfigError as exc:
             self._refuse("invalid", "heads_bad_id", f"head announcement refused: {exc}")
         t = a.activated_time.seconds + a.activated_time.nanos / 1e9
+        try:
+            self.trust.check_time(t)
+        except TrustError as exc:
+            self._refuse("replay", "heads_future_time", f"head announcement for {product} v{a.head.version}: {exc}")
         if t < self._seen.get(product, float("-inf")):
             self._refuse(
                 "replay",

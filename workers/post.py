@@ -5,6 +5,7 @@ Pure message building plus the evidence archive on disk; no Kafka client here.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import threading
@@ -13,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
@@ -149,7 +151,12 @@ class EvidenceArchive:
         self._total = sum(self._files.values())
 
     def _uri(self, path: Path) -> str:
-        return f"{self.url_base}/{path.name}" if self.url_base else path.resolve().as_uri()
+
+    File names come from :meth:`file_stem`: a readable ASCII prefix of the frame id plus a hash of its exact
+    bytes, so distinct ids (``lot-7/part-1`` and ``lot-7_part-1``, or any Unicode id) never share a file.
+        if self.url_base:
+            return f"{self.url_base}/{quote(path.name, safe='')}"
+        return path.resolve().as_uri()
 
     def save(
         self, frame_id: str, img: object, amap: np.ndarray, pixel_threshold: float, regions: list[Region]
@@ -160,13 +167,23 @@ class EvidenceArchive:
         self.root.mkdir(parents=True, exist_ok=True)
         if not isinstance(img, np.ndarray):  # a torch tensor: torch is loaded already
             img = img.permute(1, 2, 0).cpu().numpy()  # type: ignore[attr-defined]
-        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in frame_id)[:120]
-        jpg, png = self.root / f"{safe}.jpg", self.root / f"{safe}_overlay.png"
+        stem = self.file_stem(frame_id)
+        jpg, png = self.root / f"{stem}.jpg", self.root / f"{stem}_overlay.png"
         Image.fromarray(img).save(jpg, quality=90)
         overlay(img, amap.astype(np.float32), pixel_threshold=pixel_threshold, regions=regions, verdict="DEFECT").save(
             png
         )
         with self._lock:
+    @staticmethod
+    def file_stem(frame_id: str) -> str:
+        """``<readable prefix>-<16 hex of sha256(frame id as UTF-8)>``: only ``[A-Za-z0-9._-]``, never starting
+        with a dot, at most 97 characters; the same id always gives the same stem (a redelivered frame
+        overwrites its own evidence)."""
+        digest = hashlib.sha256(frame_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        prefix = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in frame_id[:80])
+        prefix = prefix.lstrip(".") or "frame"
+        return f"{prefix}-{digest}"
+
             for p in (jpg, png):
                 self._total -= self._files.pop(p.name, 0)
                 self._files[p.name] = p.stat().st_size
@@ -188,7 +205,8 @@ class EvidenceArchive:
             metrics.EVIDENCE_BYTES.set(self._total)
 
     def http_get(self, name: str) -> tuple[int, bytes, str]:
-        """``GET <url_base>/<name>``: (status, body, content type); only plain names directly in the folder."""
+        """``GET <url_base>/<name>`` (``name`` percent-decoded): (status, body, content type). Only names this
+        archive holds or held, directly in its folder: no separators, no leading dot, so no traversal."""
         ctype = self._TYPES.get(Path(name).suffix.lower())
         if not self._NAME.fullmatch(name) or name.startswith(".") or ctype is None:
             return 404, b"not an evidence file name\n", "text/plain"

@@ -114,3 +114,21 @@ def test_bad_security_configuration_is_named(tmp_path) -> None:
         read_token(None, str(tmp_path / "t"))
     with pytest.raises(ConfigError, match="missing"):
         read_token(None, str(tmp_path / "missing"))
+
+
+def test_the_plaintext_token_warning_judges_parsed_addresses(caplog) -> None:
+    """``127.attacker.example`` once passed as loopback (a text prefix): the token went out without a warning."""
+    sec = ClientSecurity(token=TOKEN)
+    for address, warns in (
+        ("127.0.0.1:50051", False),
+        ("localhost:50051", False),
+        ("[::1]:50051", False),
+        ("127.attacker.example:50051", True),
+        ("localhost.attacker.example:50051", True),
+        ("cal.plant:50051", True),
+    ):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="calibrator.security"):
+            sec.channel(address).close()
+        assert ("without TLS" in caplog.text) is warns, address
+        assert TOKEN not in caplog.text

@@ -167,10 +167,12 @@ def test_cancelled_fit_leaves_nothing(client, refs) -> None:
 def test_worker_refuses_tampered_or_foreign_heads(client, refs, tiny_vit, tiny_vit_seed1) -> None:
     from inspection_core.errors import HeadError
     from inspection_core.kafka import KafkaConfig
+    from inspection_core.trust import HeadTrust
     from inspection_pb.v1 import heads_pb2
     from workers.heads import HeadFollower
     from workers.worker import Worker, WorkerConfig
 
+    unsigned = HeadTrust(allow_unsigned=True)  # this calibrator signs nothing
     stub, channel, store = client
     info = list(stub.FitHead(_fit_stream("widget", refs)))[-1].result
     address = channel._channel.target().decode().removeprefix("dns:///")
@@ -179,13 +181,13 @@ def test_worker_refuses_tampered_or_foreign_heads(client, refs, tiny_vit, tiny_v
     ann.head.CopyFrom(info.head)
     ann.head.sha256 = "0" * 64  # not what the calibrator serves
     with pytest.raises(HeadError, match="sha256"):
-        HeadFollower(KafkaConfig(bootstrap_servers="127.0.0.1:1"), worker, tiny_vit).apply(ann)
+        HeadFollower(KafkaConfig(bootstrap_servers="127.0.0.1:1"), worker, tiny_vit, trust=unsigned).apply(ann)
     assert "widget" not in worker.heads and worker.counters["heads_bad_sha256"] == 1
     ann.head.sha256 = info.head.sha256
     with pytest.raises(HeadError, match="weights random:0"):  # same spec, other weights: refused on load
-        HeadFollower(KafkaConfig(bootstrap_servers="127.0.0.1:1"), worker, tiny_vit_seed1).apply(ann)
+        HeadFollower(KafkaConfig(bootstrap_servers="127.0.0.1:1"), worker, tiny_vit_seed1, trust=unsigned).apply(ann)
     assert "widget" not in worker.heads
-    HeadFollower(KafkaConfig(bootstrap_servers="127.0.0.1:1"), worker, tiny_vit).apply(ann)
+    HeadFollower(KafkaConfig(bootstrap_servers="127.0.0.1:1"), worker, tiny_vit, trust=unsigned).apply(ann)
     assert worker.heads["widget"].ref.version == 1
 
 

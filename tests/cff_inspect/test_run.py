@@ -56,6 +56,9 @@ def test_bounded_run_summary(tmp_path) -> None:
     assert s["statuses"] == {"STATUS_OK": s["results_received"]}
     assert s["defects"] >= 1 and s["latency_p50_s"] > 0
     assert list((tmp_path / "out" / "evidence").glob("*_overlay.png"))
+    key = tmp_path / "out" / "heads.key"  # signs the calibrator's announcements; the worker verifies with it
+    assert key.stat().st_mode & 0o777 == 0o600 and f"announcements signed with {key}" in proc.stderr
+    key_bytes = key.read_bytes()
     # nothing left running: the embedded broker's port is free again
     assert "embedded broker on" in proc.stderr
 
@@ -65,3 +68,4 @@ def test_bounded_run_summary(tmp_path) -> None:
     s2 = json.loads(summary.read_text())
     assert s2["head"] == s["head"] and "fit_seconds" not in s2
     assert "using the stored" in again.stderr
+    assert key.read_bytes() == key_bytes  # kept with the head store
