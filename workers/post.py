@@ -132,6 +132,9 @@ class EvidenceArchive:
     Events carry URLs into it: ``url_base/<name>`` when the worker serves the folder over HTTP (its metrics
     server, :meth:`http_get`), ``file://`` paths otherwise. A removal is counted
     (``inspection_worker_evidence_deleted_total``) and its URL answers 410 Gone, never a silent 404.
+
+    File names come from :meth:`file_stem`: a readable ASCII prefix of the frame id plus a hash of its exact
+    bytes, so distinct ids (``lot-7/part-1`` and ``lot-7_part-1``, or any Unicode id) never share a file.
     """
 
     _NAME = re.compile(r"[A-Za-z0-9._-]{1,160}")
@@ -150,10 +153,17 @@ class EvidenceArchive:
                 self._files[p.name] = p.stat().st_size
         self._total = sum(self._files.values())
 
-    def _uri(self, path: Path) -> str:
+    @staticmethod
+    def file_stem(frame_id: str) -> str:
+        """``<readable prefix>-<16 hex of sha256(frame id as UTF-8)>``: only ``[A-Za-z0-9._-]``, never starting
+        with a dot, at most 97 characters; the same id always gives the same stem (a redelivered frame
+        overwrites its own evidence)."""
+        digest = hashlib.sha256(frame_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        prefix = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in frame_id[:80])
+        prefix = prefix.lstrip(".") or "frame"
+        return f"{prefix}-{digest}"
 
-    File names come from :meth:`file_stem`: a readable ASCII prefix of the frame id plus a hash of its exact
-    bytes, so distinct ids (``lot-7/part-1`` and ``lot-7_part-1``, or any Unicode id) never share a file.
+    def _uri(self, path: Path) -> str:
         if self.url_base:
             return f"{self.url_base}/{quote(path.name, safe='')}"
         return path.resolve().as_uri()
@@ -174,16 +184,6 @@ class EvidenceArchive:
             png
         )
         with self._lock:
-    @staticmethod
-    def file_stem(frame_id: str) -> str:
-        """``<readable prefix>-<16 hex of sha256(frame id as UTF-8)>``: only ``[A-Za-z0-9._-]``, never starting
-        with a dot, at most 97 characters; the same id always gives the same stem (a redelivered frame
-        overwrites its own evidence)."""
-        digest = hashlib.sha256(frame_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        prefix = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in frame_id[:80])
-        prefix = prefix.lstrip(".") or "frame"
-        return f"{prefix}-{digest}"
-
             for p in (jpg, png):
                 self._total -= self._files.pop(p.name, 0)
                 self._files[p.name] = p.stat().st_size
