@@ -6,6 +6,7 @@ import argparse
 import threading
 from dataclasses import dataclass, field
 
+from calibrator.config import DEFAULT_LIMITS, ServiceLimits, add_limit_args, limits_from
 from calibrator.security import ServerSecurity, add_token_args, read_token
 from inspection_core.errors import ConfigError
 from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
@@ -29,6 +30,7 @@ class CalibratorSettings:
     heads_key: bytes | None = field(default=None, repr=False)  # signs head announcements
     reannounce_s: float = 30.0
     allow_loopback_announce: bool = False
+    limits: ServiceLimits = DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
         if self.reannounce_s < 0:
@@ -74,9 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="re-announce active heads this often, so a broker that lost the heads topic is refilled "
         "(0 = only at start and on changes; default %(default)s)",
     )
-    p.add_argument(
-        "--max-shots", type=int, default=16, help="reference images per fit (limit)"
-    )
+    p.add_argument("--max-shots", type=int, default=16, help="reference images per fit (limit)")
+    add_limit_args(p)
     add_fit_precision_arg(p, "precision of head fits, whatever --precision scoring uses")
     add_token_args(p, "require this bearer token on every call")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS")
@@ -102,6 +103,7 @@ def settings_from(args: argparse.Namespace) -> CalibratorSettings:
         heads_key=read_key(args.heads_key_file) if args.heads_key_file else None,
         reannounce_s=args.reannounce_s,
         allow_loopback_announce=args.allow_loopback_announce,
+        limits=limits_from(args),
     )
 
 
@@ -127,8 +129,9 @@ def main(args: argparse.Namespace) -> int:
         fit_precision=s.fit_precision,
         signer=HeadSigner(s.heads_key) if s.heads_key is not None else None,
         reannounce_s=s.reannounce_s,
+        limits=s.limits,
     )
-    checks = {"backbone": lambda: (True, bb.spec)}
+    checks = {"backbone": lambda: (True, bb.spec), "grpc": server.readiness}
     if s.kafka is not None:
         checks["broker"] = broker_check(s.kafka.bootstrap_servers)
     ms = start_metrics(args, "calibrator", **checks)

@@ -1,12 +1,14 @@
 """Versioned head store on disk: ``<root>/<product>/v<N>.safetensors`` plus ``state.json``.
 
 Writes are atomic (temporary file, fsync, rename), so the store survives restarts
-and a crash never leaves a half-written artifact or state. ``state.json`` holds the
-active version and the activation history (for rollback).
+and a crash never leaves a half-written artifact or state. A write that fails (a full
+disk) raises :class:`StoreWriteError` and leaves the store as it was. ``state.json``
+holds the active version and the activation history (for rollback).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 from pathlib import Path
@@ -14,12 +16,25 @@ from pathlib import Path
 from inspection_core.errors import HeadError, InspectionError
 from inspection_core.ids import check_product_id, head_id
 from inspection_pb.v1 import common_pb2
-from scorer.artifact import atomic_write_bytes, file_sha256, read_manifest, save_head
+from scorer.artifact import atomic_write_bytes, file_sha256, head_to_bytes, read_manifest
 from scorer.head import Head
 
 
 class StoreError(InspectionError):
     """A product or version is not in the store, or the store is inconsistent."""
+
+
+class StoreWriteError(InspectionError):
+    """The store's disk refused a write (full, read-only, ...); nothing of the change was kept."""
+
+    def __init__(self, message: str, *, errno_: int | None, path: Path) -> None:
+        super().__init__(message)
+        self.errno = errno_
+        self.path = path
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def manifest_ref(product: str, manifest: dict) -> common_pb2.HeadRef:
@@ -36,7 +51,7 @@ class HeadStore:
         self._guard = threading.Lock()
 
     def lock(self, product: str) -> threading.Lock:
-        """One lock per product: fits and changes of one product run one at a time."""
+        """One lock per product: changes of one product (new versions, activation) run one at a time."""
         with self._guard:
             return self._locks.setdefault(product, threading.Lock())
 
@@ -53,10 +68,27 @@ class HeadStore:
         except (OSError, ValueError) as exc:
             raise StoreError(f"{p}: unreadable store state ({exc})") from None
 
-    def _save_state(self, product: str, state: dict) -> None:
-        d = self._dir(product)
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(d / "state.json", json.dumps(state, indent=2).encode())
+    def _write(self, path: Path, data: bytes, what: str) -> None:
+        """Atomic write; an OSError becomes a StoreWriteError naming ``what`` failed and the file."""
+        created = not path.parent.exists()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+        except OSError as exc:
+            if created:  # a new product's folder, empty again: would be listed as a product without heads
+                try:
+                    path.parent.rmdir()
+                except OSError:
+                    pass
+            reason = exc.strerror or str(exc)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                reason += " (the head store's disk is full)"
+            raise StoreWriteError(
+                f"{what}: writing {path} failed: {reason}; the store is unchanged", errno_=exc.errno, path=path
+            ) from None
+
+    def _save_state(self, product: str, state: dict, what: str) -> None:
+        self._write(self._dir(product) / "state.json", json.dumps(state, indent=2).encode(), what)
 
     def products(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -82,13 +114,19 @@ class HeadStore:
 
     # -- changes ------------------------------------------------------------------
     def add(self, product: str, head: Head, *, activate: bool = False) -> int:
+        """Store ``head`` as the next version (and activate it); on a failed write neither is kept."""
         d = self._dir(product)
-        d.mkdir(parents=True, exist_ok=True)
         version = max(self.versions(product), default=0) + 1
         head.meta.update({"product": product, "version": version})
-        save_head(head, d / f"v{version}.safetensors", product=product, version=version)
+        path = d / f"v{version}.safetensors"
+        data = head_to_bytes(head, product=product, version=version)
+        self._write(path, data, f"{product}: storing version {version}")
         if activate:
-            self.activate(product, version)
+            try:
+                self.activate(product, version)
+            except BaseException:
+                path.unlink(missing_ok=True)  # all or nothing: an inactive leftover would look like a stored fit
+                raise
         return version
 
     def activate(self, product: str, version: int) -> int:
@@ -98,7 +136,7 @@ class HeadStore:
             if state["active"]:
                 state["history"].append(state["active"])
             state["active"] = version
-            self._save_state(product, state)
+            self._save_state(product, state, f"{product}: activating version {version}")
         return version
 
     def rollback(self, product: str) -> int:
@@ -107,7 +145,7 @@ class HeadStore:
             prev = state["history"].pop()
             if (self._dir(product) / f"v{prev}.safetensors").is_file():
                 state["active"] = prev
-                self._save_state(product, state)
+                self._save_state(product, state, f"{product}: rolling back to version {prev}")
                 return prev
         raise StoreError(f"product {product!r} has no earlier active version to roll back to")
 
@@ -117,8 +155,15 @@ class HeadStore:
         if state["active"] == version:
             state["active"] = None
         state["history"] = [v for v in state["history"] if v != version]
-        self._save_state(product, state)
-        p.unlink()
+        self._save_state(product, state, f"{product}: deleting version {version}")
+        try:
+            p.unlink()
+        except OSError as exc:
+            raise StoreWriteError(
+                f"{product}: deleting version {version}: removing {p} failed: {exc.strerror or exc}",
+                errno_=exc.errno,
+                path=p,
+            ) from None
 
     def info(self, product: str, version: int = 0) -> dict:
         p = self.path(product, version)

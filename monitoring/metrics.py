@@ -128,6 +128,9 @@ CALIBRATOR_CALLS = Counter(
     "inspection_calibrator_calls_total", "Calibrator gRPC calls by method and status code", ["rpc", "code"]
 )
 CALIBRATOR_HEADS = Gauge("inspection_calibrator_active_heads", "Products with an active head in the store")
+CALIBRATOR_FIT_STREAMS = Gauge(
+    "inspection_calibrator_fit_streams", "FitHead streams holding a fit slot, by state", ["state"]
+)  # state: uploading, waiting, fitting
 
 _head_lock = threading.Lock()
 

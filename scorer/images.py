@@ -277,3 +277,36 @@ def list_images(folder: str | Path) -> list[Path]:
     """Image files of a folder, sorted by name (deterministic reference draws)."""
     d = Path(folder)
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def decode_reduced(
+    data: bytes, *, name: str, min_side: int, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE
+) -> np.ndarray:
+    """:func:`decode_image`, reduced by a whole factor that keeps both sides at least ``min_side`` (if they were).
+
+    For images that are resized to a small input anyway (fit references): a JPEG decodes straight at 1/2 to 1/8
+    scale (``draft``), anything else is box-reduced right after decoding, so a 40 Mpx reference costs its full
+    size only once, while decoding, and its reduced size from then on.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty image data")
+    try:
+        with open_checked(io.BytesIO(data), name=name, max_pixels=max_pixels, max_side=max_side) as im:
+            factor = min(im.size) // max(1, min_side)
+            if factor > 1 and im.format == "JPEG":
+                im.draft(im.mode, (im.size[0] // factor, im.size[1] // factor))  # a scale no smaller than asked
+            im.load()
+            factor = min(im.size) // max(1, min_side)
+            if factor <= 1:
+                return to_rgb_uint8(im, name=name)
+            wider = {"1": "L", "P": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I"}  # modes reduce() refuses
+            return to_rgb_uint8((im.convert(wider[im.mode]) if im.mode in wider else im).reduce(factor), name=name)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{name}: not an image in a format this reads ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)}); "
+            f"first bytes {data[:8].hex()}"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{name}: cannot decode image ({exc})") from None

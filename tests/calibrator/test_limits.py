@@ -4,6 +4,7 @@ that never repeat unbounded input."""
 from __future__ import annotations
 
 import io
+import socket
 import subprocess
 import sys
 import time
@@ -139,3 +140,32 @@ def test_a_second_calibrator_on_a_taken_port_refuses_to_start(tmp_path, tiny_vit
         assert "Traceback" not in r.stderr
     finally:
         first.stop(0)
+
+
+def test_a_port_taken_on_any_address_of_the_host_name_is_refused(tmp_path, tiny_vit) -> None:
+    """``--host localhost`` started beside a program holding 127.0.0.1:P: grpcio bound [::1]:P alone and served."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        want = (
+            f"cannot listen on localhost:{port}: the address is already in use "
+            f"(127.0.0.1:{port}, an address localhost resolves to, is taken)"
+        )
+        try:
+            server, _ = serve(HeadStore(tmp_path / "a"), tiny_vit, host="localhost", port=port)
+        except ConfigError as exc:
+            assert str(exc).startswith(want), exc
+        else:
+            server.stop(0)
+            pytest.fail(f"the calibrator started on localhost:{port} while 127.0.0.1:{port} is taken")
+        cmd = [sys.executable, "-m", "cff_inspect", "calibrator", "--host", "localhost", "--port", str(port),
+               "--no-kafka", "--no-metrics", "--backbone", "tiny-vit", "--device", "cpu",
+               "--store", str(tmp_path / "b")]  # fmt: skip
+        try:
+            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("cff-inspect calibrator kept running on a taken port")
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith(f"cff-inspect: error: {want}"), r.stderr
+        assert "Traceback" not in r.stderr
