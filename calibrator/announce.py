@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from calibrator.line import is_commissioning
 from calibrator.store import HeadStore, StoreError, manifest_ref
 from inspection_core.kafka import KafkaConfig, ensure_topics
 from inspection_core.trust import HeadSigner
@@ -71,6 +72,7 @@ class Announcer:
             a.backbone = m["backbone"]
             a.weights_sha256 = m["weights_sha256"]
             a.image_threshold = m.get("image_threshold") or 0.0
+            a.commissioning = is_commissioning(store, product, m)
             a.pixel_threshold = m.get("pixel_threshold") or 0.0
             a.active = True
         return a

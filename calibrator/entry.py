@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 
 from calibrator.config import DEFAULT_LIMITS, ServiceLimits, add_limit_args, limits_from
+from calibrator.line_config import DEFAULT_LINE, LineSettings, add_line_args, line_from
 from calibrator.security import ServerSecurity, add_token_args, read_token
 from inspection_core.errors import ConfigError
 from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
@@ -31,6 +32,7 @@ class CalibratorSettings:
     reannounce_s: float = 30.0
     allow_loopback_announce: bool = False
     limits: ServiceLimits = DEFAULT_LIMITS
+    line: LineSettings = DEFAULT_LINE  # the line calibrates heads (needs Kafka)
 
     def __post_init__(self) -> None:
         if self.reannounce_s < 0:
@@ -78,6 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-shots", type=int, default=16, help="reference images per fit (limit)")
     add_limit_args(p)
+    add_line_args(p)
     add_fit_precision_arg(p, "precision of head fits, whatever --precision scoring uses")
     add_token_args(p, "require this bearer token on every call")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS")
@@ -104,6 +107,7 @@ def settings_from(args: argparse.Namespace) -> CalibratorSettings:
         reannounce_s=args.reannounce_s,
         allow_loopback_announce=args.allow_loopback_announce,
         limits=limits_from(args),
+        line=line_from(args),
     )
 
 
@@ -130,6 +134,7 @@ def main(args: argparse.Namespace) -> int:
         signer=HeadSigner(s.heads_key) if s.heads_key is not None else None,
         reannounce_s=s.reannounce_s,
         limits=s.limits,
+        line=s.line,
     )
     checks = {"backbone": lambda: (True, bb.spec), "grpc": server.readiness}
     if s.kafka is not None:

@@ -33,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from calibrator.config import DEFAULT_LIMITS, ServiceLimits
+from calibrator.line import LineManager, LineSettings, line_info, manual_meta
 from calibrator.security import ServerSecurity
 from calibrator.store import HeadStore, StoreError, StoreWriteError, manifest_ref
 from inspection_core.errors import ConfigError, HeadError, ImageError, cut, quoted
@@ -160,6 +161,7 @@ def head_info(store: HeadStore, product: str, version: int = 0) -> calibrator_pb
     guard = (m.get("meta") or {}).get("guard") or {}
     info.requested_method = str(guard.get("requested") or m["method"])
     info.selection = str(guard.get("reason") or "")
+    line_info(info, store, product, m)
     for k, v in (m.get("fit_metrics") or {}).items():
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
             info.fit_metrics[k] = float(v)
@@ -194,6 +196,7 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
         self.backbone = backbone
         self.base_head = load_head(base_head_path, backbone) if base_head_path else None
         self.limits = limits
+        self.line = None  # calibrator.line.LineManager, when the line calibrates heads (serve with kafka)
         self._fit_slots = threading.BoundedSemaphore(limits.fit_slots)  # FitHead streams admitted at all
         self._fits = threading.BoundedSemaphore(limits.max_fits)  # of those, fits computing: bounds their memory
         self._streams = {"uploading": 0, "waiting": 0, "fitting": 0}
@@ -439,6 +442,8 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
                 detail = f"{g['chosen']}: {g['reason']}" if g else f"{head.method}"
                 q_out.put(calibrator_pb2.FitProgress(stage="selected", detail=detail))
                 head.meta["reference_sha256"] = [shas[i] for i in range(h.shots)]
+                if self.line is not None:
+                    self.line.mark_fitted(head)  # commissioning: the line sets its cut (calibrator.line)
                 with self.store.lock(product):  # only the store change: other changes of the product need not wait
                     result["version"] = self.store.add(product, head, activate=h.activate)
                 status = "ok"
@@ -547,11 +552,20 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
                 raise ConfigError("give image_threshold and/or pixel_threshold")
             with self.store.lock(p):
                 head = load_head(self.store.path(p, request.head.version))
-                head = replace(head.with_thresholds(image=it, pixel=pt), meta=dict(head.meta))
+                head = replace(head.with_thresholds(image=it, pixel=pt), meta=manual_meta(head.meta))
                 v = self.store.add(p, head, activate=request.activate)
             if request.activate:
                 self._announce(p)
             return head_info(self.store, p, v)
+
+        return self._guard(context, run)
+
+    def FinishCommissioning(self, request, context):  # noqa: ANN001, ANN201, N802
+        def run() -> calibrator_pb2.HeadInfo:
+            p = check_product_id(request.product_id)
+            if self.line is None:
+                raise HeadError("this calibrator does not calibrate heads from the line (commissioning off, no Kafka)")
+            return head_info(self.store, p, self.line.finish(p, request.version))
 
         return self._guard(context, run)
 
@@ -571,6 +585,7 @@ def serve(
     signer: HeadSigner | None = None,
     reannounce_s: float = 30.0,
     limits: ServiceLimits = DEFAULT_LIMITS,
+    line: LineSettings | None = None,
 ) -> tuple[grpc.Server, int]:
     """Start the service; returns (server, bound port). ``port=0`` picks a free port.
 
@@ -629,10 +644,15 @@ def serve(
         n = announcer.announce_all(store)
         log.info("re-announced %d active heads%s", n, " (signed)" if signer is not None else "")
         announcer.repeat_every(store, reannounce_s)
+        if line is not None and line.enabled:
+            service.line = LineManager(store, backbone, kafka, line, service._announce)
+            service.line.start()
         stop = server.stop
 
         def stop_all(grace: float | None) -> threading.Event:
             announcer.stop()
+            if service.line is not None:
+                service.line.stop()
             return stop(grace)
 
         server.stop = stop_all  # type: ignore[method-assign]

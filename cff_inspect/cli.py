@@ -238,7 +238,7 @@ def _one_line(text: str, limit: int = 2000) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cff_inspect import commands, run, tail
+    from cff_inspect import commands, feedback, run, tail
 
     parser = argparse.ArgumentParser(prog="cff-inspect", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -253,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_heads(sub)
     _add_services(sub)
     tail.add_tail(sub)
+    feedback.add_feedback(sub)
     _add_bench(sub)
     return bind_env(parser, defer_errors=True)
 

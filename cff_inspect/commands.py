@@ -168,6 +168,10 @@ def _print_info(h) -> None:  # noqa: ANN001 - calibrator_pb2.HeadInfo
     )
     if h.selection:  # the cff guard kept another head than asked for, or says why it kept cff
         print(f"    asked for {h.requested_method}, kept {h.method}: {h.selection}")
+    if h.commissioning:  # its verdicts are provisional until the line calibrates it (docs/line-calibration.md)
+        print("    commissioning: verdicts are provisional until the line sets its threshold")
+    if h.line_status:
+        print(f"    line: {h.line_status}" + (f" - not activated: {h.candidate_reason}" if h.candidate_reason else ""))
 
 
 def _client(args: argparse.Namespace):  # noqa: ANN202

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from inspection_core.errors import ConfigError
 from inspection_core.kafka import KafkaConfig, LostLogRewind, add_kafka_args, kafka_from, quiet_kafka
 from inspection_core.wire import CONTENT_TYPE, WireError, decode, header, parse_content_type
-from inspection_pb.v1 import frames_pb2, heads_pb2, results_pb2
+from inspection_pb.v1 import feedback_pb2, frames_pb2, heads_pb2, results_pb2
 
 log = logging.getLogger(__name__)
 MESSAGES: dict[str, type[Message]] = {
@@ -29,15 +29,17 @@ MESSAGES: dict[str, type[Message]] = {
     "defects": results_pb2.DefectEvent,
     "frames": frames_pb2.Frame,
     "heads": heads_pb2.HeadAnnouncement,
+    "feedback": feedback_pb2.Feedback,
 }
-TOPIC_CHOICES = ("results", "defects", "dlq", "frames", "heads")
+TOPIC_CHOICES = ("results", "defects", "dlq", "frames", "heads", "feedback")
 BYTES_FIELDS = ("image", "heatmapPng")
 
 
 def add_tail(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tail",
-        help="print a topic's records as JSON lines (results, defects, dlq, frames, heads)",
+        help="print a topic's records as JSON lines (results, defects, dlq, frames, heads, feedback); verdicts of a "
+        'commissioning head version show "provisional": true',
         description=__doc__.splitlines()[0],
     )
     p.add_argument("topic", choices=TOPIC_CHOICES)

@@ -19,7 +19,7 @@ from inspection_core.env import env_name
 from inspection_core.errors import ConfigError, KafkaError
 
 log = logging.getLogger(__name__)
-TOPICS = ("frames", "results", "defects", "frames.dlq", "heads")
+TOPICS = ("frames", "results", "defects", "frames.dlq", "heads", "feedback")
 # Topic configs this system sets when it creates a topic (a --topic-setting overrides them; everything else is
 # the broker's default). Frames carry JPEGs: 6 h of them is a replay window, not an archive.
 TOPIC_DEFAULTS: dict[str, dict[str, str]] = {
@@ -29,7 +29,8 @@ TOPIC_DEFAULTS: dict[str, dict[str, str]] = {
 }
 # Output topics whose encoding a deployment may choose (--topic-encoding); frames stay protobuf (they carry
 # images), the heads topic too (its signatures cover the exact protobuf bytes), dead letters keep what came in.
-ENCODABLE_TOPICS = ("results", "defects")
+# Feedback is written by operator tools (cff-inspect feedback, an MES) and read back in either encoding.
+ENCODABLE_TOPICS = ("results", "defects", "feedback")
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _CONFIG_KEY = re.compile(r"[a-z][a-z0-9.]*[a-z0-9]")
 

@@ -190,3 +190,40 @@ def bounded(kind: str, value: str) -> str:
             return "other"
         seen.add(value)
         return value
+
+
+# -- the line calibrates the head (calibrator.line) -------------------------------------------------------------
+COMMISSIONING_FRAMES = Gauge(
+    "inspection_commissioning_frames",
+    "OK frames collected for the active head version's commissioning (0 once it ends)",
+    ["product"],
+)
+COMMISSIONING_TARGET = Gauge(
+    "inspection_commissioning_target", "Frames a commissioning version collects before its line version", ["product"]
+)
+FEEDBACK_RECEIVED = Counter("inspection_feedback_received_total", "Operator feedback records read", ["product"])
+# reason: invalid, unknown_frame, wrong_product, duplicate, flood, past_retention (calibrator.line)
+FEEDBACK_REFUSED = Counter(
+    "inspection_feedback_refused_total", "Operator feedback records refused, by reason", ["reason"]
+)
+LINE_VERSIONS = Counter(
+    "inspection_line_versions_total",
+    "Head versions the line made (outcome: activated, candidate = worse on labelled frames, dry_run)",
+    ["product", "outcome"],
+)
+LINE_FALSE_ALARM_RATE = Gauge(
+    "inspection_line_false_alarm_rate",
+    "Share of frames operators labelled good that were flagged defective (estimated from feedback)",
+    ["product"],
+)
+LINE_RECALL = Gauge(
+    "inspection_line_recall",
+    "Share of frames operators labelled defective that were flagged defective (estimated from feedback)",
+    ["product"],
+)
+LINE_BANK_ROWS = Gauge("inspection_line_bank_rows", "Memory-bank rows of the active line version", ["product"])
+LINE_FRAMES_LOST = Counter(
+    "inspection_line_frames_lost_total",
+    "Frames the line could not read back from the frames topic (past retention, unreadable)",
+    ["product"],
+)

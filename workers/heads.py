@@ -133,6 +133,8 @@ class HeadFollower(threading.Thread):
         current = self.worker.heads.get(product)
         if current is not None and current.ref.sha256 == a.head.sha256:
             self._seen[product] = t
+            if current.provisional != a.commissioning:  # the same version left (or entered) commissioning
+                self.worker.set_head(product, ActiveHead(current.head, current.ref, a.commissioning))
             return
         try:
             data = download(address, product, a.head.version, self.security)
@@ -156,7 +158,7 @@ class HeadFollower(threading.Thread):
             except HeadError:
                 metrics.HEADS_REFUSED.labels(reason="invalid").inc()
                 raise
-        self.worker.set_head(product, ActiveHead(head, a.head))
+        self.worker.set_head(product, ActiveHead(head, a.head, a.commissioning))
         self._seen[product] = t
         self.worker.counters["heads_applied"] += 1
         log.info("worker %s now scores %s with %s", self.worker.cfg.worker_id, product, a.head.head_id)

@@ -126,6 +126,25 @@ def defect_event(frame: frames_pb2.Frame, result: results_pb2.InspectionResult) 
     return d
 
 
+def frame_ref(rec: object) -> common_pb2.FrameRef | None:
+    """Where a consumed record sits (topic, partition, offset): results name it so the calibrator can read the
+    frame back (line calibration, feedback); None for a record that did not come from a broker."""
+    topic, partition, offset = (getattr(rec, k, None) for k in ("topic", "partition", "offset"))
+    if not isinstance(topic, str) or not isinstance(partition, int) or not isinstance(offset, int):
+        return None
+    return common_pb2.FrameRef(topic=topic, partition=partition, offset=offset)
+
+
+def mark_line(
+    msg: results_pb2.InspectionResult | results_pb2.DefectEvent, active: ActiveHead, ref: common_pb2.FrameRef | None
+) -> None:
+    """What the line needs of a scored frame: its place on the frames topic, and whether its verdict is
+    provisional (the head version is commissioning)."""
+    msg.provisional = bool(active.provisional)
+    if ref is not None:
+        msg.frame_ref.CopyFrom(ref)
+
+
 class EvidenceArchive:
     """Defect JPEGs and heatmap overlays in one folder, oldest removed first past ``max_bytes``.
 

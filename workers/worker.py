@@ -26,7 +26,7 @@ from inspection_core.errors import KafkaError, cut
 from inspection_core.kafka import KafkaConfig, LostLogRewind, Reconnector, assignment_shortfall, fetched_positions
 from inspection_core.names import DeadLetterReason
 from inspection_core.wire import CONTENT_TYPE, content_type, encode, header
-from inspection_pb.v1 import frames_pb2, results_pb2
+from inspection_pb.v1 import common_pb2, frames_pb2, results_pb2
 from monitoring import metrics
 from scorer.head import search_dtype
 from workers.codec import (
@@ -44,7 +44,16 @@ from workers.codec import (
     ts_seconds,
 )
 from workers.config import ActiveHead, WorkerConfig, head_ref
-from workers.post import EvidenceArchive, Timing, defect_event, image_size, new_result, scored_result
+from workers.post import (
+    EvidenceArchive,
+    Timing,
+    defect_event,
+    frame_ref,
+    image_size,
+    mark_line,
+    new_result,
+    scored_result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,7 @@ class Decoded:
     image: np.ndarray | torch.Tensor
     decode_s: float
     queue_wait_s: float
+    ref: common_pb2.FrameRef | None = None  # where the frame is on the frames topic
 
 
 @dataclass(frozen=True)
@@ -150,7 +160,7 @@ class Worker:
             want = search_dtype(active.head)
         if want == active.head.options.bank_dtype:
             return active
-        return ActiveHead(active.head.with_options(bank_dtype=want), active.ref)
+        return ActiveHead(active.head.with_options(bank_dtype=want), active.ref, active.provisional)
 
     def remove_head(self, product: str) -> None:
         with self._lock:
@@ -211,7 +221,8 @@ class Worker:
             if isinstance(img, DeferredJpeg):  # decoded below, all of the batch's JPEGs in one call
                 pending.append(Pending(rec, frame, img, queue_wait))
             else:
-                to_score[frame.product_id].append(Decoded(frame, img, time.perf_counter() - t0, queue_wait))
+                decoded_s = time.perf_counter() - t0
+                to_score[frame.product_id].append(Decoded(frame, img, decoded_s, queue_wait, frame_ref(rec)))
         if pending:
             t0 = time.perf_counter()
             decoded = decode_jpegs([p.jpeg for p in pending])
@@ -220,7 +231,7 @@ class Worker:
                 if isinstance(img, BadFrame):
                     self._bad_frame(p.record, p.frame, img, out)
                 else:
-                    to_score[p.frame.product_id].append(Decoded(p.frame, img, per, p.queue_wait_s))
+                    to_score[p.frame.product_id].append(Decoded(p.frame, img, per, p.queue_wait_s, frame_ref(p.record)))
         for product, items in to_score.items():
             self._score(heads[product], items, out)
         return out
@@ -251,12 +262,14 @@ class Worker:
                 heatmap=self.cfg.heatmap_in_result,
                 size=image_size(it.image),
             )
+            mark_line(r, active, it.ref)
             out.results.append(r)
             self.counters["scored"] += 1
             if r.verdict != results_pb2.VERDICT_DEFECT:
                 continue
             self.counters["defects"] += 1
             d = defect_event(it.frame, r)
+            mark_line(d, active, it.ref)
             if self.evidence is not None:
                 ev = self.evidence.save(
                     it.frame.frame_id, it.image, scores.maps[j], active.head.pixel_threshold, scores.regions[j]

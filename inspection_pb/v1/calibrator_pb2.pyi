@@ -54,7 +54,7 @@ class FitRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[FitHeader, _Mapping]] = ..., chunk: _Optional[_Union[ImageChunk, _Mapping]] = ...) -> None: ...
 
 class HeadInfo(_message.Message):
-    __slots__ = ("head", "backbone", "weights_sha256", "method", "shots", "image_threshold", "pixel_threshold", "active", "created_time", "fit_metrics", "reference_sha256", "requested_method", "selection")
+    __slots__ = ("head", "backbone", "weights_sha256", "method", "shots", "image_threshold", "pixel_threshold", "active", "created_time", "fit_metrics", "reference_sha256", "requested_method", "selection", "commissioning", "line_status", "candidate_reason")
     class FitMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,9 @@ class HeadInfo(_message.Message):
     REFERENCE_SHA256_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_METHOD_FIELD_NUMBER: _ClassVar[int]
     SELECTION_FIELD_NUMBER: _ClassVar[int]
+    COMMISSIONING_FIELD_NUMBER: _ClassVar[int]
+    LINE_STATUS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_REASON_FIELD_NUMBER: _ClassVar[int]
     head: _common_pb2.HeadRef
     backbone: str
     weights_sha256: str
@@ -88,7 +91,10 @@ class HeadInfo(_message.Message):
     reference_sha256: _containers.RepeatedScalarFieldContainer[str]
     requested_method: str
     selection: str
-    def __init__(self, head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., backbone: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., method: _Optional[str] = ..., shots: _Optional[int] = ..., image_threshold: _Optional[float] = ..., pixel_threshold: _Optional[float] = ..., active: _Optional[bool] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fit_metrics: _Optional[_Mapping[str, float]] = ..., reference_sha256: _Optional[_Iterable[str]] = ..., requested_method: _Optional[str] = ..., selection: _Optional[str] = ...) -> None: ...
+    commissioning: bool
+    line_status: str
+    candidate_reason: str
+    def __init__(self, head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., backbone: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., method: _Optional[str] = ..., shots: _Optional[int] = ..., image_threshold: _Optional[float] = ..., pixel_threshold: _Optional[float] = ..., active: _Optional[bool] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fit_metrics: _Optional[_Mapping[str, float]] = ..., reference_sha256: _Optional[_Iterable[str]] = ..., requested_method: _Optional[str] = ..., selection: _Optional[str] = ..., commissioning: _Optional[bool] = ..., line_status: _Optional[str] = ..., candidate_reason: _Optional[str] = ...) -> None: ...
 
 class FitProgress(_message.Message):
     __slots__ = ("stage", "step", "total_steps", "loss", "result", "detail")

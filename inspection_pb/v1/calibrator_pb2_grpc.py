@@ -74,6 +74,11 @@ class CalibratorStub:
                 request_serializer=inspection__pb_dot_v1_dot_calibrator__pb2.SetThresholdsRequest.SerializeToString,
                 response_deserializer=inspection__pb_dot_v1_dot_calibrator__pb2.HeadInfo.FromString,
                 _registered_method=True)
+        self.FinishCommissioning = channel.unary_unary(
+                '/inspection.v1.Calibrator/FinishCommissioning',
+                request_serializer=inspection__pb_dot_v1_dot_calibrator__pb2.HeadSelector.SerializeToString,
+                response_deserializer=inspection__pb_dot_v1_dot_calibrator__pb2.HeadInfo.FromString,
+                _registered_method=True)
 
 
 class CalibratorServicer:
@@ -129,6 +134,14 @@ class CalibratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinishCommissioning(self, request, context):
+        """End the active version's commissioning phase now with the frames collected so far (at least 5): the
+        line-calibrated version it makes (active, or a candidate under --line-dry-run).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CalibratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +183,11 @@ def add_CalibratorServicer_to_server(servicer, server):
             'SetThresholds': grpc.unary_unary_rpc_method_handler(
                     servicer.SetThresholds,
                     request_deserializer=inspection__pb_dot_v1_dot_calibrator__pb2.SetThresholdsRequest.FromString,
+                    response_serializer=inspection__pb_dot_v1_dot_calibrator__pb2.HeadInfo.SerializeToString,
+            ),
+            'FinishCommissioning': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishCommissioning,
+                    request_deserializer=inspection__pb_dot_v1_dot_calibrator__pb2.HeadSelector.FromString,
                     response_serializer=inspection__pb_dot_v1_dot_calibrator__pb2.HeadInfo.SerializeToString,
             ),
     }
@@ -388,6 +406,33 @@ class Calibrator:
             target,
             '/inspection.v1.Calibrator/SetThresholds',
             inspection__pb_dot_v1_dot_calibrator__pb2.SetThresholdsRequest.SerializeToString,
+            inspection__pb_dot_v1_dot_calibrator__pb2.HeadInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishCommissioning(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inspection.v1.Calibrator/FinishCommissioning',
+            inspection__pb_dot_v1_dot_calibrator__pb2.HeadSelector.SerializeToString,
             inspection__pb_dot_v1_dot_calibrator__pb2.HeadInfo.FromString,
             options,
             channel_credentials,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinspection_pb/v1/common.proto\x12\rinspection.v1\"`\n\x06Region\x12\r\n\x05x_min\x18\x01 \x01(\x05\x12\r\n\x05y_min\x18\x02 \x01(\x05\x12\r\n\x05x_max\x18\x03 \x01(\x05\x12\r\n\x05y_max\x18\x04 \x01(\x05\x12\x0c\n\x04\x61rea\x18\x05 \x01(\x03\x12\x0c\n\x04peak\x18\x06 \x01(\x02\"O\n\x07HeadRef\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x0f\n\x07head_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"r\n\x0cStageTimings\x12\x14\n\x0cqueue_wait_s\x18\x01 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x02 \x01(\x01\x12\x13\n\x0binference_s\x18\x03 \x01(\x01\x12\x11\n\tpublish_s\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\r\"2\n\x08\x45vidence\x12\x11\n\timage_uri\x18\x01 \x01(\t\x12\x13\n\x0boverlay_uri\x18\x02 \x01(\tB\x8d\x01\n\x1bio.cffinspect.inspection.v1B\x0b\x43ommonProtoP\x01ZDgithub.com/cff-inspect/cff-inspect/gen/go/inspection/v1;inspectionv1\xaa\x02\x18\x43\x66\x66Inspect.Inspection.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinspection_pb/v1/common.proto\x12\rinspection.v1\"`\n\x06Region\x12\r\n\x05x_min\x18\x01 \x01(\x05\x12\r\n\x05y_min\x18\x02 \x01(\x05\x12\r\n\x05x_max\x18\x03 \x01(\x05\x12\r\n\x05y_max\x18\x04 \x01(\x05\x12\x0c\n\x04\x61rea\x18\x05 \x01(\x03\x12\x0c\n\x04peak\x18\x06 \x01(\x02\"O\n\x07HeadRef\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x0f\n\x07head_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"<\n\x08\x46rameRef\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"r\n\x0cStageTimings\x12\x14\n\x0cqueue_wait_s\x18\x01 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x02 \x01(\x01\x12\x13\n\x0binference_s\x18\x03 \x01(\x01\x12\x11\n\tpublish_s\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\r\"2\n\x08\x45vidence\x12\x11\n\timage_uri\x18\x01 \x01(\t\x12\x13\n\x0boverlay_uri\x18\x02 \x01(\tB\x8d\x01\n\x1bio.cffinspect.inspection.v1B\x0b\x43ommonProtoP\x01ZDgithub.com/cff-inspect/cff-inspect/gen/go/inspection/v1;inspectionv1\xaa\x02\x18\x43\x66\x66Inspect.Inspection.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGION']._serialized_end=144
   _globals['_HEADREF']._serialized_start=146
   _globals['_HEADREF']._serialized_end=225
-  _globals['_STAGETIMINGS']._serialized_start=227
-  _globals['_STAGETIMINGS']._serialized_end=341
-  _globals['_EVIDENCE']._serialized_start=343
-  _globals['_EVIDENCE']._serialized_end=393
+  _globals['_FRAMEREF']._serialized_start=227
+  _globals['_FRAMEREF']._serialized_end=287
+  _globals['_STAGETIMINGS']._serialized_start=289
+  _globals['_STAGETIMINGS']._serialized_end=403
+  _globals['_EVIDENCE']._serialized_start=405
+  _globals['_EVIDENCE']._serialized_end=455
 # @@protoc_insertion_point(module_scope)

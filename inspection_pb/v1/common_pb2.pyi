@@ -32,6 +32,16 @@ class HeadRef(_message.Message):
     sha256: str
     def __init__(self, product_id: _Optional[str] = ..., head_id: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
+class FrameRef(_message.Message):
+    __slots__ = ("topic", "partition", "offset")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    offset: int
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
 class StageTimings(_message.Message):
     __slots__ = ("queue_wait_s", "decode_s", "inference_s", "publish_s", "batch_size")
     QUEUE_WAIT_S_FIELD_NUMBER: _ClassVar[int]

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from inspection_pb.v1 import common_pb2 as inspection__pb_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinspection_pb/v1/heads.proto\x12\rinspection.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dinspection_pb/v1/common.proto\"\xf4\x01\n\x10HeadAnnouncement\x12$\n\x04head\x18\x01 \x01(\x0b\x32\x16.inspection.v1.HeadRef\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\x1a\n\x12\x63\x61librator_address\x18\x04 \x01(\t\x12\x17\n\x0fimage_threshold\x18\x05 \x01(\x02\x12\x17\n\x0fpixel_threshold\x18\x06 \x01(\x02\x12\x32\n\x0e\x61\x63tivated_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x08 \x01(\x08\x42\x8c\x01\n\x1bio.cffinspect.inspection.v1B\nHeadsProtoP\x01ZDgithub.com/cff-inspect/cff-inspect/gen/go/inspection/v1;inspectionv1\xaa\x02\x18\x43\x66\x66Inspect.Inspection.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinspection_pb/v1/heads.proto\x12\rinspection.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dinspection_pb/v1/common.proto\"\x8b\x02\n\x10HeadAnnouncement\x12$\n\x04head\x18\x01 \x01(\x0b\x32\x16.inspection.v1.HeadRef\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\x1a\n\x12\x63\x61librator_address\x18\x04 \x01(\t\x12\x17\n\x0fimage_threshold\x18\x05 \x01(\x02\x12\x17\n\x0fpixel_threshold\x18\x06 \x01(\x02\x12\x32\n\x0e\x61\x63tivated_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x08 \x01(\x08\x12\x15\n\rcommissioning\x18\t \x01(\x08\x42\x8c\x01\n\x1bio.cffinspect.inspection.v1B\nHeadsProtoP\x01ZDgithub.com/cff-inspect/cff-inspect/gen/go/inspection/v1;inspectionv1\xaa\x02\x18\x43\x66\x66Inspect.Inspection.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,5 +35,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\033io.cffinspect.inspection.v1B\nHeadsProtoP\001ZDgithub.com/cff-inspect/cff-inspect/gen/go/inspection/v1;inspectionv1\252\002\030CffInspect.Inspection.V1'
   _globals['_HEADANNOUNCEMENT']._serialized_start=112
-  _globals['_HEADANNOUNCEMENT']._serialized_end=356
+  _globals['_HEADANNOUNCEMENT']._serialized_end=379
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HeadAnnouncement(_message.Message):
-    __slots__ = ("head", "backbone", "weights_sha256", "calibrator_address", "image_threshold", "pixel_threshold", "activated_time", "active")
+    __slots__ = ("head", "backbone", "weights_sha256", "calibrator_address", "image_threshold", "pixel_threshold", "activated_time", "active", "commissioning")
     HEAD_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class HeadAnnouncement(_message.Message):
     PIXEL_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     ACTIVATED_TIME_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    COMMISSIONING_FIELD_NUMBER: _ClassVar[int]
     head: _common_pb2.HeadRef
     backbone: str
     weights_sha256: str
@@ -27,4 +28,5 @@ class HeadAnnouncement(_message.Message):
     pixel_threshold: float
     activated_time: _timestamp_pb2.Timestamp
     active: bool
-    def __init__(self, head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., backbone: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., calibrator_address: _Optional[str] = ..., image_threshold: _Optional[float] = ..., pixel_threshold: _Optional[float] = ..., activated_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active: _Optional[bool] = ...) -> None: ...
+    commissioning: bool
+    def __init__(self, head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., backbone: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., calibrator_address: _Optional[str] = ..., image_threshold: _Optional[float] = ..., pixel_threshold: _Optional[float] = ..., activated_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active: _Optional[bool] = ..., commissioning: _Optional[bool] = ...) -> None: ...

@@ -34,7 +34,7 @@ VERDICT_OK: Verdict
 VERDICT_DEFECT: Verdict
 
 class InspectionResult(_message.Message):
-    __slots__ = ("frame_id", "camera_id", "product_id", "sequence", "capture_time", "result_time", "status", "reason", "head", "image_score", "normalized_score", "image_threshold", "verdict", "regions", "heatmap_png", "timings", "worker_id", "width", "height", "attributes")
+    __slots__ = ("frame_id", "camera_id", "product_id", "sequence", "capture_time", "result_time", "status", "reason", "head", "image_score", "normalized_score", "image_threshold", "verdict", "regions", "heatmap_png", "timings", "worker_id", "width", "height", "attributes", "provisional", "frame_ref")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,8 @@ class InspectionResult(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    PROVISIONAL_FIELD_NUMBER: _ClassVar[int]
+    FRAME_REF_FIELD_NUMBER: _ClassVar[int]
     frame_id: str
     camera_id: str
     product_id: str
@@ -82,10 +84,12 @@ class InspectionResult(_message.Message):
     width: int
     height: int
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, frame_id: _Optional[str] = ..., camera_id: _Optional[str] = ..., product_id: _Optional[str] = ..., sequence: _Optional[int] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[Status, str]] = ..., reason: _Optional[str] = ..., head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., image_score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., image_threshold: _Optional[float] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., regions: _Optional[_Iterable[_Union[_common_pb2.Region, _Mapping]]] = ..., heatmap_png: _Optional[bytes] = ..., timings: _Optional[_Union[_common_pb2.StageTimings, _Mapping]] = ..., worker_id: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    provisional: bool
+    frame_ref: _common_pb2.FrameRef
+    def __init__(self, frame_id: _Optional[str] = ..., camera_id: _Optional[str] = ..., product_id: _Optional[str] = ..., sequence: _Optional[int] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[Status, str]] = ..., reason: _Optional[str] = ..., head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., image_score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., image_threshold: _Optional[float] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., regions: _Optional[_Iterable[_Union[_common_pb2.Region, _Mapping]]] = ..., heatmap_png: _Optional[bytes] = ..., timings: _Optional[_Union[_common_pb2.StageTimings, _Mapping]] = ..., worker_id: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., provisional: _Optional[bool] = ..., frame_ref: _Optional[_Union[_common_pb2.FrameRef, _Mapping]] = ...) -> None: ...
 
 class DefectEvent(_message.Message):
-    __slots__ = ("event_id", "frame_id", "camera_id", "product_id", "capture_time", "head", "image_score", "normalized_score", "regions", "evidence", "result_time", "width", "height", "attributes", "worker_id", "image_threshold")
+    __slots__ = ("event_id", "frame_id", "camera_id", "product_id", "capture_time", "head", "image_score", "normalized_score", "regions", "evidence", "result_time", "width", "height", "attributes", "worker_id", "image_threshold", "provisional", "frame_ref")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +113,8 @@ class DefectEvent(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PROVISIONAL_FIELD_NUMBER: _ClassVar[int]
+    FRAME_REF_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     frame_id: str
     camera_id: str
@@ -125,4 +131,6 @@ class DefectEvent(_message.Message):
     attributes: _containers.ScalarMap[str, str]
     worker_id: str
     image_threshold: float
-    def __init__(self, event_id: _Optional[str] = ..., frame_id: _Optional[str] = ..., camera_id: _Optional[str] = ..., product_id: _Optional[str] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., image_score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., regions: _Optional[_Iterable[_Union[_common_pb2.Region, _Mapping]]] = ..., evidence: _Optional[_Union[_common_pb2.Evidence, _Mapping]] = ..., result_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., worker_id: _Optional[str] = ..., image_threshold: _Optional[float] = ...) -> None: ...
+    provisional: bool
+    frame_ref: _common_pb2.FrameRef
+    def __init__(self, event_id: _Optional[str] = ..., frame_id: _Optional[str] = ..., camera_id: _Optional[str] = ..., product_id: _Optional[str] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., head: _Optional[_Union[_common_pb2.HeadRef, _Mapping]] = ..., image_score: _Optional[float] = ..., normalized_score: _Optional[float] = ..., regions: _Optional[_Iterable[_Union[_common_pb2.Region, _Mapping]]] = ..., evidence: _Optional[_Union[_common_pb2.Evidence, _Mapping]] = ..., result_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., worker_id: _Optional[str] = ..., image_threshold: _Optional[float] = ..., provisional: _Optional[bool] = ..., frame_ref: _Optional[_Union[_common_pb2.FrameRef, _Mapping]] = ...) -> None: ...

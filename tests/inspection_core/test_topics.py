@@ -86,7 +86,7 @@ def test_partitions_and_replication_reach_the_broker() -> None:
         finally:
             admin.close()
         parts = {short: len(desc[cfg.topic(short)]["partitions"]) for short in cfg.topics}
-        assert parts == {"frames": 4, "results": 4, "defects": 3, "frames.dlq": 1, "heads": 1}
+        assert parts == {"frames": 4, "results": 4, "defects": 3, "frames.dlq": 1, "heads": 1, "feedback": 1}
         assert all(len(p["replica_nodes"]) == 1 for t in desc.values() for p in t["partitions"])
         assert ensure_topics(cfg) == []  # existing topics are left as they are
 

@@ -63,6 +63,7 @@ def test_the_shipped_descriptor_set_has_every_message_and_the_language_options()
     assert {f.name.rsplit("/", 1)[1] for f in ours} == {
         "calibrator.proto",
         "common.proto",
+        "feedback.proto",
         "frames.proto",
         "heads.proto",
         "results.proto",
