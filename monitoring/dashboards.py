@@ -599,6 +599,58 @@ def overview() -> dict[str, Any]:
                 ]
             },
         ),
+        # -- the line calibrates the head (calibrator.line, docs/line-calibration.md) --
+        panel(
+            40,
+            "Commissioning progress",
+            "Per product whose active head version is commissioning: OK frames collected so far and the number it "
+            "waits for before the line sets its threshold (verdicts are provisional meanwhile); 0 when none is.",
+            [
+                target(f"max by (product) (inspection_commissioning_frames){ZERO}", "{{product}} collected"),
+                target(f"max by (product) (inspection_commissioning_target){ZERO}", "{{product}} target"),
+            ],
+        ),
+        panel(
+            41,
+            "Line versions and feedback",
+            "Head versions the line made in the last hour by outcome (activated; candidate: worse on labelled frames "
+            "than the live one, kept off; dry_run), operator feedback read, and feedback refused by reason.",
+            [
+                target(
+                    f"sum by (outcome) (increase(inspection_line_versions_total[1h])){ZERO}", "versions {{outcome}}"
+                ),
+                target(f"sum(increase(inspection_feedback_received_total[1h])){ZERO}", "feedback read"),
+                target(
+                    f"sum by (reason) (increase(inspection_feedback_refused_total[1h])){ZERO}",
+                    "feedback refused {{reason}}",
+                ),
+            ],
+        ),
+        panel(
+            42,
+            "Line quality from feedback",
+            "Per product, estimated from operator labels: the share of frames labelled good that were flagged "
+            "(false alarms) and of frames labelled defective that were flagged (recall); no series before the "
+            "first label.",
+            [
+                target(f"max by (product) (inspection_line_false_alarm_rate){ZERO}", "{{product}} false alarms"),
+                target(f"max by (product) (inspection_line_recall){ZERO}", "{{product}} recall"),
+            ],
+            unit="percentunit",
+        ),
+        panel(
+            43,
+            "Line bank size and lost frames",
+            "Memory-bank rows of each product's active line version (search cost grows with them) and frames the "
+            "line could not read back from the frames topic in the last hour (past retention or unreadable).",
+            [
+                target(f"max by (product) (inspection_line_bank_rows){ZERO}", "{{product}} bank rows"),
+                target(
+                    f"sum by (product) (increase(inspection_line_frames_lost_total[1h])){ZERO}",
+                    "{{product}} frames lost",
+                ),
+            ],
+        ),
     ]
     return dashboard(
         "cff-inspect-overview",
