@@ -302,9 +302,9 @@ class LineManager:
             raise HeadError(f"{product} v{version} is not the active version (v{active} is): only it commissions")
         if not com:
             raise HeadError(f"{product} v{active} is not commissioning")
-        return self.commission(product, active)
+        return self.commission(product, active, min_frames=5)  # an operator's call: the scorer's floor
 
-    def commission(self, product: str, version: int) -> int:
+    def commission(self, product: str, version: int, *, min_frames: int | None = None) -> int:
         """The line version of a commissioning version, from its collected frames; returns the version stored."""
         with self._lock:
             self._forget_active(product)
@@ -312,16 +312,17 @@ class LineManager:
             if active != version or not com:
                 raise HeadError(f"{product} v{version} is no longer the commissioning version")
             got = list(self._collected.get((product, version), {}).values())
-            if len(got) < self.opts.min_frames:
+            opts = self.opts if min_frames is None else replace(self.opts, min_frames=min_frames)
+            if len(got) < opts.min_frames:
                 raise HeadError(
                     f"{product} v{version}: {len(got)} commissioning frames collected, at least "
-                    f"{self.opts.min_frames} are needed to set a threshold"
+                    f"{opts.min_frames} are needed to set a threshold"
                 )
             head = load_head(self.store.path(product, version), self.backbone)
             state = read_state(self.store, product)
             evidence = [[s.frame_id, *s.ref, s.score] for s in got]
             ev, ids = self._evidence(head, product, evidence, state["labels"])
-            new, rec = grow(head, ev, self.opts)
+            new, rec = grow(head, ev, opts)
             rec["evidence"] = [e for e in evidence if e[0] in set(ids)]
             rec["commissioned_from"] = version
             state = read_state(self.store, product)

@@ -135,8 +135,8 @@ class CalibratorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FinishCommissioning(self, request, context):
-        """End the active version's commissioning phase now with the frames collected so far (at least 5): the
-        line-calibrated version it makes (active, or a candidate under --line-dry-run).
+        """End the active version's commissioning phase now with the frames collected so far (at least 5); returns
+        the line-calibrated version it makes (active, or stored inactive under --line-dry-run).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

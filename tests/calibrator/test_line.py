@@ -60,7 +60,7 @@ def _refused(reason: str) -> float:
 class Line:
     """A product on a line: frames published to the real frames topic, scored by the store's active version."""
 
-    def __init__(self, kafka, store: HeadStore, manager: LineManager, backbone, product: str = "widget") -> None:  # noqa: ANN001
+    def __init__(self, kafka, store: HeadStore, manager: LineManager | None, backbone, product: str = "widget") -> None:  # noqa: ANN001
         self.kafka, self.store, self.manager, self.backbone, self.product = kafka, store, manager, backbone, product
         self.producer = kafka.producer()
         self.results: dict[str, results_pb2.InspectionResult] = {}
@@ -85,7 +85,10 @@ class Line:
                 head=common_pb2.HeadRef(product_id=product, version=m["version"]),
                 frame_ref=common_pb2.FrameRef(topic=md.topic, partition=md.partition, offset=md.offset),
             )  # fmt: skip
-            self.manager.on_result(r)
+            if self.manager is not None:
+                self.manager.on_result(r)
+            else:  # through the results topic, to the service's own consumer
+                self.producer.send(self.kafka.topic("results"), key=b"cam", value=r.SerializeToString()).get(30)
             self.results[f.frame_id] = r
             out.append(r)
         return out
@@ -297,5 +300,38 @@ def test_line_end_to_end(tmp_path, tiny_vit, make_refs, start_broker, start_work
         back = stub.RollbackHead(calibrator_pb2.HeadSelector(product_id="widget"))
         assert back.head.version == 2 and back.active and back.line_status == "commissioned"
     finally:
+        channel.close()
+        server.stop(0)
+
+
+def test_finish_commissioning_over_grpc(tmp_path, tiny_vit, make_refs, start_broker) -> None:
+    """FinishCommissioning ends the phase early with what the service's consumer collected from the results topic;
+    too few frames, or a version that is not commissioning, is a clear refusal."""
+    kafka = start_broker(partitions=1)
+    store = HeadStore(tmp_path / "store")
+    settings = LineSettings(commissioning_frames=50)
+    server, port = serve(store, tiny_vit, port=0, kafka=kafka, reannounce_s=0, line=settings)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = calibrator_pb2_grpc.CalibratorStub(channel)
+    product = "widget-fc"
+    collected = metrics.COMMISSIONING_FRAMES.labels(product=product)
+    lp = Line(kafka, store, None, tiny_vit, product=product)
+    try:
+        list(stub.FitHead(_fit_stream(product, [_png(r) for r in make_refs(3)])))
+        lp.show(_goods(make_refs, 3))
+        _wait(lambda: collected._value.get() == 3, 20, "3 frames collected")
+        with pytest.raises(grpc.RpcError) as e:
+            stub.FinishCommissioning(calibrator_pb2.HeadSelector(product_id=product))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "3 commissioning frames" in e.value.details()
+        lp.show(_goods(make_refs, 5, seed=30))
+        _wait(lambda: collected._value.get() == 8, 20, "8 frames collected")
+        info = stub.FinishCommissioning(calibrator_pb2.HeadSelector(product_id=product))
+        assert info.head.version == 2 and info.active and info.line_status == "commissioned"
+        assert store.info(product)["meta"]["line"]["frames"]["commissioning"] == 8
+        with pytest.raises(grpc.RpcError) as e:  # v2 is not commissioning
+            stub.FinishCommissioning(calibrator_pb2.HeadSelector(product_id=product))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not commissioning" in e.value.details()
+    finally:
+        lp.producer.close(5)
         channel.close()
         server.stop(0)
