@@ -192,7 +192,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from benchmarks import pipeline, scorer_bench
+    from benchmarks import line, pipeline, scorer_bench
 
     p = sub.add_parser("bench", help="benchmarks: scorer (batched vs reference flow), pipeline (end to end)")
     bs = p.add_subparsers(dest="bench_command", required=True)
@@ -202,6 +202,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s = bs.add_parser("scorer", help="scorer images/s and latency per batch, K, precision vs the reference")
     scorer_bench.add_arguments(s)
     s.set_defaults(func=scorer_bench.main)
+    r = bs.add_parser(
+        "line",
+        help="replay categories as a production line: static head vs commissioning vs operator feedback",
+    )
+    line.add_arguments(r)
+    root = default_data_root()
+    r.set_defaults(func=line.main, default_data=str(root) if root else None)
 
 
 def _add_services(sub: argparse._SubParsersAction) -> None:
