@@ -25,6 +25,7 @@ from PIL import Image
 
 from benchmarks import report
 from inspection_core.names import METHODS
+from workers.config import add_worker_args
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -178,8 +179,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="dinov2-vits14")
     p.add_argument("--method", choices=METHODS, default=METHODS[0])
     p.add_argument("--frames", type=int, default=64)
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-wait-ms", type=int, default=50)
+    add_worker_args(p, ("max_batch", "max_wait_ms"))  # the worker's, with its defaults (and the bare batch)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on a GPU)")
     p.add_argument("--threads", type=int, default=None)

@@ -27,8 +27,10 @@ import numpy as np
 
 from inspection_core.errors import ConfigError
 from scorer.options import add_backbone_args, add_method_arg, backbone_from
+from workers.config import add_worker_args, config_from
 
 log = logging.getLogger(__name__)
+RUN_WORKER_OPTIONS = ("max_batch", "max_wait_ms")  # the worker's own flags, with its defaults
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -138,9 +140,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monitoring.prom import Prometheus, find_prometheus
     from scorer.data import discover, draw_references
     from scorer.demo import make_demo_dataset
-    from workers.entry import serve_evidence, worker_checks
+    from workers.entry import serve_evidence, served_evidence_url, worker_checks
     from workers.heads import HeadFollower
-    from workers.worker import Worker, WorkerConfig
+    from workers.worker import Worker
 
     quiet_kafka()
 
@@ -184,14 +186,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        worker = Worker(
-            kafka,
-            WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, evidence_dir=str(out / "evidence")),
-        )
-        worker.stop_event = stop
-        checks = {f"worker_{k}": v for k, v in worker_checks(kafka, worker).items()}
         ms = MetricsServer("ingest+worker+calibrator", host=args.metrics_host, port=args.metrics_port)
-        ms.add_checks(**checks).start()
+        cfg = config_from(
+            args, RUN_WORKER_OPTIONS, evidence_dir=str(out / "evidence"), evidence_url=served_evidence_url(ms)
+        )
+        worker = Worker(kafka, cfg, stop_event=stop)
+        ms.add_checks(**{f"worker_{k}": v for k, v in worker_checks(kafka, worker).items()}).start()
         print(f"metrics on {ms.listening}: /metrics, /healthz and /readyz", file=sys.stderr, flush=True)
         serve_evidence(worker, ms)
         if args.prometheus:
@@ -326,8 +326,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         "--keep-prometheus", action="store_true", help="leave Prometheus running after the run (its URL is printed)"
     )
     p.add_argument("--calibrator-port", type=int, default=0, help="0 = a free port")
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-wait-ms", type=int, default=100)
+    add_worker_args(p, RUN_WORKER_OPTIONS)
     p.add_argument(
         "--bootstrap-servers",
         default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,

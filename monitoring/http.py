@@ -160,7 +160,8 @@ class MetricsServer:
         return self
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        if self._thread.is_alive():  # shutdown() would wait forever for a server never started
+            self._httpd.shutdown()
         self._httpd.server_close()
 
     @property
@@ -197,10 +198,14 @@ def add_metrics_args(p: argparse.ArgumentParser, service: str) -> None:
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics, /healthz, /readyz")
 
 
-def start_metrics(args: argparse.Namespace, service: str, **checks: Check) -> MetricsServer | None:
-    """The server the options of :func:`add_metrics_args` describe, started (None with ``--no-metrics``)."""
+def start_metrics(
+    args: argparse.Namespace, service: str, *, server: MetricsServer | None = None, **checks: Check
+) -> MetricsServer | None:
+    """The server the options of :func:`add_metrics_args` describe, started (None with ``--no-metrics``);
+    ``server``: that one, bound earlier (where its address was needed before its checks existed)."""
     if args.no_metrics:
         return None
-    m = MetricsServer(service, host=args.metrics_host, port=args.metrics_port).add_checks(**checks).start()
+    m = server or MetricsServer(service, host=args.metrics_host, port=args.metrics_port)
+    m.add_checks(**checks).start()
     print(f"{service}: metrics on {m.listening}: /metrics, /healthz and /readyz", file=sys.stderr, flush=True)
     return m

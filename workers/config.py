@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from inspection_core.errors import ConfigError
@@ -67,6 +69,8 @@ class WorkerConfig:
             raise ConfigError(f"max_jpeg_scans must be in 1..100000, got {self.max_jpeg_scans}")
         if not 0 < self.decode_budget_s <= 60:
             raise ConfigError(f"decode_budget_s must be in (0, 60] seconds, got {self.decode_budget_s}")
+        if self.max_pixels < 1 or self.max_side < 1:
+            raise ConfigError(f"max_pixels and max_side must be >= 1, got {self.max_pixels} and {self.max_side}")
         if self.bank_dtype not in BANK_DTYPES:
             raise ConfigError(f"bank_dtype must be auto, float32, bfloat16 or float16, got {self.bank_dtype!r}")
         if self.device_decode not in DEVICE_DECODE:
@@ -85,6 +89,90 @@ class WorkerConfig:
         """The consumer's poll interval: the usual 30 s for scoring and publishing, plus a full batch's decode
         budget (a batch of frames that each use it must not cost the worker its partitions)."""
         return int(1000 * (30 + self.max_batch * self.decode_budget_s))
+
+
+@dataclass(frozen=True)
+class WorkerOption:
+    """A :class:`WorkerConfig` field as a command-line option: ``max_wait_ms`` is ``--max-wait-ms`` and so the
+    variable ``CFF_INSPECT_MAX_WAIT_MS`` (``inspection_core.env.bind_env``). Its default is the field's, so every
+    command that offers it (``worker``, ``run``, ``bench pipeline``) has the same one."""
+
+    name: str
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def default(self) -> object:
+        """The field's default; None for one made per process (``worker_id``), which the config then makes."""
+        f = _FIELDS[self.name]
+        return None if f.default is MISSING else f.default
+
+    def add_to(self, p: argparse.ArgumentParser) -> None:
+        d = self.default
+        if isinstance(d, bool):
+            p.add_argument(self.flag, action="store_true", default=d, help=self.help)
+            return
+        shown = "" if d is None else " (default %(default)s)"
+        kind = str if d is None else type(d)
+        p.add_argument(self.flag, type=kind, default=d, choices=self.choices, help=self.help + shown)
+
+
+_FIELDS = {f.name: f for f in fields(WorkerConfig)}
+
+# Every worker option, declared once: its flag, variable and default come from here and WorkerConfig.
+WORKER_OPTIONS = (
+    WorkerOption("group_id", "consumer group of the workers that share the frames topic"),
+    WorkerOption("worker_id", "this worker's name in results, dead letters and logs (default HOST-PID)"),
+    WorkerOption("max_batch", "a batch closes at this many frames"),
+    WorkerOption("max_wait_ms", "a batch closes this long after its first frame at the latest"),
+    WorkerOption("max_age_s", "frames older than this get a STALE result instead of being scored"),
+    WorkerOption("max_future_s", "clock skew allowed: frames dated further ahead get BAD_FRAME"),
+    WorkerOption("max_jpeg_scans", "JPEGs with more scans (progressive ones have ~10) are refused before decoding"),
+    WorkerOption("decode_budget_s", "an image taking longer to decode is stopped and refused"),
+    WorkerOption("max_pixels", "frames with more pixels are refused (decompression-bomb guard)"),
+    WorkerOption("max_side", "frames with a longer side are refused"),
+    WorkerOption("evidence_dir", "archive defect JPEGs and overlays here"),
+    WorkerOption(
+        "evidence_max_bytes",
+        "size cap of the evidence archive; the oldest files go first, counted in "
+        "inspection_worker_evidence_deleted_total",
+    ),
+    WorkerOption(
+        "evidence_url",
+        "base URL defect events give for evidence (default: this worker's metrics server, "
+        "http://HOST:METRICS_PORT/evidence; file:// paths with --no-metrics)",
+    ),
+    WorkerOption("heatmap_in_result", "attach an 8-bit PNG heatmap to each result"),
+    WorkerOption(
+        "device_decode", "decode JPEGs with torchvision on the scoring device (auto: when it is a GPU)", DEVICE_DECODE
+    ),
+    WorkerOption(
+        "bank_dtype",
+        "memory-bank search dtype (auto: bfloat16 where the backbone scores in bf16, i.e. a GPU or a CPU with "
+        "bf16 units; else the head's own)",
+        BANK_DTYPES,
+    ),
+    WorkerOption("publish_timeout_s", "how long a batch's results may wait for the broker's acknowledgement"),
+    WorkerOption("dlq_max_bytes", "a dead letter keeps at most this much of the bad record"),
+)
+_BY_NAME = {o.name: o for o in WORKER_OPTIONS}
+
+
+def add_worker_args(p: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """The flags of ``names`` (every worker option by default), as :data:`WORKER_OPTIONS` declares them."""
+    for name in names if names is not None else _BY_NAME:
+        _BY_NAME[name].add_to(p)
+
+
+def config_from(args: argparse.Namespace, names: Sequence[str] | None = None, **given: object) -> WorkerConfig:
+    """The config of the options :func:`add_worker_args` added for ``names``, and the values ``given`` (settings a
+    command decides itself); an option left at None keeps the field's default."""
+    values = {n: getattr(args, n) for n in (names if names is not None else _BY_NAME)}
+    return WorkerConfig(**{n: v for n, v in values.items() if v is not None}, **given)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import threading
 import time
 from typing import TYPE_CHECKING
 
 from calibrator.security import add_client_security_args, client_security_from
-from inspection_core.env import add_choice
 from inspection_core.errors import ConfigError, HeadError
 from inspection_core.ids import check_product_id
 from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
@@ -17,7 +17,7 @@ from inspection_core.runtime import stop_on_signals
 from inspection_core.trust import HeadTrust, read_key
 from monitoring.http import Check, MetricsServer, add_metrics_args, broker_check, start_metrics
 from scorer.options import add_backbone_args, resolve_device, resolve_precision
-from workers.config import BANK_DTYPES, DEVICE_DECODE, ActiveHead, WorkerConfig, head_ref
+from workers.config import ActiveHead, add_worker_args, config_from, head_ref
 
 if TYPE_CHECKING:
     from scorer.backbones import Backbone
@@ -33,64 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="PRODUCT=PATH of a head artifact (repeatable) until the calibrator serves heads",
     )
-    p.add_argument("--group-id", default="cff-inspect-workers")
-    p.add_argument("--worker-id", default=None)
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-wait-ms", type=int, default=50)
-    p.add_argument(
-        "--max-age-s",
-        type=float,
-        default=60.0,
-        help="frames older than this get a STALE result instead of being scored",
-    )
-    p.add_argument(
-        "--max-future-s",
-        type=float,
-        default=WorkerConfig.max_future_s,
-        help="clock skew allowed: frames dated further ahead get BAD_FRAME (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-jpeg-scans",
-        type=int,
-        default=WorkerConfig.max_jpeg_scans,
-        help="JPEGs with more scans are refused before decoding (progressive ones have ~10; default %(default)s)",
-    )
-    p.add_argument(
-        "--decode-budget-s",
-        type=float,
-        default=WorkerConfig.decode_budget_s,
-        help="an image taking longer to decode is stopped and refused (default %(default)s)",
-    )
-    p.add_argument("--evidence-dir", default=None, help="archive defect JPEGs and overlays here")
-    p.add_argument(
-        "--evidence-max-bytes",
-        type=int,
-        default=1 << 30,
-        help="size cap of the evidence archive; the oldest files go first, counted in "
-        "inspection_worker_evidence_deleted_total (default %(default)s)",
-    )
-    p.add_argument(
-        "--evidence-url",
-        default=None,
-        help="base URL defect events give for evidence (default: this worker's metrics server, "
-        "http://HOST:METRICS_PORT/evidence; file:// paths with --no-metrics)",
-    )
-    p.add_argument("--heatmap-in-result", action="store_true", help="attach an 8-bit PNG heatmap to each result")
-    add_choice(
-        p,
-        "--device-decode",
-        DEVICE_DECODE,
-        "auto",
-        "decode JPEGs with torchvision on the scoring device (auto: when it is a GPU)",
-    )
-    add_choice(
-        p,
-        "--bank-dtype",
-        BANK_DTYPES,
-        "auto",
-        "memory-bank search dtype (auto: bfloat16 where the backbone scores in bf16, i.e. a GPU or a CPU with "
-        "bf16 units; else the head's own)",
-    )
+    add_worker_args(p)
     p.add_argument(
         "--calibrator-address",
         action="append",
@@ -121,25 +64,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_client_security_args(p)
     add_metrics_args(p, "worker")
     add_backbone_args(p, default=None, sized=False)
-
-
-def config_from(args: argparse.Namespace) -> WorkerConfig:
-    return WorkerConfig(
-        group_id=args.group_id,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_age_s=args.max_age_s,
-        max_future_s=args.max_future_s,
-        max_jpeg_scans=args.max_jpeg_scans,
-        decode_budget_s=args.decode_budget_s,
-        evidence_dir=args.evidence_dir,
-        evidence_max_bytes=args.evidence_max_bytes,
-        evidence_url=args.evidence_url,
-        heatmap_in_result=args.heatmap_in_result,
-        device_decode=args.device_decode,
-        bank_dtype=args.bank_dtype,
-        **({"worker_id": args.worker_id} if args.worker_id else {}),
-    )
 
 
 def trust_from(args: argparse.Namespace) -> HeadTrust:
@@ -218,18 +142,21 @@ def worker_checks(kafka: KafkaConfig, worker: Worker) -> dict[str, Check]:
     }
 
 
-def serve_evidence(w: Worker, ms: MetricsServer | None) -> None:
-    """Evidence over HTTP on the metrics server, at ``/evidence/<file>``; events then carry those URLs.
+def served_evidence_url(ms: MetricsServer) -> str:
+    """Where the metrics server serves evidence (``/evidence/<file>``): the default base URL of defect events.
 
-    A wildcard bind is advertised by this host's name (what another machine can resolve), unless
-    ``--evidence-url`` says otherwise (a proxy, a TLS front, a name of the orchestrator's).
+    A wildcard bind is advertised by this host's name (what another machine can resolve); ``--evidence-url``
+    says otherwise (a proxy, a TLS front, a name of the orchestrator's).
     """
+    host = socket.getfqdn() if ms.all_interfaces else ms.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{ms.port}/evidence"
+
+
+def serve_evidence(w: Worker, ms: MetricsServer | None) -> None:
+    """Evidence over HTTP on the metrics server, at the URL the worker's config gives defect events."""
     if w.evidence is None or ms is None:
         return
     ms.add_route("/evidence/", w.evidence.http_get)
-    if w.evidence.url_base is None:
-        host = socket.getfqdn() if ms.all_interfaces else ms.host
-        w.evidence.url_base = f"http://{f'[{host}]' if ':' in host else host}:{ms.port}/evidence"
     log.info("evidence served at %s/<file>", w.evidence.url_base)
 
 
@@ -239,25 +166,29 @@ def main(args: argparse.Namespace) -> int:
 
     quiet_kafka()
     kafka = kafka_from(args)
-    cfg = config_from(args)
-    read_head_specs(args.head or [], args.backbone)  # what to score with, then whom to trust: before any model
-    trust = trust_from(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    dev = resolve_device(args.device)
-    bb, heads = load_file_heads(args.head or [], args.backbone, args.weights, dev, resolve_precision(args, dev))
-    if args.compile != "off":
-        bb.enable_compile(args.compile)
-    ensure_topics(kafka)
-    w = Worker(kafka, cfg, heads)
-    ms = start_metrics(args, "worker", **worker_checks(kafka, w))
-    serve_evidence(w, ms)
-    stop_on_signals(w.stop_event)
-    if args.follow_heads:
-        HeadFollower(kafka, w, bb, client_security_from(args), trust).start()
+    # Bound first (started once the worker exists): its address is the evidence URL the config needs.
+    ms = None if args.no_metrics else MetricsServer("worker", host=args.metrics_host, port=args.metrics_port)
     try:
+        url = args.evidence_url or (served_evidence_url(ms) if args.evidence_dir and ms is not None else None)
+        cfg = config_from(args, evidence_url=url)
+        read_head_specs(args.head or [], args.backbone)  # what to score with, then whom to trust: before any model
+        trust = trust_from(args)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        dev = resolve_device(args.device)
+        bb, heads = load_file_heads(args.head or [], args.backbone, args.weights, dev, resolve_precision(args, dev))
+        if args.compile != "off":
+            bb.enable_compile(args.compile)
+        ensure_topics(kafka)
+        stop = threading.Event()
+        stop_on_signals(stop)
+        w = Worker(kafka, cfg, heads, stop_event=stop)
+        start_metrics(args, "worker", server=ms, **worker_checks(kafka, w))
+        serve_evidence(w, ms)
+        if args.follow_heads:
+            HeadFollower(kafka, w, bb, client_security_from(args), trust).start()
         w.run()
     finally:
         if ms is not None:

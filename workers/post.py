@@ -56,13 +56,6 @@ def new_result(frame: frames_pb2.Frame, status: int, worker_id: str, reason: str
     return r
 
 
-def image_size(img: object) -> tuple[int, int]:
-    """(width, height) of an H x W x 3 array or a 3 x H x W tensor from the device decode."""
-    if isinstance(img, np.ndarray):
-        return int(img.shape[1]), int(img.shape[0])
-    return int(img.shape[2]), int(img.shape[1])  # type: ignore[attr-defined]  # a torch tensor
-
-
 def heatmap_png(amap: np.ndarray, pixel_threshold: float) -> bytes:
     """8-bit PNG of the map, 255 at 1.5x the pixel threshold (the map's max where there is none)."""
     m = amap.astype(np.float32)
@@ -81,13 +74,13 @@ def scored_result(
     *,
     worker_id: str,
     heatmap: bool = False,
-    size: tuple[int, int] | None = None,
+    hw: tuple[int, int] | None = None,
 ) -> results_pb2.InspectionResult:
     """An OK result for image ``j`` of a scored batch: scores, verdict, regions in source pixels (of the image
-    ``size`` = (width, height) as decoded), timings."""
+    ``hw`` = (height, width) as decoded, scorer.backbones.base.image_hw), timings."""
     r = new_result(frame, results_pb2.STATUS_OK, worker_id)
-    if size is not None:
-        r.width, r.height = size
+    if hw is not None:
+        r.height, r.width = hw
     r.head.CopyFrom(active.ref)
     r.image_score = float(scores.image_scores[j])
     r.normalized_score = float(scores.normalized_scores[j]) if np.isfinite(scores.normalized_scores[j]) else 0.0

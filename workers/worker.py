@@ -28,6 +28,7 @@ from inspection_core.names import DeadLetterReason
 from inspection_core.wire import CONTENT_TYPE, content_type, encode, header
 from inspection_pb.v1 import common_pb2, frames_pb2, results_pb2
 from monitoring import metrics
+from scorer.backbones.base import image_hw
 from scorer.head import search_dtype
 from workers.codec import (
     BadFrame,
@@ -49,7 +50,6 @@ from workers.post import (
     Timing,
     defect_event,
     frame_ref,
-    image_size,
     mark_line,
     new_result,
     scored_result,
@@ -122,12 +122,21 @@ def _assignment_log(worker_id: str, consumer, on_shortfall: Callable[[str], None
 
 
 class Worker:
-    def __init__(self, kafka: KafkaConfig, cfg: WorkerConfig, heads: dict[str, ActiveHead] | None = None) -> None:
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        cfg: WorkerConfig,
+        heads: dict[str, ActiveHead] | None = None,
+        *,
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        """``stop_event`` ends :meth:`run` (and its reconnection waits); ``cff-inspect run`` shares one among its
+        parts."""
         self.kafka = kafka
         self.cfg = cfg
         self.heads: dict[str, ActiveHead] = {p: self._prepared(a) for p, a in (heads or {}).items()}
         self._lock = threading.Lock()
-        self.stop_event = threading.Event()
+        self.stop_event = stop_event if stop_event is not None else threading.Event()
         self._rejoin_at: float | None = None  # when to ask the group for a new assignment (a lone leader's shortfall)
         self._rejoined = False
         self.counters: dict[str, int] = defaultdict(int)
@@ -260,7 +269,7 @@ class Worker:
                 timing,
                 worker_id=self.cfg.worker_id,
                 heatmap=self.cfg.heatmap_in_result,
-                size=image_size(it.image),
+                hw=image_hw(it.image),
             )
             mark_line(r, active, it.ref)
             out.results.append(r)
@@ -493,7 +502,6 @@ class Worker:
         """
         from kafka.errors import KafkaError as ClientError
 
-        self._reconnector.stop = self.stop_event  # `cff-inspect run` shares one stop event among its parts
         self.consumer = self.kafka.consumer(
             group_id=self.cfg.group_id, max_poll_interval_ms=self.cfg.max_poll_interval_ms
         )
