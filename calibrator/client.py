@@ -10,9 +10,8 @@ import grpc
 
 from calibrator.security import ClientSecurity
 from inspection_core.errors import EXIT_RUNTIME, EXIT_USAGE, InspectionError
+from inspection_core.names import CHUNK_BYTES
 from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc
-
-CHUNK = 1 << 20
 
 
 class CalibratorError(InspectionError):
@@ -56,10 +55,10 @@ def _fit_requests(
         )
     )
     for i, (name, data) in enumerate(images):
-        for j in range(0, max(1, len(data)), CHUNK):
-            last = j + CHUNK >= len(data)
+        for j in range(0, max(1, len(data)), CHUNK_BYTES):
+            last = j + CHUNK_BYTES >= len(data)
             yield calibrator_pb2.FitRequest(
-                chunk=calibrator_pb2.ImageChunk(index=i, name=name, data=data[j : j + CHUNK], last=last)
+                chunk=calibrator_pb2.ImageChunk(index=i, name=name, data=data[j : j + CHUNK_BYTES], last=last)
             )
 
 

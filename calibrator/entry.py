@@ -11,6 +11,7 @@ from calibrator.line_config import DEFAULT_LINE, LineSettings, add_line_args, li
 from calibrator.security import ServerSecurity, add_token_args, read_token
 from inspection_core.errors import ConfigError
 from inspection_core.kafka import KafkaConfig, add_kafka_args, ensure_topics, kafka_from, quiet_kafka
+from inspection_core.names import MAX_SHOTS, MAX_SHOTS_CEILING
 from inspection_core.runtime import stop_on_signals
 from inspection_core.trust import HeadSigner, is_loopback, read_key
 from monitoring.http import add_metrics_args, broker_check, start_metrics
@@ -26,7 +27,7 @@ class CalibratorSettings:
     kafka: KafkaConfig | None  # None: do not announce heads
     base_head: str | None = None
     advertised_address: str | None = None
-    max_shots: int = 16
+    max_shots: int = MAX_SHOTS
     fit_precision: str = "fp32"
     heads_key: bytes | None = field(default=None, repr=False)  # signs head announcements
     reannounce_s: float = 30.0
@@ -78,7 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="re-announce active heads this often, so a broker that lost the heads topic is refilled "
         "(0 = only at start and on changes; default %(default)s)",
     )
-    p.add_argument("--max-shots", type=int, default=16, help="reference images per fit (limit)")
+    p.add_argument(
+        "--max-shots",
+        type=int,
+        default=MAX_SHOTS,
+        help=f"reference images per fit (limit, at most {MAX_SHOTS_CEILING}; default %(default)s)",
+    )
     add_limit_args(p)
     add_line_args(p)
     add_fit_precision_arg(p, "precision of head fits, whatever --precision scoring uses")

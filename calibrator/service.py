@@ -38,8 +38,9 @@ from calibrator.security import ServerSecurity
 from calibrator.store import HeadStore, StoreError, StoreWriteError, manifest_ref
 from inspection_core.errors import ConfigError, HeadError, ImageError, cut, quoted
 from inspection_core.ids import check_product_id
-from inspection_core.names import METHODS
+from inspection_core.names import CHUNK_BYTES, MAX_SHOTS, MAX_SHOTS_CEILING, METHODS
 from inspection_core.trust import HeadSigner
+from inspection_core.wire import finite
 from inspection_pb.v1 import calibrator_pb2, calibrator_pb2_grpc
 from monitoring import metrics
 from scorer.artifact import load_head
@@ -49,9 +50,7 @@ from scorer.images import decode_reduced, open_checked
 from scorer.progress import ProgressEvent
 
 log = logging.getLogger(__name__)
-CHUNK = 1 << 20
 MAX_IMAGE_BYTES = 64 << 20
-MAX_SHOTS = 16
 
 
 class _Cancelled(Exception):
@@ -141,10 +140,6 @@ def _stated_size(data: bytes, name: str) -> tuple[int, int]:
         return 0, 0
 
 
-def _num(x: float | None) -> float:
-    return float(x) if x is not None and math.isfinite(float(x)) else 0.0
-
-
 def head_info(store: HeadStore, product: str, version: int = 0) -> calibrator_pb2.HeadInfo:
     m = store.info(product, version)
     info = calibrator_pb2.HeadInfo(
@@ -153,8 +148,8 @@ def head_info(store: HeadStore, product: str, version: int = 0) -> calibrator_pb
         weights_sha256=m["weights_sha256"],
         method=m["method"],
         shots=m.get("shots") or 0,
-        image_threshold=_num(m.get("image_threshold")),
-        pixel_threshold=_num(m.get("pixel_threshold")),
+        image_threshold=finite(m.get("image_threshold"), 0.0),
+        pixel_threshold=finite(m.get("pixel_threshold"), 0.0),
         active=bool(m["active"]),
         reference_sha256=m.get("reference_sha256") or [],
     )
@@ -502,9 +497,9 @@ class CalibratorService(calibrator_pb2_grpc.CalibratorServicer):
         path = self._guard(context, lambda: self.store.path(check_product_id(request.product_id), request.version))
         data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
-        for i in range(0, max(1, len(data)), CHUNK):
+        for i in range(0, max(1, len(data)), CHUNK_BYTES):
             yield calibrator_pb2.ArtifactChunk(
-                data=data[i : i + CHUNK], sha256=sha if i == 0 else "", total_size=len(data) if i == 0 else 0
+                data=data[i : i + CHUNK_BYTES], sha256=sha if i == 0 else "", total_size=len(data) if i == 0 else 0
             )
 
     def ActivateHead(self, request, context):  # noqa: ANN001, ANN201, N802
@@ -594,8 +589,8 @@ def serve(
     the check for ``/readyz``: ready while a gRPC handler thread is free (:class:`ThreadsCheck`).
     """
     security = security or ServerSecurity()
-    if not 1 <= max_shots <= 64:
-        raise ConfigError(f"max_shots must be in 1..64, got {max_shots}")
+    if not 1 <= max_shots <= MAX_SHOTS_CEILING:
+        raise ConfigError(f"max_shots must be in 1..{MAX_SHOTS_CEILING}, got {max_shots}")
     taken = _taken_address(host, port)
     if taken is not None:
         also = "" if taken == host else f" ({taken}:{port}, an address {host} resolves to, is taken)"

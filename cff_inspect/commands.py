@@ -15,6 +15,8 @@ from calibrator.security import add_client_security_args, client_security_from
 from cff_inspect.progress import add_progress_arg, from_fit_progress, renderer
 from inspection_core.errors import ConfigError, ImageError
 from inspection_core.ids import check_product_id
+from inspection_core.names import MAX_SHOTS, MAX_SHOTS_CEILING
+from inspection_core.wire import finite
 from scorer.options import (
     add_backbone_args,
     add_data_arg,
@@ -22,10 +24,6 @@ from scorer.options import (
     backbone_from,
     refuse_local_backbone_options,
 )
-
-
-def _num(x: float) -> float | None:
-    return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
 def _expand_images(items: list[str]) -> list[Path]:
@@ -89,9 +87,9 @@ def score_paths(head, paths: list[Path], out_dir: Path, *, overlays: bool = True
             "status": "OK",
             "verdict": verdict,
             "image_score": float(s.image_scores[0]),
-            "normalized_score": _num(s.normalized_scores[0]),
-            "image_threshold": _num(head.image_threshold),
-            "pixel_threshold": _num(head.pixel_threshold),
+            "normalized_score": finite(s.normalized_scores[0]),
+            "image_threshold": finite(head.image_threshold),
+            "pixel_threshold": finite(head.pixel_threshold),
             "width": img.shape[1],
             "height": img.shape[0],
             "regions": regions,
@@ -222,8 +220,8 @@ def _heads_fit_offline(args: argparse.Namespace, product: str, paths: list[Path]
     from scorer.fit import FitOptions, fit_head
     from scorer.images import load_image
 
-    if len(paths) > 64:
-        raise ConfigError(f"need 1..64 reference images, got {len(paths)}")
+    if len(paths) > MAX_SHOTS_CEILING:
+        raise ConfigError(f"need 1..{MAX_SHOTS_CEILING} reference images, got {len(paths)}")
     opts, seed = FitOptions(object_name=product.split(".")[0]).with_strings(options)
     refs = [load_image(p) for p in paths]
     if args.backbone is None:
@@ -247,8 +245,8 @@ def _heads_fit_offline(args: argparse.Namespace, product: str, paths: list[Path]
                 "requested_method": args.method,
                 "selection": (head.meta.get("guard") or {}).get("reason"),
                 "shots": len(refs),
-                "image_threshold": _num(head.image_threshold),
-                "pixel_threshold": _num(head.pixel_threshold),
+                "image_threshold": finite(head.image_threshold),
+                "pixel_threshold": finite(head.pixel_threshold),
                 "fit_seconds": time.perf_counter() - t0,
                 "fit_metrics": fm,
             },
@@ -282,8 +280,8 @@ def _from_good(args: argparse.Namespace, head_file: str):  # noqa: ANN202 - a He
     summary = {
         "good_images": len(paths),
         "good_score_max": max(tg["scores"]),
-        "previous_image_threshold": _num(head.image_threshold),
-        "image_threshold": _num(out.image_threshold),
+        "previous_image_threshold": finite(head.image_threshold),
+        "image_threshold": finite(out.image_threshold),
         "previously_flagged": sum(x >= head.image_threshold for x in tg["scores"]),
     }
     print(json.dumps(summary), file=sys.stderr)
@@ -332,8 +330,8 @@ def cmd_heads_set_threshold(args: argparse.Namespace) -> int:
                 "path": str(out),
                 "sha256": sha,
                 "version": new_version,
-                "image_threshold": _num(head.image_threshold),
-                "pixel_threshold": _num(head.pixel_threshold),
+                "image_threshold": finite(head.image_threshold),
+                "pixel_threshold": finite(head.pixel_threshold),
             },
             indent=2,
         )
@@ -367,7 +365,13 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
         help="fit a head from a product's good images: on the calibrator, or offline into a file with --out",
     )
     f.add_argument("--product", required=True, help="product id, [a-z0-9][a-z0-9._-]{0,63}")
-    f.add_argument("--refs", nargs="+", required=True, help="reference images or folders (1..16)")
+    f.add_argument(
+        "--refs",
+        nargs="+",
+        required=True,
+        help=f"reference images or folders (1..{MAX_SHOTS} on a default calibrator, up to its --max-shots; "
+        f"1..{MAX_SHOTS_CEILING} offline)",
+    )
     f.add_argument("--out", default=None, help="fit here, offline, into this artifact file instead of the calibrator")
     add_method_arg(f)
     f.add_argument("--base-head", default=None, help="offline: base head from train-base")

@@ -25,6 +25,13 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 MAX_PIXELS = 40_000_000
 MAX_SIDE = 16384
 
+# Reference images per fit. A calibrator takes MAX_SHOTS unless its --max-shots says otherwise, at most
+# MAX_SHOTS_CEILING (memory and fit time grow with each one); an offline `heads fit` may use the ceiling, and a
+# calibrator then imports that head only if its --max-shots is as high.
+MAX_SHOTS = 16
+MAX_SHOTS_CEILING = 64
+CHUNK_BYTES = 1 << 20  # the piece size of images and head files streamed over gRPC
+
 
 class DeadLetterReason(StrEnum):
     """Why a message went to the dead-letter topic; the value is the metric label."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -24,6 +25,12 @@ CONTENT_TYPE = "content-type"
 _MEDIA = {"protobuf": "application/x-protobuf", "json": "application/json"}
 OCTETS = "application/octet-stream"
 M = TypeVar("M", bound=Message)
+
+
+def finite(x: float | None, missing: float | None = None) -> float | None:
+    """``x`` as a float where it is a finite number, else ``missing``: JSON has no NaN or infinity (None, null,
+    there), a proto3 number field no null (0.0 there)."""
+    return float(x) if x is not None and math.isfinite(float(x)) else missing
 
 
 class WireError(InspectionError):
