@@ -565,12 +565,15 @@ def overview() -> dict[str, Any]:
         panel(
             31,
             "Fits and stored heads",
-            "Head fits finished in the last hour by status (ok, cancelled, failed) and products with an active head "
-            "in the calibrator's store; 0 when no calibrator is scraped.",
+            "Head fits finished in the last hour by status (ok, cancelled, failed), FitHead streams holding a fit "
+            "slot now by state (uploading, waiting, fitting; all slots taken means new fits are refused with "
+            "RESOURCE_EXHAUSTED) and products with an active head in the calibrator's store; 0 when no calibrator "
+            "is scraped.",
             [
                 target(
                     f"sum by (status) (increase(inspection_fit_duration_seconds_count[1h])){ZERO}", "fits {{status}}"
                 ),
+                target(f"sum by (state) (inspection_calibrator_fit_streams){ZERO}", "streams {{state}}"),
                 target(f"max(inspection_calibrator_active_heads){ZERO}", "active heads"),
             ],
         ),

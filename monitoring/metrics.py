@@ -92,7 +92,8 @@ HEAD_VERSION = Gauge("inspection_active_head_version", "Active head version per 
 # address: names a calibrator this worker does not trust; replay: older than the announcement already applied.
 RECORDS_DROPPED = Counter(
     "inspection_worker_records_dropped_total",
-    "Records a worker could not publish and skipped (topic: results, defects, frames.dlq; reason: too_large)",
+    "Records a worker could not publish and skipped (topic: results, defects, frames.dlq; reason: too_large, "
+    "unencodable)",
     ["topic", "reason"],
 )
 EVIDENCE_DELETED = Counter(
