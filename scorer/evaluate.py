@@ -78,7 +78,7 @@ HeadFactory = Callable[[str, Backbone, list[np.ndarray], BackboneOutput, int], H
 # --method` deploys (cff guarded); knn-mean is the plain training-free mean over every tap (AnomalyDINO-style,
 # the earlier baseline), knn-auto the knn head with its taps chosen on the held-out set
 # (FitOptions.knn_taps="auto"), knn-views / knn-noviews the knn head with every reference's flips and quarter
-# turns in its bank at every K / never (FitOptions.support_views) and cff-unguarded the calibrated head before
+# turns in its bank at every K / never (FitOptions.support_views) and cff-unguarded the CFF head before
 # the guard, so the table shows what each step changes.
 
 
@@ -99,7 +99,7 @@ def default_head_factory(
 ) -> HeadFactory:
     """Build heads per method; one fit serves every method for the same references.
 
-    ``methods``: the evaluation's methods (default all), so a knn-only evaluation trains no calibrated head.
+    ``methods``: the evaluation's methods (default all), so a knn-only evaluation trains no learned head.
     ``progress`` gets each fit's own stages (``held-out``, ``stage1``, ...; see :func:`scorer.fit.fit_head`).
     """
     asked = set(EVAL_METHODS if methods is None else methods)

@@ -80,7 +80,6 @@ class TokenScores:
 class _HeadType(type):
     """``Head(method, ...)``, the form manifests and older callers use, builds the type the method names."""
 
-
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         # also ``replace(head, method="knn", proj_w=None, ...)``: a head whose method changes changes type
         if cls is Head or ("method" in kwargs and head_type(kwargs["method"]) is not cls):

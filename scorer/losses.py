@@ -40,7 +40,7 @@ def alignment_loss(
     global_mode: str = "token",
     weights: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CFF's L_adj and L_global on unit-norm calibrated features, normal tokens only.
+    """CFF's L_adj and L_global on unit-norm features after the CFF affine map, normal tokens only.
 
     ``feats`` are per stage (B, N, E), already L2-normalised; ``normal`` is a
     (B, N) bool mask of tokens to align (None = all). Returns (L_align, L_global)

@@ -2,7 +2,7 @@
 
 One image at a time, fp32, a first forward pass for the adapters and a **second** full forward
 pass for the memory bank (the reference code does this although the tapped layers are the same),
-the adapters unfolded (projection, then calibration), and the bank search as sklearn cosine
+the adapters unfolded (projection, then the CFF affine map), and the bank search as sklearn cosine
 similarity on the CPU in numpy. It computes the same map as :meth:`Head.score` — which is what
 the tests check — only the way it gets there is slow, so ``bench scorer`` can report a fair ratio.
 """

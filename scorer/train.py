@@ -1,7 +1,7 @@
 """``train-base``: a base head trained on auxiliary data with masks (cross-dataset protocol).
 
 Stage 1 trains the projections (and prototypes for vision-only backbones), stage 2
-the CFF calibration, on the test split (with masks) of other datasets, as
+the CFF affine weights, on the test split (with masks) of other datasets, as
 April-GAN and CFF do. Backbone tokens are extracted once (optionally cached on
 disk), so training a ViT-S head on CPU takes minutes. The result is a head with an
 empty memory bank: fit it to a product's references before scoring.

@@ -38,6 +38,7 @@ def token_normal(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     pooled = F.adaptive_max_pool2d(masks[:, None], grid)[:, 0]
     return (pooled == 0).flatten(1)
 
+
 class _Trainable(torch.nn.Module):
     def __init__(self, n: int, d: int, e: int, *, identity: bool, seed: int) -> None:
         super().__init__()
@@ -54,8 +55,10 @@ class _Trainable(torch.nn.Module):
         self.w = torch.nn.ParameterList(ws)
         self.b = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(e)) for _ in range(n)])
 
+
 def _adam(params: Sequence[torch.nn.Parameter], lr: float, opts: LearnedOptions) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=(opts.beta1, opts.beta2))
+
 
 def _batches(
     stage: str, steps: int, n_train: int, batch_size: int, seed: int, progress: Progress
@@ -136,6 +139,7 @@ def train_stage1(
     proj_b = [b.detach().clone() for b in proj.b]
     return proj_w, proj_b, F.normalize(protos.detach(), dim=1)
 
+
 def train_stage2(
     projected: Sequence[torch.Tensor],
     targets: torch.Tensor,
@@ -196,6 +200,7 @@ def train_stage2(
         if (step + 1) % every == 0 or step == steps - 1:
             progress(ProgressEvent("stage2", step + 1, steps, last))
     return [w.detach().clone() for w in calib.w], [b.detach().clone() for b in calib.b], last
+
 
 def fit_learned(
     backbone: Backbone,

@@ -33,7 +33,9 @@ def image_threshold_from_normals(scores: Sequence[float] | np.ndarray, image_far
     sd = max(float(sc.std()), 0.05 * abs(mu))
     return max(float(sc.max()), mu + z * sd)
 
+
 MIN_GOOD_FRAMES = 2
+
 
 def threshold_from_good(head: Head, images: Sequence[np.ndarray], *, image_far: float = 0.01) -> Head:
     """The head with its image threshold set from known-good images of the line instead of its held-out set.
@@ -58,6 +60,7 @@ def threshold_from_good(head: Head, images: Sequence[np.ndarray], *, image_far: 
         },
     }
     return out
+
 
 def set_thresholds(
     head: Head,
