@@ -244,11 +244,13 @@ class Backbone(nn.Module):
 
 
 def concat_outputs(outs: Sequence[BackboneOutput]) -> BackboneOutput:
+    """Backbone outputs of several batches as one, in order, float32 on the CPU (global embeddings only where
+    every part has them)."""
     if not outs:
         raise ConfigError("no images to extract features from")
     tokens = [torch.cat([o.tokens[i].float().cpu() for o in outs]) for i in range(len(outs[0].tokens))]
     glob = None
-    if outs[0].global_embedding is not None:
+    if all(o.global_embedding is not None for o in outs):
         glob = torch.cat([o.global_embedding.float().cpu() for o in outs])  # type: ignore[union-attr]
     content = None
     if any(o.content is not None for o in outs):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scorer.backbones.base import Backbone, BackboneOutput
+from scorer.backbones.base import Backbone, BackboneOutput, concat_outputs
 from scorer.fit.heldout import HeldOut, HeldOutSearch, held_out_quality, held_out_scores, search_held_out
 from scorer.fit.options import AUTO_VIEWS_UP_TO, KnnOptions
 from scorer.head import KnnHead, ScoreOptions, image_score, knn_head
@@ -25,6 +25,7 @@ def views_for(support: str, k: int) -> str:
     if support != "auto":
         return support
     return "rot+flip" if k <= AUTO_VIEWS_UP_TO else "none"
+
 
 def support_views(img: np.ndarray, kind: str, size: int, letterbox: bool) -> list[np.ndarray]:
     """The extra bank views of one reference (itself excluded): its two flips and/or three quarter turns.
@@ -42,16 +43,6 @@ def support_views(img: np.ndarray, kind: str, size: int, letterbox: bool) -> lis
         out += [np.rot90(base, q) for q in (1, 2, 3)]
     return [np.ascontiguousarray(v) for v in out]
 
-def concat_outputs(outs: Sequence[BackboneOutput]) -> BackboneOutput:
-    """Backbone outputs of several batches as one, in order."""
-    content = None
-    if any(o.content is not None for o in outs):
-        full = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
-        content = torch.cat([o.content if o.content is not None else full.expand(len(o), 4) for o in outs])
-    glob = None if any(o.global_embedding is None for o in outs) else torch.cat([o.global_embedding for o in outs])
-    return BackboneOutput(
-        [torch.cat([o.tokens[s] for o in outs]) for s in range(len(outs[0].tokens))], outs[0].grid, glob, content
-    )
 
 def _held_out_per_tap(
     head: KnnHead, ref_feats: BackboneOutput, held: HeldOut, taps: Sequence[int]
@@ -73,6 +64,7 @@ def _held_out_per_tap(
     aps = np.array([0.0 if not math.isfinite(t["pixel_ap"]) else t["pixel_ap"] for t in per_tap])
     return per_tap, aps, search
 
+
 def choose_knn_taps(
     head: KnnHead, ref_feats: BackboneOutput, held: HeldOut
 ) -> tuple[tuple[float, ...], dict, HeldOutSearch]:
@@ -92,9 +84,11 @@ def choose_knn_taps(
     }
     return weights, record, search
 
+
 def mid_taps(n: int) -> tuple[float, ...]:
     """The mid-level taps: every tap but the first and the last, averaged."""
     return tuple(0.0 if i in (0, n - 1) else 1.0 for i in range(n))
+
 
 def choose_mid_plus_first(
     head: KnnHead, ref_feats: BackboneOutput, held: HeldOut, n_refs: int
@@ -130,6 +124,7 @@ def choose_mid_plus_first(
         },
         search,
     )
+
 
 def fit_knn_taps(
     backbone: Backbone,
