@@ -58,6 +58,24 @@ _HELP = {
 }
 
 
+UNSIGNED_HELP = (
+    "announce heads unsigned when there is no --heads-key-file: anyone who can write the heads topic can then "
+    "announce heads the workers take as this calibrator's (only where workers also run --allow-unsigned-heads); "
+    "logs a warning"
+)
+
+
+def refuse_unsigned(has_key: bool, allow_unsigned: bool) -> None:
+    """A calibrator that announces heads signs them unless unsigned announcements were explicitly allowed, as a
+    worker refuses to follow them without a key (secure by default on both sides)."""
+    if not has_key and not allow_unsigned:
+        raise ConfigError(
+            "the calibrator announces heads on Kafka but has no heads key: give it one with --heads-key-file "
+            "(env CFF_INSPECT_HEADS_KEY_FILE; the workers verify with the same file), --no-kafka to announce "
+            "nothing, or --allow-unsigned-heads (env CFF_INSPECT_ALLOW_UNSIGNED_HEADS=1) to announce unsigned"
+        )
+
+
 def add_limit_args(p: argparse.ArgumentParser) -> None:
     for f in fields(ServiceLimits):
         p.add_argument(

@@ -6,7 +6,14 @@ import argparse
 import threading
 from dataclasses import dataclass, field
 
-from calibrator.config import DEFAULT_LIMITS, ServiceLimits, add_limit_args, limits_from
+from calibrator.config import (
+    DEFAULT_LIMITS,
+    UNSIGNED_HELP,
+    ServiceLimits,
+    add_limit_args,
+    limits_from,
+    refuse_unsigned,
+)
 from calibrator.line_config import DEFAULT_LINE, LineSettings, add_line_args, line_from
 from calibrator.security import ServerSecurity, add_token_args, read_token
 from inspection_core.errors import ConfigError
@@ -30,6 +37,7 @@ class CalibratorSettings:
     max_shots: int = MAX_SHOTS
     fit_precision: str = "fp32"
     heads_key: bytes | None = field(default=None, repr=False)  # signs head announcements
+    allow_unsigned_heads: bool = False  # announce without a key (serve() refuses that otherwise)
     reannounce_s: float = 30.0
     allow_loopback_announce: bool = False
     limits: ServiceLimits = DEFAULT_LIMITS
@@ -64,8 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--heads-key-file",
         default=None,
-        help="sign head announcements with this shared key (workers verify with the same file)",
+        help="sign head announcements with this shared key (workers verify with the same file); a calibrator "
+        "that announces heads needs it, or --allow-unsigned-heads",
     )
+    p.add_argument("--allow-unsigned-heads", action="store_true", default=False, help=UNSIGNED_HELP)
     p.add_argument(
         "--allow-loopback-announce",
         action="store_true",
@@ -97,7 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> CalibratorSettings:
-    return CalibratorSettings(
+    """The settings; a calibrator that would announce unsigned without the opt-out fails here, before the
+    backbone loads."""
+    s = CalibratorSettings(
         store=args.store,
         host=args.host,
         port=args.port,
@@ -110,11 +122,15 @@ def settings_from(args: argparse.Namespace) -> CalibratorSettings:
         max_shots=args.max_shots,
         fit_precision=args.fit_precision,
         heads_key=read_key(args.heads_key_file) if args.heads_key_file else None,
+        allow_unsigned_heads=args.allow_unsigned_heads,
         reannounce_s=args.reannounce_s,
         allow_loopback_announce=args.allow_loopback_announce,
         limits=limits_from(args),
         line=line_from(args),
     )
+    if s.kafka is not None:
+        refuse_unsigned(s.heads_key is not None, s.allow_unsigned_heads)
+    return s
 
 
 def main(args: argparse.Namespace) -> int:
@@ -138,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
         max_shots=s.max_shots,
         fit_precision=s.fit_precision,
         signer=HeadSigner(s.heads_key) if s.heads_key is not None else None,
+        allow_unsigned=s.allow_unsigned_heads,
         reannounce_s=s.reannounce_s,
         limits=s.limits,
         line=s.line,
@@ -154,7 +171,7 @@ def main(args: argparse.Namespace) -> int:
             if s.kafka is None
             else f"announcements signed with key {HeadSigner(s.heads_key).key_id}"
             if s.heads_key is not None
-            else "announcements NOT signed: set --heads-key-file"
+            else "announcements NOT signed (--allow-unsigned-heads)"
         )
         + ")",
         flush=True,

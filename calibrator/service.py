@@ -32,7 +32,7 @@ from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from calibrator.config import DEFAULT_LIMITS, ServiceLimits
+from calibrator.config import DEFAULT_LIMITS, ServiceLimits, refuse_unsigned
 from calibrator.line import LineManager, LineSettings, line_info, manual_meta
 from calibrator.security import ServerSecurity
 from calibrator.store import HeadStore, StoreError, StoreWriteError, manifest_ref
@@ -578,6 +578,7 @@ def serve(
     max_shots: int = MAX_SHOTS,
     fit_precision: str = "fp32",
     signer: HeadSigner | None = None,
+    allow_unsigned: bool = False,
     reannounce_s: float = 30.0,
     limits: ServiceLimits = DEFAULT_LIMITS,
     line: LineSettings | None = None,
@@ -585,10 +586,18 @@ def serve(
     """Start the service; returns (server, bound port). ``port=0`` picks a free port.
 
     With ``kafka``, active heads are announced now and every ``reannounce_s`` seconds (0: only at start and on
-    changes), signed with ``signer`` when given; ``server.stop`` also stops the repeats. ``server.readiness`` is
+    changes), signed with ``signer``; without one it refuses to start unless ``allow_unsigned`` (logged as a
+    warning). ``server.stop`` also stops the repeats. ``server.readiness`` is
     the check for ``/readyz``: ready while a gRPC handler thread is free (:class:`ThreadsCheck`).
     """
     security = security or ServerSecurity()
+    if kafka is not None:
+        refuse_unsigned(signer is not None, allow_unsigned)
+        if signer is None:
+            log.warning(
+                "announcing heads UNSIGNED (--allow-unsigned-heads): anyone who can write the heads topic can "
+                "announce heads as this calibrator; set --heads-key-file"
+            )
     if not 1 <= max_shots <= MAX_SHOTS_CEILING:
         raise ConfigError(f"max_shots must be in 1..{MAX_SHOTS_CEILING}, got {max_shots}")
     taken = _taken_address(host, port)

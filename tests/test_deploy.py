@@ -457,14 +457,17 @@ def test_secrets_are_required_signed_and_pinned_everywhere() -> None:
             assert a.follow_heads, f"{launch.where}: a worker that does not follow the heads topic gets no heads"
 
 
-def test_no_worker_opts_out_of_signed_announcements() -> None:
-    """A worker without a key refuses to start unless told --allow-unsigned-heads (flag or variable); deploy/
-    never says so, and every worker that follows the heads topic holds the key."""
+def test_no_worker_or_calibrator_opts_out_of_signed_announcements() -> None:
+    """A worker or an announcing calibrator without a key refuses to start unless told --allow-unsigned-heads
+    (flag or variable); deploy/ never says so, and every one that needs the key holds it."""
     for launch in all_launches():
         a = parse(launch)
         if a.command == "worker":
             assert not a.allow_unsigned_heads, f"{launch.where}: --allow-unsigned-heads accepts forged heads"
             assert a.heads_key_file or not a.follow_heads, f"{launch.where}: would refuse to start (no heads key)"
+        if a.command == "calibrator":
+            assert not a.allow_unsigned_heads, f"{launch.where}: --allow-unsigned-heads announces forgeable heads"
+            assert a.heads_key_file or a.no_kafka, f"{launch.where}: would refuse to start (no heads key)"
 
 
 def test_compose_secrets_are_defined_and_made_by_the_generator(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ def test_worker_takes_announced_heads_and_swaps_between_batches(
     refs = [p.read_bytes() for p in sorted((cat / "train" / "good").glob("*.png"))]
     frame_png = next((cat / "test" / "good").glob("*.png")).read_bytes()
     kafka = start_broker(partitions=2)
-    server, port = serve(HeadStore(tmp_path / "store"), tiny_vit, port=0, kafka=kafka)
+    server, port = serve(HeadStore(tmp_path / "store"), tiny_vit, port=0, kafka=kafka, allow_unsigned=True)
     worker = start_worker(kafka, "--backbone", "tiny-vit", "--max-wait-ms", "20")
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = calibrator_pb2_grpc.CalibratorStub(ch)
@@ -108,7 +108,14 @@ def test_restarted_calibrator_keeps_heads_and_repopulates_a_fresh_broker(tmp_pat
     with EmbeddedBroker() as b:
         kafka = KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix="r1.", partitions=1)
         ensure_topics(kafka)
-        server, port = serve(HeadStore(store_dir), tiny_vit, port=0, kafka=kafka, advertised_address="cal.plant:50051")
+        server, port = serve(
+            HeadStore(store_dir),
+            tiny_vit,
+            port=0,
+            kafka=kafka,
+            advertised_address="cal.plant:50051",
+            allow_unsigned=True,
+        )
         with CalibratorClient(f"127.0.0.1:{port}") as c:
             info = c.fit("widget", refs, method="knn")
         server.stop(0)
@@ -119,7 +126,14 @@ def test_restarted_calibrator_keeps_heads_and_repopulates_a_fresh_broker(tmp_pat
         kafka = KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix="r1.", partitions=1)
         ensure_topics(kafka)
         assert _announcements(kafka, timeout=2) == {}
-        server, port = serve(HeadStore(store_dir), tiny_vit, port=0, kafka=kafka, advertised_address="cal.plant:50051")
+        server, port = serve(
+            HeadStore(store_dir),
+            tiny_vit,
+            port=0,
+            kafka=kafka,
+            advertised_address="cal.plant:50051",
+            allow_unsigned=True,
+        )
         try:
             again = _announcements(kafka)["widget"]
             assert again.active and again.head.version == 1 and again.head.sha256 == info.head.sha256

@@ -261,7 +261,7 @@ def test_line_end_to_end(tmp_path, tiny_vit, make_refs, start_broker, start_work
     kafka = start_broker(partitions=1)
     store = HeadStore(tmp_path / "store")
     settings = LineSettings(commissioning_frames=N, feedback_refit_labels=1, feedback_min_interval_s=0)
-    server, port = serve(store, tiny_vit, port=0, kafka=kafka, reannounce_s=0, line=settings)
+    server, port = serve(store, tiny_vit, port=0, kafka=kafka, allow_unsigned=True, reannounce_s=0, line=settings)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = calibrator_pb2_grpc.CalibratorStub(channel)
     try:
@@ -310,7 +310,7 @@ def test_finish_commissioning_over_grpc(tmp_path, tiny_vit, make_refs, start_bro
     kafka = start_broker(partitions=1)
     store = HeadStore(tmp_path / "store")
     settings = LineSettings(commissioning_frames=50)
-    server, port = serve(store, tiny_vit, port=0, kafka=kafka, reannounce_s=0, line=settings)
+    server, port = serve(store, tiny_vit, port=0, kafka=kafka, allow_unsigned=True, reannounce_s=0, line=settings)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = calibrator_pb2_grpc.CalibratorStub(channel)
     product = "widget-fc"

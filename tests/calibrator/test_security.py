@@ -132,3 +132,27 @@ def test_the_plaintext_token_warning_judges_parsed_addresses(caplog) -> None:
             sec.channel(address).close()
         assert ("without TLS" in caplog.text) is warns, address
         assert TOKEN not in caplog.text
+
+
+def test_calibrator_announcing_without_a_heads_key_refuses_to_start(tmp_path, tiny_vit) -> None:
+    """Secure by default like the worker: announcing needs --heads-key-file, or the explicit opt-out (flag or
+    variable); a calibrator that announces nothing needs no key."""
+    from calibrator.entry import settings_from
+    from cff_inspect.cli import build_parser
+    from inspection_core.env import bind_env
+    from inspection_core.kafka import KafkaConfig
+
+    base = ["calibrator", "--bootstrap-servers", "127.0.0.1:9092", "--store", str(tmp_path / "s")]
+    with pytest.raises(ConfigError, match="no heads key: give it one with --heads-key-file .*--allow-unsigned-heads"):
+        settings_from(build_parser().parse_args(base))
+    assert settings_from(build_parser().parse_args([*base, "--allow-unsigned-heads"])).allow_unsigned_heads
+    env = {"CFF_INSPECT_ALLOW_UNSIGNED_HEADS": "1"}
+    assert settings_from(bind_env(build_parser(), env).parse_args(base)).allow_unsigned_heads
+    key = tmp_path / "heads.key"
+    key.write_text("k" * 32)
+    signed = settings_from(build_parser().parse_args([*base, "--heads-key-file", str(key)]))
+    assert signed.heads_key == b"k" * 32 and not signed.allow_unsigned_heads
+    assert settings_from(build_parser().parse_args(["calibrator", "--no-kafka"])).kafka is None
+    # the service itself refuses too, before it binds a port or touches the broker (port 1 is unreachable)
+    with pytest.raises(ConfigError, match="no heads key"):
+        serve(HeadStore(tmp_path / "s"), tiny_vit, port=0, kafka=KafkaConfig(bootstrap_servers="127.0.0.1:1"))
