@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from calibrator.line_config import add_line_args, line_from
 from inspection_core.errors import ConfigError
 from scorer.options import add_backbone_args, add_method_arg, backbone_from
 from workers.config import add_worker_args, config_from
@@ -179,7 +180,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # can verify with --heads-key-file OUT/heads.key.
         key_path = heads_key_file(out)
         heads_key = read_key(key_path)
-        server, cal_port = serve(store, bb, port=args.calibrator_port, kafka=kafka, signer=HeadSigner(heads_key))
+        server, cal_port = serve(
+            store, bb, port=args.calibrator_port, kafka=kafka, signer=HeadSigner(heads_key), line=line_from(args)
+        )
         calibrator = f"127.0.0.1:{cal_port}"
         print(
             f"calibrator on {calibrator} (store {out / 'heads'}; announcements signed with {key_path})",
@@ -326,6 +329,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         "--keep-prometheus", action="store_true", help="leave Prometheus running after the run (its URL is printed)"
     )
     p.add_argument("--calibrator-port", type=int, default=0, help="0 = a free port")
+    add_line_args(p)  # the calibrator's line settings, as `cff-inspect calibrator` takes them
     add_worker_args(p, RUN_WORKER_OPTIONS)
     p.add_argument(
         "--bootstrap-servers",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,16 @@ def test_bounded_run_summary(tmp_path) -> None:
     assert s2["head"] == s["head"] and "fit_seconds" not in s2
     assert "using the stored" in again.stderr
     assert key.read_bytes() == key_bytes  # kept with the head store
+
+
+def test_run_takes_the_calibrators_line_settings() -> None:
+    """`run` declares the line flags from calibrator.line_config (one declaration) and its calibrator gets them."""
+    from calibrator.line_config import DEFAULT_LINE, line_from
+    from cff_inspect.cli import build_parser
+    from inspection_core.env import bind_env
+
+    args = build_parser().parse_args(["run", "--commissioning-frames", "0", "--line-dry-run"])
+    assert line_from(args) == replace(DEFAULT_LINE, commissioning_frames=0, line_dry_run=True)
+    env = {"CFF_INSPECT_COMMISSIONING_FRAMES": "7"}
+    assert line_from(bind_env(build_parser(), env).parse_args(["run"])).commissioning_frames == 7
+    assert line_from(build_parser().parse_args(["run"])) == DEFAULT_LINE
