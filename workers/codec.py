@@ -1,15 +1,19 @@
-"""Stage 1, pre-processing: Kafka record -> checked Frame -> decoded image.
+"""Stage 1, pre-processing: Kafka record -> checked Frame -> decoded image, in one call, :func:`admit`.
 
-Every refusal is a :class:`BadFrame` that carries its :class:`DeadLetterReason`, so the dead-letter
-topic's header, the result's reason and the metric label come from one place. No Kafka client and no
-scoring here.
+:func:`admit` gives an :class:`Admitted` frame with its :class:`FrameImage`, or a :class:`Refused` record with
+its result status and dead-letter reason; :func:`decode_batch` then decodes the batch's deferred device JPEGs
+together. Each check's refusal is a :class:`BadFrame` that carries its :class:`DeadLetterReason`, so the
+dead-letter topic's header, the result's reason and the metric label come from one place. No Kafka client and
+no scoring here.
 """
 
 from __future__ import annotations
 
 import io
+import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,8 +28,8 @@ from inspection_core.ids import (
     printable_start,
 )
 from inspection_core.names import DeadLetterReason
-from inspection_core.wire import CONTENT_TYPE, OCTETS, WireError, decode, header
-from inspection_pb.v1 import frames_pb2
+from inspection_core.wire import CONTENT_TYPE, OCTETS, WireError, content_type, decode, header
+from inspection_pb.v1 import frames_pb2, results_pb2
 from scorer.images import (
     DecodeLimitError,
     check_size,
@@ -181,18 +185,42 @@ def is_stale(frame: frames_pb2.Frame, now: float, max_age_s: float) -> bool:
     return frame.HasField("capture_time") and now - ts_seconds(frame.capture_time) > max_age_s
 
 
-@dataclass(frozen=True)
-class DeferredJpeg:
-    """A JPEG whose header passed the checks, to be decoded with the rest of its batch on ``device``."""
+@dataclass(frozen=True, eq=False)
+class FrameImage:
+    """A frame's image once the codec passed it, with its size ``hw`` = (height, width).
 
-    data: bytes
-    device: torch.device
+    Decoded RGB ``pixels`` (an H x W x 3 uint8 array; a 3 x H x W uint8 tensor after the device decode), or a
+    ``jpeg`` whose header passed the checks, to be decoded with the rest of its batch on ``device``
+    (:func:`decode_batch`). The only place that knows the two kinds apart.
+    """
+
+    hw: tuple[int, int]
+    pixels: np.ndarray | torch.Tensor | None = None
+    jpeg: bytes = b""
+    device: torch.device | None = None
+
+    @classmethod
+    def of(cls, pixels: np.ndarray | torch.Tensor) -> FrameImage:
+        if isinstance(pixels, np.ndarray):
+            return cls((int(pixels.shape[0]), int(pixels.shape[1])), pixels)
+        return cls((int(pixels.shape[1]), int(pixels.shape[2])), pixels)
+
+    @property
+    def deferred(self) -> bool:
+        return self.pixels is None
+
+    def rgb(self) -> np.ndarray:
+        """H x W x 3 uint8 on the host (evidence JPEGs and overlays)."""
+        if self.pixels is None:
+            raise ValueError("a deferred JPEG has no pixels before decode_batch")
+        if isinstance(self.pixels, np.ndarray):
+            return self.pixels
+        return self.pixels.permute(1, 2, 0).cpu().numpy()
 
 
-def decode_frame_image(
-    frame: frames_pb2.Frame, cfg: WorkerConfig, device: torch.device | None = None
-) -> np.ndarray | DeferredJpeg:
-    """H x W x 3 uint8 array; with ``device``, a checked JPEG is returned for :func:`decode_jpegs` there."""
+def decode_frame_image(frame: frames_pb2.Frame, cfg: WorkerConfig, device: torch.device | None = None) -> FrameImage:
+    """The frame's checked image: decoded on the host, or with ``device`` a checked JPEG deferred to
+    :func:`decode_batch` there."""
     if not frame.image:
         raise BadFrame("empty image")
     name = f"frame {cut(frame.frame_id)}"
@@ -205,7 +233,7 @@ def decode_frame_image(
             raise BadFrame(f"raw {exc}") from None
         if len(frame.image) != w * h * 3:
             raise BadFrame(f"raw frame has {len(frame.image)} bytes, expected {w * h * 3} for {w}x{h}")
-        return np.frombuffer(frame.image, dtype=np.uint8).reshape(h, w, 3).copy()
+        return FrameImage.of(np.frombuffer(frame.image, dtype=np.uint8).reshape(h, w, 3).copy())
     if enc not in (frames_pb2.ENCODING_JPEG, frames_pb2.ENCODING_PNG):
         raise BadFrame(f"unknown encoding {enc}")
     declared = "JPEG" if enc == frames_pb2.ENCODING_JPEG else "PNG"
@@ -229,9 +257,10 @@ def decode_frame_image(
             formats=(declared,),
         ) as im:
             if device is not None and declared == "JPEG" and im.format == "JPEG":
-                return DeferredJpeg(frame.image, device)  # header checked: size and scan count within the limits
+                # header checked: size and scan count within the limits
+                return FrameImage((im.height, im.width), jpeg=frame.image, device=device)
             load_within(im, cfg.decode_budget_s, name=name)
-            return to_rgb_uint8(im, name=name)
+            return FrameImage.of(to_rgb_uint8(im, name=name))
     except DecodeLimitError as exc:
         raise BadFrame(str(exc), DeadLetterReason.DECODE_LIMIT) from None
     except ImageError as exc:
@@ -240,17 +269,18 @@ def decode_frame_image(
         raise BadFrame(f"cannot decode image: {exc}") from None
 
 
-def decode_jpegs(jobs: list[DeferredJpeg]) -> list[torch.Tensor | BadFrame]:
-    """One batched torchvision decode per device (nvJPEG on a GPU); a failing batch is retried image by image."""
+def decode_jpegs(images: list[FrameImage]) -> list[FrameImage | BadFrame]:
+    """Deferred JPEGs decoded in one batched torchvision call per device (nvJPEG on a GPU); a failing batch is
+    retried image by image."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    out: list[torch.Tensor | BadFrame | None] = [None] * len(jobs)
+    out: list[FrameImage | BadFrame | None] = [None] * len(images)
     by_dev: dict[str, list[int]] = defaultdict(list)
-    for i, j in enumerate(jobs):
-        by_dev[str(j.device)].append(i)
+    for i, im in enumerate(images):
+        by_dev[str(im.device)].append(i)
     for dev, idx in by_dev.items():
-        data = [torch.frombuffer(bytearray(jobs[i].data), dtype=torch.uint8) for i in idx]
+        data = [torch.frombuffer(bytearray(images[i].jpeg), dtype=torch.uint8) for i in idx]
         try:
             imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
         except RuntimeError:
@@ -261,5 +291,83 @@ def decode_jpegs(jobs: list[DeferredJpeg]) -> list[torch.Tensor | BadFrame]:
                 except RuntimeError as exc:
                     imgs.append(BadFrame(f"cannot decode image: {exc}"))
         for i, img in zip(idx, imgs, strict=True):
-            out[i] = img
+            out[i] = img if isinstance(img, BadFrame) else FrameImage.of(img)
     return out  # type: ignore[return-value]  # every slot filled above
+
+
+# -- admission: one call per record ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Refused:
+    """A record that is not scored.
+
+    ``status`` is its result's (BAD_FRAME, STALE or NO_HEAD; None for bytes that are not a Frame, which get no
+    result), about ``frame`` (for BAD_FRAME only what passed the frame rules: the refusal must always publish).
+    ``dead_letter`` says why the record goes to the dead-letter topic (None: it does not), ``content_type`` is
+    the one its dead letter carries.
+    """
+
+    status: int | None
+    reason: str
+    frame: frames_pb2.Frame | None = None
+    dead_letter: DeadLetterReason | None = None
+    content_type: bytes = OCTETS.encode()
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A frame that passed every check, its image, and how long the image took to decode."""
+
+    frame: frames_pb2.Frame
+    image: FrameImage
+    decode_s: float
+    content_type: bytes  # its record's, for the dead letter should a deferred decode fail
+
+    def refused(self, exc: BadFrame) -> Refused:
+        """BAD_FRAME, dead-lettered: the image failed after admission (the batch's device decode)."""
+        return Refused(results_pb2.STATUS_BAD_FRAME, str(exc), publishable(self.frame), exc.reason, self.content_type)
+
+
+def admit(
+    value: bytes | None,
+    headers: list | None,
+    cfg: WorkerConfig,
+    now: float,
+    devices: Mapping[str, torch.device | None],
+) -> Admitted | Refused:
+    """One record -> a frame ready to score, or why not, in the order a newcomer would check: is it a Frame,
+    are its ids, times and attributes within the rules, is it still fresh, is there a head for its product
+    (``devices``: each product with an active head, and where its JPEGs are decoded, None for the host), and
+    is its image usable."""
+    try:
+        frame = parse_frame(value, headers)
+    except BadFrame as exc:
+        return Refused(None, str(exc), dead_letter=exc.reason, content_type=record_content_type(headers))
+    ctype = header(headers, CONTENT_TYPE) or content_type(frames_pb2.Frame).encode()
+    try:
+        check_frame(frame, cfg, now)
+        check_product(frame)
+        if is_stale(frame, now, cfg.max_age_s):
+            return Refused(results_pb2.STATUS_STALE, f"older than {cfg.max_age_s:.0f}s", frame)
+        if frame.product_id not in devices:
+            return Refused(results_pb2.STATUS_NO_HEAD, f"no active head for product {frame.product_id}", frame)
+        t0 = time.perf_counter()
+        image = decode_frame_image(frame, cfg, devices[frame.product_id])
+    except BadFrame as exc:
+        return Refused(results_pb2.STATUS_BAD_FRAME, str(exc), publishable(frame), exc.reason, ctype)
+    return Admitted(frame, image, time.perf_counter() - t0, ctype)
+
+
+def decode_batch(batch: list[Admitted]) -> list[Admitted | Refused]:
+    """The batch ready to score, in its order: deferred JPEGs decoded in one call per device, each charged an
+    equal share of that time; a JPEG that fails to decode is refused alone."""
+    out: list[Admitted | Refused] = list(batch)
+    waiting = [i for i, a in enumerate(batch) if a.image.deferred]
+    if not waiting:
+        return out
+    t0 = time.perf_counter()
+    images = decode_jpegs([batch[i].image for i in waiting])
+    per = (time.perf_counter() - t0) / len(waiting)
+    for i, img in zip(waiting, images, strict=True):
+        a = batch[i]
+        out[i] = a.refused(img) if isinstance(img, BadFrame) else replace(a, image=img, decode_s=per)
+    return out

@@ -65,35 +65,54 @@ def heatmap_png(amap: np.ndarray, pixel_threshold: float) -> bytes:
     return buf.getvalue()
 
 
+@dataclass(frozen=True)
+class FrameScore:
+    """One frame's share of a scored batch."""
+
+    image_score: float
+    normalized_score: float  # score / image threshold; NaN where the head has none
+    is_defect: bool
+    amap: np.ndarray  # float16 at the map size
+    regions: list[Region]
+
+
+def per_frame(scores: Scores) -> list[FrameScore]:
+    """A batch's :class:`scorer.head.Scores` split into one :class:`FrameScore` per image, in order."""
+    return [
+        FrameScore(float(s), float(n), bool(d), m, r)
+        for s, n, d, m, r in zip(
+            scores.image_scores, scores.normalized_scores, scores.is_defect, scores.maps, scores.regions, strict=True
+        )
+    ]
+
+
 def scored_result(
     frame: frames_pb2.Frame,
-    scores: Scores,
-    j: int,
+    score: FrameScore,
     active: ActiveHead,
     timing: Timing,
     *,
     worker_id: str,
+    hw: tuple[int, int],
     heatmap: bool = False,
-    hw: tuple[int, int] | None = None,
 ) -> results_pb2.InspectionResult:
-    """An OK result for image ``j`` of a scored batch: scores, verdict, regions in source pixels (of the image
-    ``hw`` = (height, width) as decoded, scorer.backbones.base.image_hw), timings."""
+    """An OK result for one scored frame: scores, verdict, regions in source pixels (of the image ``hw`` =
+    (height, width) as decoded), timings."""
     r = new_result(frame, results_pb2.STATUS_OK, worker_id)
-    if hw is not None:
-        r.height, r.width = hw
+    r.height, r.width = hw
     r.head.CopyFrom(active.ref)
-    r.image_score = float(scores.image_scores[j])
-    r.normalized_score = float(scores.normalized_scores[j]) if np.isfinite(scores.normalized_scores[j]) else 0.0
+    r.image_score = score.image_score
+    r.normalized_score = score.normalized_score if np.isfinite(score.normalized_score) else 0.0
     r.image_threshold = float(active.head.image_threshold)
-    r.verdict = results_pb2.VERDICT_DEFECT if bool(scores.is_defect[j]) else results_pb2.VERDICT_OK
-    for reg in scores.regions[j]:
+    r.verdict = results_pb2.VERDICT_DEFECT if score.is_defect else results_pb2.VERDICT_OK
+    for reg in score.regions:
         r.regions.add(x_min=reg.x_min, y_min=reg.y_min, x_max=reg.x_max, y_max=reg.y_max, area=reg.area, peak=reg.peak)
     r.timings.decode_s = timing.decode_s
     r.timings.inference_s = timing.inference_s
     r.timings.queue_wait_s = timing.queue_wait_s
     r.timings.batch_size = timing.batch_size
     if heatmap:
-        r.heatmap_png = heatmap_png(scores.maps[j], active.head.pixel_threshold)
+        r.heatmap_png = heatmap_png(score.amap, active.head.pixel_threshold)
     return r
 
 
@@ -181,14 +200,12 @@ class EvidenceArchive:
         return path.resolve().as_uri()
 
     def save(
-        self, frame_id: str, img: object, amap: np.ndarray, pixel_threshold: float, regions: list[Region]
+        self, frame_id: str, img: np.ndarray, amap: np.ndarray, pixel_threshold: float, regions: list[Region]
     ) -> common_pb2.Evidence:
-        """``img`` is H x W x 3 uint8, or a 3 x H x W tensor from the device decode."""
+        """``img`` is H x W x 3 uint8 (``FrameImage.rgb``)."""
         from scorer.visualize import overlay
 
         self.root.mkdir(parents=True, exist_ok=True)
-        if not isinstance(img, np.ndarray):  # a torch tensor: torch is loaded already
-            img = img.permute(1, 2, 0).cpu().numpy()  # type: ignore[attr-defined]
         stem = self.file_stem(frame_id)
         jpg, png = self.root / f"{stem}.jpg", self.root / f"{stem}_overlay.png"
         Image.fromarray(img).save(jpg, quality=90)

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -25,33 +25,30 @@ import torch
 from inspection_core.errors import KafkaError, cut
 from inspection_core.kafka import KafkaConfig, LostLogRewind, Reconnector, assignment_shortfall, fetched_positions
 from inspection_core.names import DeadLetterReason
-from inspection_core.wire import CONTENT_TYPE, content_type, encode, header
-from inspection_pb.v1 import common_pb2, frames_pb2, results_pb2
+from inspection_core.wire import CONTENT_TYPE, encode
+from inspection_pb.v1 import frames_pb2, results_pb2
 from monitoring import metrics
-from scorer.backbones.base import image_hw
 from scorer.head import search_dtype
 from workers.codec import (
+    Admitted,
     BadFrame,
     DeadLetter,
-    DeferredJpeg,
-    check_frame,
-    check_product,
-    decode_frame_image,
-    decode_jpegs,
-    is_stale,
-    parse_frame,
+    Refused,
+    admit,
+    decode_batch,
     publishable,
-    record_content_type,
     ts_seconds,
 )
 from workers.config import ActiveHead, WorkerConfig, head_ref
 from workers.post import (
     EvidenceArchive,
+    FrameScore,
     Timing,
     defect_event,
     frame_ref,
     mark_line,
     new_result,
+    per_frame,
     scored_result,
 )
 
@@ -61,25 +58,22 @@ __all__ = ["ActiveHead", "BadFrame", "Outputs", "Worker", "WorkerConfig", "head_
 
 
 @dataclass(frozen=True)
-class Decoded:
-    """A frame ready to score: its image (array, or a tensor from the device decode) and its times so far."""
-
-    frame: frames_pb2.Frame
-    image: np.ndarray | torch.Tensor
-    decode_s: float
-    queue_wait_s: float
-    ref: common_pb2.FrameRef | None = None  # where the frame is on the frames topic
-
-
-@dataclass(frozen=True)
-class Pending:
-    """A frame whose JPEG is decoded with the rest of the batch's (one call per device)."""
+class Taken:
+    """An admitted frame and the record it came in (its place on the frames topic, its dead letter should a
+    deferred decode fail), with how long the record waited in Kafka."""
 
     record: object  # kafka ConsumerRecord
-    frame: frames_pb2.Frame
-    jpeg: DeferredJpeg
+    admitted: Admitted
     queue_wait_s: float
 
+
+# what each kind of refusal counts as (the status of its result; None: not a Frame, dead-lettered only)
+_REFUSAL_COUNTERS = {
+    None: "dlq_unparseable",
+    results_pb2.STATUS_BAD_FRAME: "bad_frame",
+    results_pb2.STATUS_STALE: "stale",
+    results_pb2.STATUS_NO_HEAD: "no_head",
+}
 
 # a lone leader short of partitions rejoins at once the first time, then at most this often (metadata may lag)
 REJOIN_BACKOFF_S = 10.0
@@ -185,62 +179,31 @@ class Worker:
         return dev if self.cfg.device_decode == "always" or dev.type == "cuda" else None
 
     def process(self, records: list) -> Outputs:  # noqa: ANN001 - kafka ConsumerRecords
-        """Records -> results, defect events and dead letters; pure except for scoring."""
+        """Records -> results, defect events and dead letters; pure except for scoring.
+
+        Each record is admitted or refused by the codec in one call; the admitted frames' deferred JPEGs are
+        decoded together, and each product's frames are scored as one batch, one result per frame.
+        """
         out = Outputs([], [], [])
         with self._lock:
             heads = dict(self.heads)
-        to_score: dict[str, list[Decoded]] = defaultdict(list)
-        pending: list[Pending] = []
+        devices = {product: self._decode_device(active) for product, active in heads.items()}
         now = time.time()
+        taken: list[Taken] = []
         for rec in records:
             t_take = time.time()
-            headers = getattr(rec, "headers", None)
-            try:
-                frame = parse_frame(rec.value, headers)
-            except BadFrame as exc:
-                ctype = record_content_type(headers)
-                out.dead_letters.append(DeadLetter(rec.key, rec.value or b"", exc.reason, str(exc), ctype))
-                self.counters["dlq_unparseable"] += 1
+            got = admit(rec.value, getattr(rec, "headers", None), self.cfg, now, devices)
+            if isinstance(got, Refused):
+                self._refuse(rec, got, out)
                 continue
-            try:
-                check_frame(frame, self.cfg, now)
-                check_product(frame)
-            except BadFrame as exc:
-                self._bad_frame(rec, frame, exc, out)
-                continue
-            if is_stale(frame, now, self.cfg.max_age_s):
-                out.results.append(
-                    self._result(frame, results_pb2.STATUS_STALE, f"older than {self.cfg.max_age_s:.0f}s")
-                )
-                self.counters["stale"] += 1
-                continue
-            active = heads.get(frame.product_id)
-            if active is None:
-                reason = f"no active head for product {frame.product_id}"
-                out.results.append(self._result(frame, results_pb2.STATUS_NO_HEAD, reason))
-                self.counters["no_head"] += 1
-                continue
-            t0 = time.perf_counter()
             queue_wait = max(0.0, t_take - rec.timestamp / 1000.0) if rec.timestamp and rec.timestamp > 0 else 0.0
-            try:
-                img = decode_frame_image(frame, self.cfg, self._decode_device(active))
-            except BadFrame as exc:
-                self._bad_frame(rec, frame, exc, out)
-                continue
-            if isinstance(img, DeferredJpeg):  # decoded below, all of the batch's JPEGs in one call
-                pending.append(Pending(rec, frame, img, queue_wait))
+            taken.append(Taken(rec, got, queue_wait))
+        to_score: dict[str, list[Taken]] = defaultdict(list)
+        for t, got in zip(taken, decode_batch([t.admitted for t in taken]), strict=True):
+            if isinstance(got, Refused):
+                self._refuse(t.record, got, out)
             else:
-                decoded_s = time.perf_counter() - t0
-                to_score[frame.product_id].append(Decoded(frame, img, decoded_s, queue_wait, frame_ref(rec)))
-        if pending:
-            t0 = time.perf_counter()
-            decoded = decode_jpegs([p.jpeg for p in pending])
-            per = (time.perf_counter() - t0) / len(pending)
-            for p, img in zip(pending, decoded, strict=True):
-                if isinstance(img, BadFrame):
-                    self._bad_frame(p.record, p.frame, img, out)
-                else:
-                    to_score[p.frame.product_id].append(Decoded(p.frame, img, per, p.queue_wait_s, frame_ref(p.record)))
+                to_score[got.frame.product_id].append(replace(t, admitted=got))
         for product, items in to_score.items():
             self._score(heads[product], items, out)
         return out
@@ -248,43 +211,51 @@ class Worker:
     def _result(self, frame: frames_pb2.Frame, status: int, reason: str = "") -> results_pb2.InspectionResult:
         return new_result(frame, status, self.cfg.worker_id, reason)
 
-    def _bad_frame(self, rec, frame: frames_pb2.Frame, exc: BadFrame, out: Outputs) -> None:  # noqa: ANN001
-        # only what passed the frame rules is repeated: the refusal itself must always publish
-        out.results.append(self._result(publishable(frame), results_pb2.STATUS_BAD_FRAME, str(exc)))
-        ctype = header(getattr(rec, "headers", None), CONTENT_TYPE) or content_type(frames_pb2.Frame).encode()
-        out.dead_letters.append(DeadLetter(rec.key, rec.value, exc.reason, str(exc), ctype))
-        self.counters["bad_frame"] += 1
+    def _refuse(self, rec, refused: Refused, out: Outputs) -> None:  # noqa: ANN001 - kafka ConsumerRecord
+        """A refused record's result (unless it is not a Frame) and dead letter (if it gets one)."""
+        if refused.status is not None:
+            assert refused.frame is not None
+            out.results.append(self._result(refused.frame, refused.status, refused.reason))
+        if refused.dead_letter is not None:
+            dl = DeadLetter(rec.key, rec.value or b"", refused.dead_letter, refused.reason, refused.content_type)
+            out.dead_letters.append(dl)
+        self.counters[_REFUSAL_COUNTERS[refused.status]] += 1
 
-    def _score(self, active: ActiveHead, items: list[Decoded], out: Outputs) -> None:
+    def _score(self, active: ActiveHead, items: list[Taken], out: Outputs) -> None:
+        """One product's frames scored as one batch; then each frame's result, defect event and evidence."""
         t0 = time.perf_counter()
-        scores = active.head.score([it.image for it in items], batch_size=self.cfg.max_batch)
+        scores = active.head.score([it.admitted.image.pixels for it in items], batch_size=self.cfg.max_batch)
         inf_s = (time.perf_counter() - t0) / len(items)
-        for j, it in enumerate(items):
-            timing = Timing(it.decode_s, inf_s, it.queue_wait_s, len(items))
-            r = scored_result(
-                it.frame,
-                scores,
-                j,
-                active,
-                timing,
-                worker_id=self.cfg.worker_id,
-                heatmap=self.cfg.heatmap_in_result,
-                hw=image_hw(it.image),
+        for it, score in zip(items, per_frame(scores), strict=True):
+            timing = Timing(it.admitted.decode_s, inf_s, it.queue_wait_s, len(items))
+            self._scored(it, score, active, timing, out)
+
+    def _scored(self, it: Taken, score: FrameScore, active: ActiveHead, timing: Timing, out: Outputs) -> None:
+        """One scored frame's result and, for a DEFECT verdict, its defect event with evidence."""
+        a, ref = it.admitted, frame_ref(it.record)
+        r = scored_result(
+            a.frame,
+            score,
+            active,
+            timing,
+            worker_id=self.cfg.worker_id,
+            heatmap=self.cfg.heatmap_in_result,
+            hw=a.image.hw,
+        )
+        mark_line(r, active, ref)
+        out.results.append(r)
+        self.counters["scored"] += 1
+        if r.verdict != results_pb2.VERDICT_DEFECT:
+            return
+        self.counters["defects"] += 1
+        d = defect_event(a.frame, r)
+        mark_line(d, active, ref)
+        if self.evidence is not None:
+            ev = self.evidence.save(
+                a.frame.frame_id, a.image.rgb(), score.amap, active.head.pixel_threshold, score.regions
             )
-            mark_line(r, active, it.ref)
-            out.results.append(r)
-            self.counters["scored"] += 1
-            if r.verdict != results_pb2.VERDICT_DEFECT:
-                continue
-            self.counters["defects"] += 1
-            d = defect_event(it.frame, r)
-            mark_line(d, active, it.ref)
-            if self.evidence is not None:
-                ev = self.evidence.save(
-                    it.frame.frame_id, it.image, scores.maps[j], active.head.pixel_threshold, scores.regions[j]
-                )
-                d.evidence.CopyFrom(ev)
-            out.defects.append(d)
+            d.evidence.CopyFrom(ev)
+        out.defects.append(d)
 
     # -- Kafka loop ------------------------------------------------------------------
     def _collect(self) -> list:

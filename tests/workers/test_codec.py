@@ -17,7 +17,7 @@ from inspection_pb.v1 import frames_pb2
 from scorer.images import jpeg_scans
 from workers.codec import (
     BadFrame,
-    DeferredJpeg,
+    FrameImage,
     check_frame,
     check_product,
     decode_frame_image,
@@ -33,7 +33,7 @@ def test_raw_frames_and_size_guard() -> None:
     cfg = WorkerConfig(max_pixels=10_000)
     img = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
     f = frames_pb2.Frame(frame_id="x", encoding=frames_pb2.ENCODING_RAW_RGB8, image=img.tobytes(), width=5, height=4)
-    assert np.array_equal(decode_frame_image(f, cfg), img)
+    assert np.array_equal(decode_frame_image(f, cfg).pixels, img)
     f.width = 6
     with pytest.raises(BadFrame, match="expected 72"):
         decode_frame_image(f, cfg)
@@ -54,10 +54,10 @@ def test_batched_device_decode_isolates_a_truncated_jpeg() -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(buf, format="JPEG")
     good = buf.getvalue()
     cpu = torch.device("cpu")
-    out = decode_jpegs([DeferredJpeg(good, cpu), DeferredJpeg(good[:300], cpu), DeferredJpeg(good, cpu)])
+    out = decode_jpegs([FrameImage((64, 48), jpeg=data, device=cpu) for data in (good, good[:300], good)])
     assert isinstance(out[1], BadFrame) and "truncated" in str(out[1])
-    assert [tuple(o.shape) for o in (out[0], out[2])] == [(3, 64, 48), (3, 64, 48)]
-    assert all(o.dtype == torch.uint8 for o in (out[0], out[2]))
+    assert [tuple(o.pixels.shape) for o in (out[0], out[2])] == [(3, 64, 48), (3, 64, 48)]
+    assert all(o.pixels.dtype == torch.uint8 for o in (out[0], out[2]))
 
 
 def test_refusals_carry_their_dead_letter_reason() -> None:
@@ -135,7 +135,9 @@ def test_a_jpeg_scan_bomb_is_refused_before_any_decoder_sees_it() -> None:
         decode_frame_image(f, cfg)
     assert time.perf_counter() - t0 < 1.0 and e.value.reason is DeadLetterReason.DECODE_LIMIT
     ordinary = jpeg_scan_bomb(side=256, scans=20)  # a few dozen scans is fine
-    assert decode_frame_image(_frame(encoding=frames_pb2.ENCODING_JPEG, image=ordinary), WorkerConfig()).shape == (
+    assert decode_frame_image(
+        _frame(encoding=frames_pb2.ENCODING_JPEG, image=ordinary), WorkerConfig()
+    ).pixels.shape == (
         256,
         256,
         3,
