@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 from cff_inspect.progress import add_progress_arg, renderer
 from inspection_core.env import bind_env, check_env
 from inspection_core.errors import ConfigError, InspectionError
-from inspection_core.logs import FORMATS, LEVELS, configure
+from inspection_core.logs import FORMATS, LEVELS, configure, format_from_argv, say, set_format
 from inspection_core.names import EVAL_METHODS
 from scorer.options import add_backbone_args, add_data_arg, add_fit_precision_arg, backbone_from
 
@@ -95,14 +96,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(markdown_table(report))
     if args.out:
         write_report(report, args.out)  # first, so a plotting failure cannot cost the run's figures
-        print(f"report written to {args.out}", file=sys.stderr)
+        say(f"report written to {args.out}")
     if plots:
         from scorer.plots import write_plots
 
         pngs = write_plots(report, args.out, histograms)
         report["plots"] = [p.name for p in pngs]
         write_report(report, args.out)
-        print(f"{len(pngs)} plots written beside it: {', '.join(p.name for p in pngs)}", file=sys.stderr)
+        say(f"{len(pngs)} plots written beside it: {', '.join(p.name for p in pngs)}")
     return 0
 
 
@@ -244,10 +245,32 @@ def _one_line(text: str, limit: int = 2000) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: the problem (an unknown flag, a bad value) and where help is, not
+    the whole usage text; subcommand parsers are made of the same class."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        say(f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)", level=logging.ERROR)
+        self.exit(2)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]  # noqa: ANN001, ANN201
+        """An unknown flag is named with the subcommand it was given to, and that subcommand's help."""
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            words = [getattr(ns, d, None) for d in ("command", "heads_command", "bench_command")]
+            prog = " ".join([self.prog, *filter(None, words)])
+            say(
+                f"{prog}: error: unrecognized arguments: {_one_line(' '.join(extra), 200)} (see {prog} --help)",
+                level=logging.ERROR,
+            )
+            self.exit(2)
+        return ns
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cff_inspect import commands, feedback, run, tail
 
-    parser = argparse.ArgumentParser(prog="cff-inspect", description=__doc__.splitlines()[0])
+    parser = Parser(prog="cff-inspect", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="same as --log-level DEBUG")
     parser.add_argument("--log-level", choices=LEVELS, type=str.upper, default="INFO", help="default %(default)s")
@@ -266,13 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    set_format(format_from_argv(sys.argv[1:] if argv is None else argv))
     try:
         parser = build_parser()
         args = check_env(parser.parse_args(argv))
         configure("DEBUG" if args.verbose else args.log_level, args.log_format)
         return int(args.func(args) or 0)
     except InspectionError as exc:
-        print(f"cff-inspect: error: {_one_line(str(exc))}", file=sys.stderr)
+        say(f"cff-inspect: error: {_one_line(str(exc))}", level=logging.ERROR)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

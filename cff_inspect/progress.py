@@ -168,7 +168,12 @@ class ProgressRenderer:
 
 def renderer(args: argparse.Namespace, *, keep: Collection[str] | None = None) -> ProgressRenderer:
     """The renderer a command draws with: stderr as it is now (tests capture it), off with ``--no-progress``."""
-    return ProgressRenderer(sys.stderr, enabled=not getattr(args, "no_progress", False), keep=keep)
+    enabled = not getattr(args, "no_progress", False)
+    if getattr(args, "log_format", "text") == "json":  # every stderr line a JSON object: no bars, plain lines as JSON
+        from inspection_core.logs import JsonLines
+
+        return ProgressRenderer(JsonLines(), enabled=enabled, tty=False, keep=keep)  # type: ignore[arg-type]
+    return ProgressRenderer(sys.stderr, enabled=enabled, keep=keep)
 
 
 def from_fit_progress(msg: Any) -> ProgressEvent | None:  # noqa: ANN401 - calibrator_pb2.FitProgress

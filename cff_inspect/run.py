@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -26,12 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from calibrator.line_config import add_line_args, line_from
-from inspection_core.errors import ConfigError
+from inspection_core.errors import ConfigError, cut
+from inspection_core.logs import say
 from scorer.options import add_backbone_args, add_method_arg, backbone_from
 from workers.config import add_worker_args, config_from
 
 log = logging.getLogger(__name__)
 RUN_WORKER_OPTIONS = ("max_batch", "max_wait_ms")  # the worker's own flags, with its defaults
+RATE_WINDOW_S = 5.0  # the live view shows a results rate only over at least this many seconds
+_DURATION = re.compile(r"[1-9][0-9]*(ms|s|m|h)")
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -80,12 +84,19 @@ class ResultWatcher(threading.Thread):
         finally:
             c.close()
 
-    def view(self) -> str:
-        rate = 0.0
-        if self.t_first is not None:
-            rate = self.results / max(1e-6, time.monotonic() - self.t_first)
+    def rate(self, now: float | None = None) -> float | None:
+        """Results per second since the first one, once that window is :data:`RATE_WINDOW_S` long: the first
+        results come in a batch, and two of them 20 ms apart are not a rate of 100/s."""
+        if self.t_first is None:
+            return None
+        span = (time.monotonic() if now is None else now) - self.t_first
+        return (self.results - 1) / span if span >= RATE_WINDOW_S else None
+
+    def view(self, now: float | None = None) -> str:
+        rate = self.rate(now)
+        shown = f"{rate:.2f}/s" if rate is not None else f"rate after the first {RATE_WINDOW_S:.0f} s"
         lines = [
-            f"results {self.results} ({rate:.2f}/s)  defects {self.defects}  "
+            f"results {self.results} ({shown})  defects {self.defects}  "
             + " ".join(f"{k.removeprefix('STATUS_')}={v}" for k, v in sorted(self.status.items()))
         ]
         for cam, xs in sorted(self.latency.items()):
@@ -126,7 +137,51 @@ def heads_key_file(state_dir: Path) -> Path:
     return path
 
 
+def check_run_args(args: argparse.Namespace) -> None:
+    """Every option of ``run`` checked before anything slow starts (broker, calibrator, backbone, fit): a typo costs
+    one line and exit 2, not a fit and a page of log first."""
+    from calibrator.line_config import line_from as _line
+    from inspection_core.kafka import KafkaConfig
+
+    if args.cameras < 1:
+        raise ConfigError(f"--cameras must be >= 1, got {args.cameras}")
+    if not 0 < args.fps <= 1000:
+        raise ConfigError(f"--fps must be a number in (0, 1000], got {args.fps}")
+    if args.duration is not None and not args.duration > 0:
+        raise ConfigError(f"--duration must be > 0 seconds, got {args.duration}")
+    if args.shots < 1:
+        raise ConfigError(f"--shots must be >= 1, got {args.shots}")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    for flag in ("metrics_port", "prometheus_port", "calibrator_port", "broker_port"):
+        port = getattr(args, flag)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be 0..65535, got {port}")
+    if not _DURATION.fullmatch(args.scrape_interval):
+        raise ConfigError(
+            f"--scrape-interval must be a Prometheus duration like 5s or 500ms, got {cut(args.scrape_interval)!r}"
+        )
+    if args.bootstrap_servers:
+        if args.broker_port:
+            raise ConfigError("--broker-port is the embedded broker's; with --bootstrap-servers none is started")
+        KafkaConfig(bootstrap_servers=args.bootstrap_servers)
+    if args.data:
+        from scorer.data import discover
+
+        discover(Path(args.data))  # DatasetError (exit 2) for a missing folder or another layout
+    spec = args.backbone or ""
+    if spec not in ("dinov2-vits14", "tiny-vit", "tiny-clip") and not (spec.startswith("clip:") and spec[5:]):
+        from scorer.backbones import KNOWN_SPECS
+
+        raise ConfigError(f"--backbone {cut(spec)!r} is not one of {', '.join(KNOWN_SPECS)}")
+    if args.weights and not Path(args.weights).is_file():
+        raise ConfigError(f"--weights {cut(args.weights, 256)!r}: no such file")
+    _line(args)
+    config_from(args, RUN_WORKER_OPTIONS)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    check_run_args(args)
     from calibrator.client import CalibratorClient
     from calibrator.service import serve
     from calibrator.store import HeadStore
@@ -151,8 +206,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt  # same clean shutdown as Ctrl-C: the broker is stopped in `finally`
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    if args.cameras < 1:
-        raise ConfigError("--cameras must be >= 1")
     out = Path(args.out)
     stop = threading.Event()
     broker = None
@@ -163,10 +216,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.bootstrap_servers:
             kafka = KafkaConfig(bootstrap_servers=args.bootstrap_servers)
         else:
-            broker = EmbeddedBroker(log_path=out / "broker.log")
+            broker = EmbeddedBroker(port=args.broker_port or None, log_path=out / "broker.log")
             out.mkdir(parents=True, exist_ok=True)
             broker.start()
-            print(f"embedded broker on {broker.bootstrap} (Tansu, memory storage: development only)", file=sys.stderr)
+            say(f"embedded broker on {broker.bootstrap} (Tansu, memory storage: development only)")
             kafka = KafkaConfig(bootstrap_servers=broker.bootstrap)
         ensure_topics(kafka)
         cat_dir = Path(args.data) if args.data else make_demo_dataset(out / "demo-data", n_train=8, n_good=16, n_bad=8)
@@ -184,22 +237,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             store, bb, port=args.calibrator_port, kafka=kafka, signer=HeadSigner(heads_key), line=line_from(args)
         )
         calibrator = f"127.0.0.1:{cal_port}"
-        print(
-            f"calibrator on {calibrator} (store {out / 'heads'}; announcements signed with {key_path})",
-            file=sys.stderr,
-            flush=True,
-        )
+        say(f"calibrator on {calibrator} (store {out / 'heads'}; announcements signed with {key_path})")
         ms = MetricsServer("ingest+worker+calibrator", host=args.metrics_host, port=args.metrics_port)
         cfg = config_from(
             args, RUN_WORKER_OPTIONS, evidence_dir=str(out / "evidence"), evidence_url=served_evidence_url(ms)
         )
         worker = Worker(kafka, cfg, stop_event=stop)
         ms.add_checks(**{f"worker_{k}": v for k, v in worker_checks(kafka, worker).items()}).start()
-        print(f"metrics on {ms.listening}: /metrics, /healthz and /readyz", file=sys.stderr, flush=True)
+        say(f"metrics on {ms.listening}: /metrics, /healthz and /readyz")
         serve_evidence(worker, ms)
         if args.prometheus:
             if find_prometheus() is None:
-                print("--prometheus: prometheus is not installed (apt-get install -y prometheus)", file=sys.stderr)
+                say("--prometheus: prometheus is not installed (apt-get install -y prometheus)")
             else:
                 prom = Prometheus(
                     {"cff-inspect-run": [f"127.0.0.1:{ms.port}"]},
@@ -208,32 +257,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                     scrape_interval=args.scrape_interval,
                 ).start()
                 summary["prometheus"] = prom.url
-                print(f"prometheus on {prom.url} (rules and alerts loaded)", file=sys.stderr, flush=True)
+                say(f"prometheus on {prom.url} (rules and alerts loaded)")
         HeadFollower(kafka, worker, bb, trust=HeadTrust(key=heads_key, addresses=(calibrator,))).start()
         ready = threading.Event()
         wt = threading.Thread(target=worker.run, kwargs={"ready": ready}, name="worker", daemon=True)
         wt.start()
         active = store.active(product) if product in store.products() else None
         if active is not None and not args.refit and store.info(product)["backbone"] == bb.spec:
-            print(
-                f"using the stored {head_id(product, active)} (--refit fits a new version)", file=sys.stderr, flush=True
-            )
+            say(f"using the stored {head_id(product, active)} (--refit fits a new version)")
         else:
-            print(
-                f"uploading {len(refs)} good images of {product} to the calibrator ({bb.spec}) ...",
-                file=sys.stderr,
-                flush=True,
-            )
+            say(f"uploading {len(refs)} good images of {product} to the calibrator ({bb.spec}) ...")
             t0 = time.perf_counter()
             options = {"steps": str(args.steps)} if args.steps is not None else {}
             with CalibratorClient(calibrator) as client:
                 info = client.fit(product, refs, method=args.method, activate=True, options=options)
             summary["fit_seconds"] = round(time.perf_counter() - t0, 2)
-            print(
+            say(
                 f"fitted {info.head.head_id} in {summary['fit_seconds']:.1f}s "
-                f"(image threshold {info.image_threshold:.4g}); announced on {kafka.topic('heads')}",
-                file=sys.stderr,
-                flush=True,
+                f"(image threshold {info.image_threshold:.4g}); announced on {kafka.topic('heads')}"
             )
         ready.wait(30)
         if not wait_for(lambda: product in worker.heads, 60):
@@ -260,7 +301,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if not wt.is_alive():
                     raise ConfigError("the worker stopped unexpectedly; see the log above")
         except KeyboardInterrupt:
-            print("stopping ...", file=sys.stderr)
+            say("stopping ...")
         ing.stop()
         time.sleep(min(10.0, 2.0 + 2 * args.max_wait_ms / 1000))  # let the last frames be scored
         published = sum(ing.stats.published.values())
@@ -302,7 +343,14 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the whole system on the embedded broker with demo cameras")
     p.add_argument("--data", default=None, help="MVTec-layout category to stream (default: generated demo)")
     p.add_argument("--out", default="out/run")
-    p.add_argument("--duration", type=float, default=None, help="seconds (default: until Ctrl-C)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds of streaming, counted from when the head is in service: start-up and the fit (tens of seconds "
+        "on a CPU, none when the stored head is reused) come first, and the last frames are drained after "
+        "(default: until Ctrl-C)",
+    )
     p.add_argument("--summary-json", default=None)
     p.add_argument("--cameras", type=int, default=2)
     p.add_argument(
@@ -329,6 +377,12 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         "--keep-prometheus", action="store_true", help="leave Prometheus running after the run (its URL is printed)"
     )
     p.add_argument("--calibrator-port", type=int, default=0, help="0 = a free port")
+    p.add_argument(
+        "--broker-port",
+        type=int,
+        default=0,
+        help="the embedded broker's port on 127.0.0.1 (0 = a free port), so other clients can join the run",
+    )
     add_line_args(p)  # the calibrator's line settings, as `cff-inspect calibrator` takes them
     add_worker_args(p, RUN_WORKER_OPTIONS)
     p.add_argument(

@@ -76,7 +76,7 @@ def check_attributes(attrs: object, *, where: str) -> dict[str, str]:
     """Frame attributes: at most 32, keys ``[A-Za-z][A-Za-z0-9_.-]{0,63}``, string values up to 256 characters
     (they travel in every frame, result and defect event, so they stay small)."""
     if not isinstance(attrs, Mapping):
-        raise ConfigError(f"{where}: attributes must be a table of KEY = \"value\", got {type(attrs).__name__}")
+        raise ConfigError(f'{where}: attributes must be a table of KEY = "value", got {type(attrs).__name__}')
     if len(attrs) > MAX_ATTRIBUTES:
         raise ConfigError(f"{where}: {len(attrs)} attributes, at most {MAX_ATTRIBUTES}")
     out = {}
@@ -151,6 +151,29 @@ def parse_camera(spec: str) -> CameraConfig:
         else:
             raise ConfigError(f"--camera option {cut(k)!r} unknown (fps, loop, attr.KEY)")
     return CameraConfig(id=cid, product=product, source=source, **kw)
+
+
+def is_stream(source: str) -> bool:
+    """RTSP/HTTP URLs and USB device indices: sources that may come and go, so they are retried, never refused."""
+    return "://" in source or source.isdigit()
+
+
+def check_source(cam: CameraConfig) -> None:
+    """ConfigError (exit 2) at start when a folder or file source does not exist or a folder holds no images: a
+    mistyped path never turns into endless reconnect warnings. Streams are left to the reconnect loop."""
+    if is_stream(cam.source):
+        return
+    p = Path(cam.source)
+    if p.is_dir():
+        if not list_images(p):
+            raise ConfigError(
+                f"camera {cam.id}: no images ({', '.join(IMAGE_SUFFIXES)}) in folder {cut(cam.source, 256)}"
+            )
+    elif not p.is_file():
+        raise ConfigError(
+            f"camera {cam.id}: source {cut(cam.source, 256)!r} does not exist (expected an image folder, a video file, "
+            "an rtsp:// or http:// URL, or a USB device index)"
+        )
 
 
 def _encode_jpeg(img: np.ndarray, quality: int) -> bytes:

@@ -27,12 +27,14 @@ class IngestSettings:
     def __post_init__(self) -> None:
         if not self.cameras:
             raise ConfigError("no cameras: give --cameras FILE.toml or --camera ID=PRODUCT@SOURCE")
+        from ingest.cameras import check_source
+
+        for cam in self.cameras:
+            check_source(cam)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--cameras", default=None, help="TOML camera list ([[camera]] id, product, source, ...)"
-    )
+    p.add_argument("--cameras", default=None, help="TOML camera list ([[camera]] id, product, source, ...)")
     p.add_argument(
         "--camera", action="append", help="ID=PRODUCT@SOURCE[,fps=N][,loop=0|1][,attr.KEY=VALUE] (repeatable)"
     )

@@ -72,6 +72,23 @@ def parse_topic_setting(spec: str) -> tuple[str, str, str]:
     return topic, key, value.strip()
 
 
+_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]+\]")
+
+
+def check_server(server: str) -> None:
+    """``HOST:PORT`` (``[IPv6]:PORT``; a bare HOST means port 9092, as Kafka clients read it); anything else is a
+    ConfigError naming the entry, before any client tries to connect."""
+    host, colon, port = server.rpartition(":") if not server.endswith("]") else (server, "", "")
+    if not colon:
+        host, port = server, "9092"
+    ok = bool(_HOST.fullmatch(host)) and port.isdigit() and 1 <= int(port) <= 65535
+    if not ok:
+        raise ConfigError(
+            f"bootstrap server {server[:120]!r} is not HOST:PORT (a comma-separated list, e.g. "
+            "kafka-1:9092,kafka-2:9092; set by --bootstrap-servers or KAFKA_BOOTSTRAP_SERVERS)"
+        )
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     """What :func:`ensure_topics` asks the broker for when it creates one topic."""
@@ -106,6 +123,8 @@ class KafkaConfig:
     def __post_init__(self) -> None:
         if not self.bootstrap_servers.strip():
             raise ConfigError("bootstrap servers are empty (set --bootstrap-servers or KAFKA_BOOTSTRAP_SERVERS)")
+        for server in self.bootstrap_servers.split(","):
+            check_server(server.strip())
         valid = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
         if self.security_protocol not in valid:
             raise ConfigError(f"security protocol {self.security_protocol!r} is not one of {', '.join(valid)}")
@@ -322,8 +341,7 @@ def assignment_shortfall(consumer, assigned) -> str | None:  # noqa: ANN001 - a 
         known = set(consumer.partitions_for_topic(topic) or ()) | mine.sole_assignment.get(topic, set())
         if known - got.get(topic, set()):
             return (
-                f"alone in the group, it received {sorted(got.get(topic, ()))} of {topic}'s partitions "
-                f"{sorted(known)}"
+                f"alone in the group, it received {sorted(got.get(topic, ()))} of {topic}'s partitions {sorted(known)}"
             )
     return None
 

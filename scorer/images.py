@@ -107,12 +107,32 @@ def open_checked(
             f"{name}: {size} exceeds the limit of {max_pixels} pixels and {max_side} px a side; "
             "refused from its header, before decoding"
         ) from None
+    except UnidentifiedImageError:  # PIL's own text names the BytesIO object (<_io.BytesIO object at 0x...>)
+        raise ImageError(f"{name}: {_unreadable(source, formats)}") from None
     try:
         check_size(*im.size, name=name, max_pixels=max_pixels, max_side=max_side)
     except ImageError:
         im.close()
         raise
     return im
+
+
+def _unreadable(source: BinaryIO | Path, formats: tuple[str, ...] | None) -> str:
+    """Why PIL could not identify ``source``: the format it was taken for and its first bytes, never an object repr."""
+    try:
+        if isinstance(source, Path):
+            with source.open("rb") as f:
+                head = f.read(8)
+        else:
+            source.seek(0)
+            head = source.read(8)
+    except (OSError, ValueError):
+        head = b""
+    if formats:
+        what = f"not a readable {' or '.join(formats)} image"
+    else:
+        what = f"not an image in a format this reads ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})"
+    return f"{what}; first bytes {head.hex() or 'none'}"
 
 
 def decode_image(
