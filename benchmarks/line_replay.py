@@ -5,7 +5,7 @@ defective frames subsampled to about 10 % of it, shuffled by seed. Every frame i
 it arrives (prequential: no frame is scored by a version that learnt from it). Four modes, on the same frames:
 
 * ``static``: the fitted head throughout;
-* ``threshold``: after commissioning, the Hampel threshold from the live scores, bank unchanged;
+* ``threshold``: after commissioning, the quantile-anchored threshold from the live scores, bank unchanged;
 * ``commissioning``: after commissioning, the bank grown from the sure-good frames and the threshold from
   cross-fitted scores (:func:`scorer.commissioning.grow`, what the calibrator runs);
 * ``feedback``: commissioning, then a simulated operator labels alarms with their true label (up to
@@ -40,6 +40,7 @@ from scorer.commissioning import (
     LineOptions,
     commission,
     extra_rows_grids,
+    judged_scores,
     not_worse,
     verdict_errors,
     with_feedback,
@@ -84,6 +85,34 @@ class TokenCache:
         key = hashlib.sha256(f"{self.backbone.weights_id}:{self.depth}:{path.resolve()}".encode()).hexdigest()[:32]
         return self.folder / f"{key}.safetensors"
 
+    def head(self, backbone: Backbone, refs: list[Path], seed: int) -> Head:
+        """The default head fitted on ``refs``; the artifact is cached beside the tokens (the fit is deterministic)."""
+        import hashlib
+
+        from scorer.artifact import load_head, save_head
+
+        key = hashlib.sha256(f"{backbone.weights_id}:{seed}:{[str(p) for p in refs]}".encode()).hexdigest()[:32]
+        f = None if self.folder is None else self.folder / f"head-{key}.safetensors"
+        if f is not None and f.is_file():
+            return load_head(f, backbone)
+        head = fit_head(backbone, [load_image(p) for p in refs], seed=seed)
+        if f is not None:
+            save_head(head, f)
+        return head
+
+    def grids(self, head: Head, paths: list[Path], feats: BackboneOutput) -> torch.Tensor:
+        """The fitted head's per-tap grids of the stream (the costly search), cached beside the tokens."""
+        from safetensors.torch import load_file, save_file
+
+        f = None if self.folder is None else self.folder / f"grids-{_grids_key(head, paths)}.safetensors"
+        if f is not None and f.is_file():
+            return load_file(str(f))["grids"]
+        grids = head.search_features(feats, taps=head.weighted_taps())
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"grids": grids.contiguous()}, str(f))
+        return grids
+
     def get(self, paths: list[Path]) -> BackboneOutput:
         from safetensors.torch import load_file, save_file
 
@@ -113,6 +142,17 @@ class TokenCache:
         zero = torch.zeros(1, 1, 1, dtype=tokens[0].dtype).expand_as(tokens[0])
         tokens += [zero] * (n_taps - self.depth)  # taps past the depth are never searched
         return BackboneOutput(tokens, self.backbone.grid)
+
+
+def _grids_key(head: Head, paths: list[Path]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in head.bank:
+        h.update(b.float().numpy().tobytes()[: 1 << 20])
+    h.update(repr(head.options.tap_weights).encode())
+    h.update("\n".join(str(p) for p in paths).encode())
+    return h.hexdigest()[:32]
 
 
 def oracle_recall(scores: np.ndarray, labels: np.ndarray, far: float) -> float:
@@ -155,7 +195,7 @@ def replay(
 ) -> dict:
     refs = draw_references(cat.train, shots, seed)
     t0 = time.perf_counter()
-    head = fit_head(backbone, [load_image(p) for p in refs], seed=seed)
+    head = cache.head(backbone, refs, seed)
     fit_s = time.perf_counter() - t0
     if head.depth > cache.depth:
         raise DatasetError(f"the fitted head reads {head.depth} taps; the token cache holds {cache.depth}")
@@ -164,7 +204,7 @@ def replay(
     n_com = min(commissioning, n // 2)
     feats = cache.get(paths)
     t0 = time.perf_counter()
-    grids = head.search_features(feats, taps=head.weighted_taps())
+    grids = cache.grids(head, paths, feats)
     search_s = (time.perf_counter() - t0) / n
     static = head.score_features(feats, grids=grids)[0].astype(np.float64)
     after = np.arange(n) >= n_com
@@ -225,13 +265,14 @@ def replay(
         if since >= refit_every or (used == labels_budget and since > 0):
             since = 0
             known = np.flatnonzero(lab != UNKNOWN)
-            cand, _ = with_feedback(state, live, evidence(known, lab, False), opts)
+            cand, _ = with_feedback(state, live, evidence(known, lab, False), opts, frames_seen=k + 1)
             cand_grids = extra_rows_grids(cand, feats_after, grids_v2, known_rows=v2_rows)
             cand_scores = cand.score_features(feats_after, grids=cand_grids)[0].astype(np.float64)
             la = lab[after_idx]
             seen = la != UNKNOWN
+            judged = judged_scores(cand, [ids[i] for i in after_idx[seen]], cand_scores[seen])
             ok, why = not_worse(
-                verdict_errors(cand_scores[seen], la[seen], cand.image_threshold),
+                verdict_errors(judged, la[seen], cand.image_threshold),
                 verdict_errors(live_scores[seen], la[seen], live.image_threshold),
             )
             if ok:

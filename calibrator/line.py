@@ -3,8 +3,8 @@
 A version fitted from a few photos ranks parts well but cuts badly. While it is *commissioning* its verdicts are
 provisional; the line manager reads the results topic, collects the version's first ``--commissioning-frames``
 OK results, reads those frames back from the frames topic (by the partition and offset each result names),
-embeds them with the calibrator's backbone and calls :func:`scorer.commissioning.grow`: the Hampel threshold and
-a bank grown from the sure-good frames make a new version, activated and announced like ``ActivateHead``
+embeds them with the calibrator's backbone and calls :func:`scorer.commissioning.grow`: the quantile-anchored
+threshold and a bank grown from the sure-good frames make a new version, activated and announced like ``ActivateHead``
 (``--line-dry-run``: stored inactive, and the log says what would change). Feedback on the ``feedback`` topic is
 checked (known frame, its product, no duplicate, no flood, frame still on the frames topic); after
 ``--feedback-refit-labels`` new labels and ``--feedback-min-interval-s`` since the last line version a candidate
@@ -45,6 +45,7 @@ from scorer.commissioning import (
     UNKNOWN,
     LineEvidence,
     grow,
+    judged_scores,
     not_worse,
     verdict_errors,
 )
@@ -541,13 +542,15 @@ class LineManager:
             state = read_state(self.store, product)
             labels = {f: x for f, x in state["labels"].items() if x["label"] in ("good", "defect")}
             ev, ids = self._evidence(live, product, evidence, labels, extra=list(labels))
-            new, rec = grow(live, ev, self.opts)
+            # frames scored since commissioning ended (recent, non-provisional): the labels' false-alarm budget
+            seen = sum(not r.provisional for r in self._recent.get(product, {}).values())
+            new, rec = grow(live, ev, self.opts, frames_seen=seen)
             rec["evidence"] = [e for e in evidence if e[0] in set(ids)]
             rec["commissioned_from"] = (live.meta.get("line") or {}).get("commissioned_from")
             rec["labels"] = {lab: sum(x["label"] == lab for x in labels.values()) for lab in ("good", "defect")}
             sel = np.flatnonzero(ev.labels != UNKNOWN)
             sub = ev.feats.select(sel.tolist())
-            cand_s = new.score_features(sub)[0]
+            cand_s = judged_scores(new, [ev.frame_ids[k] for k in sel], new.score_features(sub)[0])
             live_s = live.score_features(sub)[0]
             return self._store(product, live, new, rec, "feedback", state, labelled=(cand_s, live_s, ev.labels[sel]))
 

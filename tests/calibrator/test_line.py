@@ -125,7 +125,7 @@ def test_commissioning_makes_an_active_version_that_records_its_frames(line, mak
     assert line.store.active("widget") == 2
     m = line.store.info("widget", 2)
     rec = m["meta"]["line"]
-    assert rec["threshold"]["rule"] == "hampel-log" and rec["frames"]["commissioning"] == N
+    assert rec["threshold"]["rule"] == "q90-log" and rec["frames"]["commissioning"] == N
     assert len(rec["cross_fitted_scores"]) == N and len(rec["evidence"]) == N
     assert rec["frame_ids"] == list(line.results)[:N]
     assert m["meta"]["line_status"] == "commissioned" and not is_commissioning(line.store, "widget", m)

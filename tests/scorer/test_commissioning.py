@@ -17,6 +17,7 @@ from scorer.commissioning import (
     cover,
     extra_rows_grids,
     grow,
+    label_cut,
     not_worse,
     robust_image_threshold,
     verdict_errors,
@@ -33,21 +34,56 @@ def _stream(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([good, bad]), np.concatenate([np.zeros(n), np.ones(n_bad)])
 
 
-@pytest.mark.parametrize("share", [0.0, 0.05, 0.10])
+@pytest.mark.parametrize("share", [0.0, 0.03, 0.05, 0.10])
 def test_threshold_stays_within_bound_on_a_contaminated_stream(share: float) -> None:
-    """The Hampel cut flags 0.2-3 % of a fresh clean sample at a 1 % target, with up to 10 % defects mixed in;
-    the fit's own rule (which includes the maximum) lets a single defect set the cut above most defects."""
-    scores, labels = _stream(200, share, seed=1)
-    t, rec = robust_image_threshold(scores, image_far=0.01)
+    """At a 1 % target, over 40 streams of 200 frames with up to 10 % defects at 2-5x the good median: the
+    median share of fresh good frames flagged is at most 2 % (0.3-2 % without defects; at most 4 % in 9 streams
+    of 10, as 200 frames pin a 99th percentile down no better), and every defect is caught; the fit's own rule
+    (which includes the maximum) lets the largest defect set the cut above all the others."""
     fresh = np.exp(np.random.default_rng(99).normal(np.log(0.2), 0.15, 100_000))
-    far = float((fresh >= t).mean())
-    assert 0.002 <= far <= 0.03, (share, far)
-    assert rec["rule"] == "hampel-log" and rec["n"] == len(scores)
-    if share:
-        caught = float((scores[labels == 1] >= t).mean())
-        assert caught == 1.0
-        max_rule = image_threshold_from_normals(scores, 0.01)
-        assert int((scores[labels == 1] >= max_rule).sum()) == 1  # only the defect that set it
+    fars = []
+    for seed in range(40):
+        scores, labels = _stream(200, share, seed=seed)
+        t, rec = robust_image_threshold(scores, image_far=0.01)
+        fars.append(float((fresh >= t).mean()))
+        assert rec["rule"] == "q90-log" and rec["n"] == len(scores)
+        if share:
+            assert float((scores[labels == 1] >= t).mean()) == 1.0
+            max_rule = image_threshold_from_normals(scores, 0.01)
+            assert int((scores[labels == 1] >= max_rule).sum()) == 1  # only the defect that set it
+    assert float(np.median(fars)) <= 0.02, (share, np.median(fars))
+    if share == 0:  # defects only ever push the cut up: fewer false alarms, never more
+        assert float(np.median(fars)) >= 0.003, np.median(fars)
+    assert float(np.quantile(fars, 0.9)) <= 0.04, (share, np.quantile(fars, 0.9))
+
+
+def test_threshold_follows_a_heavy_upper_tail() -> None:
+    """Good scores with a heavy upper tail (15 % of frames from a wider spread, as on kolektor_sdd): a spread
+    from the median absolute deviation lets at least 1.5 times as many false alarms through as the cut read at the
+    90th percentile (on this harsh a tail neither reaches a 1 % target: labels have to)."""
+
+    def draw(rng: np.random.Generator, n: int) -> np.ndarray:
+        k = int(0.15 * n)
+        return np.exp(np.concatenate([rng.normal(np.log(0.13), 0.08, n - k), rng.normal(np.log(0.18), 0.25, k)]))
+
+    fresh = draw(np.random.default_rng(0), 100_000)
+    ours, mad = [], []
+    for seed in range(1, 21):
+        good = draw(np.random.default_rng(seed), 200)
+        t, _ = robust_image_threshold(good, 0.01)
+        logs = np.log(good)
+        m = np.median(logs)
+        ours.append(float((fresh >= t).mean()))
+        mad.append(float((fresh >= np.exp(m + 2.326 * 1.4826 * np.median(np.abs(logs - m)))).mean()))
+    assert float(np.median(mad)) >= 1.5 * float(np.median(ours)), (np.median(mad), np.median(ours))
+
+
+def test_label_cut_lets_through_at_most_the_target_share_of_frames_seen() -> None:
+    oos = np.array([0.5, 0.4, 0.3, 0.2])
+    assert label_cut(oos, frames_seen=100, image_far=0.01) == pytest.approx(0.4)  # one of 100 may pass: 0.5
+    assert label_cut(oos, frames_seen=100, image_far=0.01) > 0.4
+    assert label_cut(oos, frames_seen=400, image_far=0.01) == float("-inf")  # four of 400 allowed
+    assert label_cut(oos, frames_seen=0, image_far=0.01) > 0.5
 
 
 def test_threshold_refuses_too_few_or_bad_scores() -> None:
@@ -115,7 +151,7 @@ def test_grown_bank_scores_equal_a_full_search_and_record_their_evidence(knn_lin
     full = v2.search_features(feats, taps=v2.weighted_taps())
     fast = extra_rows_grids(v2, feats, ev.grids)
     assert torch.allclose(full, fast, atol=2e-3)
-    assert v2.meta["line"]["threshold"]["rule"] == "hampel-log"
+    assert v2.meta["line"]["threshold"]["rule"] == "q90-log"
     assert v2.meta["line"]["frame_ids"][:2] == ["f0", "f1"]
     assert v2.meta["line"]["fitted_bank_rows"] == [int(b.shape[0]) for b in head.bank]
     # a later version grows from the fitted bank again, not from v2's
