@@ -9,7 +9,6 @@ Reuses the token and grid caches of `cff-inspect bench line --cache DIR` (and a 
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 from statistics import NormalDist
 
@@ -19,7 +18,7 @@ import torch
 from benchmarks import line_replay as lr
 from scorer.backbones import load_backbone
 from scorer.commissioning import LineEvidence, LineOptions, commission, extra_rows_grids
-from scorer.data import load_category, draw_references
+from scorer.data import draw_references, load_category
 
 Z = NormalDist().inv_cdf(0.99)
 
@@ -34,8 +33,15 @@ def rules(sc: np.ndarray) -> dict[str, float]:
         "upper_semi_iqr": float(np.exp(med + Z * max((q75 - med) / 0.6745, 0.02))),
         "q90_extrap": float(np.exp(med + Z * max((q90 - med) / 1.2816, 0.02))),
         "empirical_q99": float(np.quantile(sc, 0.99)),
-        "upper_avg": float(np.exp(med + Z * max(np.mean([(np.quantile(x, q) - med) / NormalDist().inv_cdf(q)
-                                                         for q in (0.75, 0.8, 0.85, 0.9)]), 0.02))),
+        "upper_avg": float(
+            np.exp(
+                med
+                + Z
+                * max(
+                    np.mean([(np.quantile(x, q) - med) / NormalDist().inv_cdf(q) for q in (0.75, 0.8, 0.85, 0.9)]), 0.02
+                )
+            )
+        ),
     }
 
 
@@ -80,7 +86,10 @@ def main() -> None:
                 far = float((after[y == 0] >= t).mean())
                 rec = float((after[y == 1] >= t).mean())
                 orc = lr.oracle_recall(after, y, far)
-                print(f"   {rule:15s} t={t:.4f} far {100 * far:5.1f}% recall {100 * rec:5.1f}% oracle {100 * orc:5.1f}%")
+                print(
+                    f"   {rule:15s} t={t:.4f} far {100 * far:5.1f}% recall {100 * rec:5.1f}%",
+                    f"oracle {100 * orc:5.1f}%",
+                )
 
 
 if __name__ == "__main__":
