@@ -135,6 +135,21 @@ def _unreadable(source: BinaryIO | Path, formats: tuple[str, ...] | None) -> str
     return f"{what}; first bytes {head.hex() or 'none'}"
 
 
+def decode_failure(exc: Exception, name: str, data: bytes) -> Exception:
+    """What a failed decode of ``data`` raises: an ImageError naming ``name`` (PIL's own text for an unknown
+    format names the BytesIO object, not the file), or ``exc`` itself when it is not a decoding failure."""
+    if isinstance(exc, ImageError):
+        return exc
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageError(
+            f"{name}: not an image in a format this reads ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)}); "
+            f"first bytes {data[:8].hex()}"
+        )
+    if isinstance(exc, (OSError, ValueError, SyntaxError)):
+        return ImageError(f"{name}: cannot decode image ({exc})")
+    return exc
+
+
 def decode_image(
     data: bytes, *, name: str = "frame", max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE
 ) -> np.ndarray:
@@ -145,15 +160,8 @@ def decode_image(
         with open_checked(io.BytesIO(data), name=name, max_pixels=max_pixels, max_side=max_side) as im:
             im.load()
             return to_rgb_uint8(im, name=name)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:  # PIL's text names the BytesIO object, not the file
-        raise ImageError(
-            f"{name}: not an image in a format this reads ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)}); "
-            f"first bytes {data[:8].hex()}"
-        ) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{name}: cannot decode image ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - mapped to one ImageError, or re-raised, by decode_failure
+        raise decode_failure(exc, name, data) from None
 
 
 class DecodeLimitError(ImageError):
@@ -321,12 +329,5 @@ def decode_reduced(
                 return to_rgb_uint8(im, name=name)
             wider = {"1": "L", "P": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I"}  # modes reduce() refuses
             return to_rgb_uint8((im.convert(wider[im.mode]) if im.mode in wider else im).reduce(factor), name=name)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(
-            f"{name}: not an image in a format this reads ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)}); "
-            f"first bytes {data[:8].hex()}"
-        ) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{name}: cannot decode image ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - mapped to one ImageError, or re-raised, by decode_failure
+        raise decode_failure(exc, name, data) from None
