@@ -288,7 +288,8 @@ def with_feedback(
     lies within ``feedback_radius`` of ``live``'s threshold (from a reserve of ``feedback_share`` of the growth
     budget); frames labelled DEFECT (commissioning frames too, by frame id) leave the threshold's frames. With
     ``frames_seen`` (frames scored since commissioning ended), the cut is at least :func:`label_cut` of the
-    labelled good frames' scores, each scored without its own rows."""
+    labelled good frames' scores, each scored without its own rows; with feedback it never falls below the cut of
+    ``live`` when that is a line version already."""
     base, ev = state.base, state.evidence
     taps = base.weighted_taps()
     chunk = base.options.bank_chunk
@@ -356,6 +357,11 @@ def with_feedback(
                 "raised_by_labels": bool(cut > threshold),
             }
             threshold = max(threshold, cut)
+    if feedback is not None and "line" in live.meta and math.isfinite(live_t) and live_t > threshold:
+        # labels are given to alarms only: they say nothing about frames below the live cut, and added rows only
+        # ever lower scores, so keeping the live cut means feedback can never add a false alarm
+        rule = {**rule, "kept_live_cut": live_t, "rule_cut": threshold}
+        threshold = live_t
     out = grown.with_thresholds(image=threshold)
     line = {
         **state.record,
