@@ -27,6 +27,10 @@ class IngestSettings:
     def __post_init__(self) -> None:
         if not self.cameras:
             raise ConfigError("no cameras: give --cameras FILE.toml or --camera ID=PRODUCT@SOURCE")
+
+    def check_sources(self) -> None:
+        """ConfigError (exit 2) when a camera's folder or file is missing on this host: checked when ingest starts,
+        not when the settings are built, since a deployment's paths exist only where it runs."""
         from ingest.cameras import check_source
 
         for cam in self.cameras:
@@ -91,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
 
     quiet_kafka()
     s = settings_from(args)
+    s.check_sources()
     ensure_topics(s.kafka)
     ing = Ingest(s.kafka, list(s.cameras), buffer_size=s.buffer_size, max_frames=s.max_frames)
     ms = start_metrics(args, "ingest", **ingest_checks(s.kafka, ing))
