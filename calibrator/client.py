@@ -160,6 +160,12 @@ class CalibratorClient:
         sel = calibrator_pb2.HeadSelector(product_id=product)
         return self._call("RollbackHead", lambda: self.stub.RollbackHead(sel, timeout=self.timeout_s))  # type: ignore[return-value]
 
+    def finish_commissioning(self, product: str, timeout_s: float = 1800.0) -> calibrator_pb2.HeadInfo:
+        """Ends the active version's commissioning with the frames collected so far; the line version it makes
+        (frames read back and embedded, a bank grown) can take minutes on a CPU, hence the fit's own deadline."""
+        sel = calibrator_pb2.HeadSelector(product_id=product)
+        return self._call("FinishCommissioning", lambda: self.stub.FinishCommissioning(sel, timeout=timeout_s))  # type: ignore[return-value]
+
     def delete(self, product: str, version: int = 0) -> calibrator_pb2.HeadInfo:
         sel = calibrator_pb2.HeadSelector(product_id=product, version=version)
         return self._call("DeleteHead", lambda: self.stub.DeleteHead(sel, timeout=self.timeout_s))  # type: ignore[return-value]

@@ -419,6 +419,7 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
         "rollback": None,  # always the previously active one
         "delete": "version to delete (required: deleting the active head stops inspection of the product)",
         "download": "version to download (default: the active one)",
+        "finish-commissioning": None,  # the active version's, with the frames collected so far
     }
     for name, version_help in versions.items():
         q = hs.add_parser(name, help=f"{name} heads on the calibrator service")
@@ -432,7 +433,7 @@ def add_heads(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_heads_remote(args: argparse.Namespace) -> int:
-    """Client of the calibrator: list, activate, rollback, delete, download."""
+    """Client of the calibrator: list, activate, rollback, delete, download, finish-commissioning."""
     product = check_product_id(args.product) if args.product else ""
     with _client(args) as c:
         if args.heads_command == "list":
@@ -450,6 +451,8 @@ def cmd_heads_remote(args: argparse.Namespace) -> int:
             heads = [c.activate(product, args.version)]
         elif args.heads_command == "rollback":
             heads = [c.rollback(product)]
+        elif args.heads_command == "finish-commissioning":
+            heads = [c.finish_commissioning(product)]
         else:
             if args.version < 1:
                 raise ConfigError(f"--version must be >= 1, got {args.version}")

@@ -325,9 +325,13 @@ def test_finish_commissioning_over_grpc(tmp_path, tiny_vit, make_refs, start_bro
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "3 commissioning frames" in e.value.details()
         lp.show(_goods(make_refs, 5, seed=30))
         _wait(lambda: collected._value.get() == 8, 20, "8 frames collected")
-        info = stub.FinishCommissioning(calibrator_pb2.HeadSelector(product_id=product))
-        assert info.head.version == 2 and info.active and info.line_status == "commissioned"
-        assert store.info(product)["meta"]["line"]["frames"]["commissioning"] == 8
+        from cff_inspect.cli import main as cli
+
+        rc = cli(["heads", "finish-commissioning", "--product", product, "--calibrator", f"127.0.0.1:{port}"])
+        assert rc == 0  # the CLI's client: `cff-inspect heads finish-commissioning`
+        info = store.info(product)
+        assert info["version"] == 2 and info["active"] and info["meta"]["line_status"] == "commissioned"
+        assert info["meta"]["line"]["frames"]["commissioning"] == 8
         with pytest.raises(grpc.RpcError) as e:  # v2 is not commissioning
             stub.FinishCommissioning(calibrator_pb2.HeadSelector(product_id=product))
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not commissioning" in e.value.details()
