@@ -738,3 +738,75 @@ def find_regions(amap: np.ndarray, threshold: float, src_hw: tuple[int, int], *,
         )
     out.sort(key=lambda r: -r.peak)
     return out
+
+
+@dataclass
+class BatchScores:
+    """What :func:`score_batch` gives: each group's :class:`Scores`, in the groups' order, and how many backbone
+    forward passes that took (what an operator compares with the number of products in a batch)."""
+
+    scores: list[Scores]
+    passes: int
+
+
+def score_batch(
+    groups: Sequence[tuple[Head, Sequence[np.ndarray | torch.Tensor]]], *, batch_size: int = 8
+) -> BatchScores:
+    """Several heads' images (a worker's batch: each product's head and its frames) scored with one backbone pass
+    per ``batch_size`` images instead of one per head: the backbone dominates the cost of a frame, and every head
+    of a worker shares it.
+
+    Images share a pass when their heads share the backbone object and the resize (``options.letterbox``) and
+    the images are of one kind (host arrays or device tensors); the pass runs to the deepest tap any of its heads
+    reads (``Head.depth``; the blocks past a shallower head's last tap only cost time, its search never reads
+    them). Each head then scores its own rows, so each group's :class:`Scores` equal ``head.score(images)``'s up
+    to float rounding (only the other images in the forward pass differ).
+    """
+    for head, _ in groups:
+        if head.backbone is None:
+            raise HeadError("head has no backbone attached; load it with load_head(path, backbone)")
+    # pass key -> (group, image) rows, in the order they came
+    by_pass: dict[tuple[int, bool, bool], list[tuple[int, int]]] = {}
+    for g, (head, images) in enumerate(groups):
+        for i, img in enumerate(images):
+            key = (id(head.backbone), head.options.letterbox, isinstance(img, torch.Tensor))
+            by_pass.setdefault(key, []).append((g, i))
+    # per group: (image indices, image scores, maps) of each pass that had some of its images
+    parts: list[list[tuple[list[int], np.ndarray, np.ndarray]]] = [[] for _ in groups]
+    passes = 0
+    with torch.inference_mode():
+        for rows in by_pass.values():
+            for s in range(0, len(rows), batch_size):
+                chunk = rows[s : s + batch_size]
+                first = groups[chunk[0][0]][0]
+                assert first.backbone is not None
+                depth = max(groups[g][0].depth for g, _ in chunk)
+                images = [groups[g][1][i] for g, i in chunk]
+                out = first.backbone.forward_images(images, letterbox=first.options.letterbox, depth=depth)
+                passes += 1
+                positions: dict[int, list[int]] = {}
+                for pos, (g, _) in enumerate(chunk):
+                    positions.setdefault(g, []).append(pos)
+                for g, pos in positions.items():
+                    mine = out if len(pos) == len(chunk) else out.select(pos)
+                    r = groups[g][0].score_tokens(mine)
+                    idx = [chunk[p][1] for p in pos]
+                    parts[g].append((idx, r.image_scores.float().cpu().numpy(), r.maps.float().cpu().numpy()))
+    scores = [_group_scores(head, images, p) for (head, images), p in zip(groups, parts, strict=True)]
+    return BatchScores(scores, passes)
+
+
+def _group_scores(
+    head: Head, images: Sequence[np.ndarray | torch.Tensor], parts: list[tuple[list[int], np.ndarray, np.ndarray]]
+) -> Scores:
+    """One head's rows of several passes put back in its images' order, then thresholded as ``Head.score`` does."""
+    size = head.options.map_size
+    sc = np.zeros(len(images), np.float32)
+    mp = np.zeros((len(images), size, size), np.float32)
+    for idx, s, m in parts:
+        sc[idx], mp[idx] = s, m
+    thr = head.image_threshold
+    norm = sc / thr if np.isfinite(thr) and thr > 0 else np.full_like(sc, np.nan)
+    regions = [find_regions(mp[i], head.pixel_threshold, image_hw(images[i])) for i in range(len(images))]
+    verdicts = (sc >= thr) if np.isfinite(thr) else np.zeros(len(sc), bool)
+    return Scores(sc, norm, verdicts, mp.astype(np.float16), regions)

@@ -28,7 +28,7 @@ from inspection_core.names import DeadLetterReason
 from inspection_core.wire import CONTENT_TYPE, encode
 from inspection_pb.v1 import frames_pb2, results_pb2
 from monitoring import metrics
-from scorer.head import search_dtype
+from scorer.head import score_batch, search_dtype
 from workers.codec import (
     Admitted,
     BadFrame,
@@ -182,7 +182,8 @@ class Worker:
         """Records -> results, defect events and dead letters; pure except for scoring.
 
         Each record is admitted or refused by the codec in one call; the admitted frames' deferred JPEGs are
-        decoded together, and each product's frames are scored as one batch, one result per frame.
+        decoded together, and the batch is scored together (one backbone pass, each product's head reading its
+        own frames' tokens), one result per frame.
         """
         out = Outputs([], [], [])
         with self._lock:
@@ -204,8 +205,7 @@ class Worker:
                 self._refuse(t.record, got, out)
             else:
                 to_score[got.frame.product_id].append(replace(t, admitted=got))
-        for product, items in to_score.items():
-            self._score(heads[product], items, out)
+        self._score(heads, to_score, out)
         return out
 
     def _result(self, frame: frames_pb2.Frame, status: int, reason: str = "") -> results_pb2.InspectionResult:
@@ -221,14 +221,32 @@ class Worker:
             out.dead_letters.append(dl)
         self.counters[_REFUSAL_COUNTERS[refused.status]] += 1
 
-    def _score(self, active: ActiveHead, items: list[Taken], out: Outputs) -> None:
-        """One product's frames scored as one batch; then each frame's result, defect event and evidence."""
+    def _score(self, heads: dict[str, ActiveHead], to_score: dict[str, list[Taken]], out: Outputs) -> None:
+        """The batch's frames scored together, then each frame's result, defect event and evidence.
+
+        Every head of a worker runs on the one backbone, so the batch costs one forward pass (per resize mode
+        its heads use), not one per product: each product's head scores its own frames' tokens of that pass.
+        """
+        n = sum(len(items) for items in to_score.values())
+        if n == 0:
+            return
+        groups = [(heads[p].head, [it.admitted.image.pixels for it in items]) for p, items in to_score.items()]
         t0 = time.perf_counter()
-        scores = active.head.score([it.admitted.image.pixels for it in items], batch_size=self.cfg.max_batch)
-        inf_s = (time.perf_counter() - t0) / len(items)
-        for it, score in zip(items, per_frame(scores), strict=True):
-            timing = Timing(it.admitted.decode_s, inf_s, it.queue_wait_s, len(items))
-            self._scored(it, score, active, timing, out)
+        batch = score_batch(groups, batch_size=self.cfg.max_batch)
+        inf_s = (time.perf_counter() - t0) / n
+        self.counters["backbone_passes"] += batch.passes
+        log.debug(
+            "worker %s: %d frames of %d products in %d backbone passes (%.1f ms)",
+            self.cfg.worker_id,
+            n,
+            len(to_score),
+            batch.passes,
+            inf_s * n * 1000,
+        )
+        for (product, items), scores in zip(to_score.items(), batch.scores, strict=True):
+            for it, score in zip(items, per_frame(scores), strict=True):
+                timing = Timing(it.admitted.decode_s, inf_s, it.queue_wait_s, n)
+                self._scored(it, score, heads[product], timing, out)
 
     def _scored(self, it: Taken, score: FrameScore, active: ActiveHead, timing: Timing, out: Outputs) -> None:
         """One scored frame's result and, for a DEFECT verdict, its defect event with evidence."""
