@@ -207,7 +207,6 @@ class LineState:
     evidence: LineEvidence
     fold_rows: dict[int, list[torch.Tensor]]
     cross_grids: torch.Tensor
-    sure: np.ndarray
     record: dict
 
 
@@ -220,10 +219,7 @@ def commission(head: Head, ev: LineEvidence, opts: LineOptions) -> tuple[Head, L
     n = len(ev.feats)
     labels = np.asarray(ev.labels)
     usable = np.asarray(ev.commissioning, bool) & (labels != DEFECT)
-    if int(usable.sum()) < opts.min_frames:
-        raise HeadError(
-            f"{int(usable.sum())} commissioning frames without a defect label; need {opts.min_frames} to set a cut"
-        )
+    _need_frames(usable, opts)
     grids = ev.grids if ev.grids is not None else base.search_features(ev.feats, taps=taps)
     live = np.asarray(ev.live_scores, np.float64)
     cut = float(np.quantile(live[usable], opts.sure_quantile))
@@ -266,8 +262,15 @@ def commission(head: Head, ev: LineEvidence, opts: LineOptions) -> tuple[Head, L
         "frame_ids": list(ev.frame_ids)[:10000],
         "live_scores": [round(float(x), 6) for x in live][:10000],
     }
-    state = LineState(base, ev, fold_rows, cf, sure, record)
+    state = LineState(base, ev, fold_rows, cf, record)
     return with_feedback(state, head, None, opts)
+
+
+def _need_frames(usable: np.ndarray, opts: LineOptions) -> None:
+    if int(usable.sum()) < opts.min_frames:
+        raise HeadError(
+            f"{int(usable.sum())} commissioning frames without a defect label; need {opts.min_frames} to set a cut"
+        )
 
 
 def label_cut(oos_good_scores: np.ndarray, frames_seen: int, image_far: float) -> float:
@@ -301,6 +304,7 @@ def with_feedback(
             if fid in index and lab == DEFECT:
                 labels[index[fid]] = DEFECT
     usable = np.asarray(ev.commissioning, bool) & (labels != DEFECT)
+    _need_frames(usable, opts)  # defect labels on commissioning frames may leave too few
     goods = np.flatnonzero(fb_labels == GOOD)
     live_t = float(live.image_threshold)
     radius = opts.feedback_radius * live_t if math.isfinite(live_t) and live_t > 0 else 0.0
@@ -340,8 +344,6 @@ def with_feedback(
         )
     grown = replace(base, bank=bank)
     scores, _, _ = grown.score_features(ev.feats, grids=cf)
-    if int(usable.sum()) < opts.min_frames:
-        raise HeadError(f"{int(usable.sum())} commissioning frames without a defect label; need {opts.min_frames}")
     threshold, rule = robust_image_threshold(scores[usable], opts.image_far)
     oos_by_id: dict[str, float] = {}
     if oos is not None and feedback is not None:
@@ -420,9 +422,9 @@ def grow(head: Head, ev: LineEvidence, opts: LineOptions, frames_seen: int | Non
             [ev.frame_ids[k] for k in idx] if ev.frame_ids else [],
         )
 
-    v2, state = commission(head, part(idx_c), opts)
-    fb = part(idx_f) if len(idx_f) else None
-    out, _ = with_feedback(state, head, fb, opts, frames_seen)
+    out, state = commission(head, part(idx_c), opts)
+    if len(idx_f):  # the commissioning version is already the answer without labels
+        out, _ = with_feedback(state, head, part(idx_f), opts, frames_seen)
     return out, out.meta["line"]
 
 
