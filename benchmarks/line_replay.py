@@ -21,6 +21,7 @@ its added rows (the nearest neighbour in a union is the nearer of the two), whic
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import replace
@@ -77,25 +78,24 @@ class TokenCache:
         self.backbone, self.depth, self.folder = backbone, depth, folder
         self.mem: dict[str, list[torch.Tensor]] = {}
 
+    def _entry(self, prefix: str, key: bytes) -> Path | None:
+        """Where a cached item lives (None without a folder): its kind, then a hash of what it depends on."""
+        return (
+            None if self.folder is None else self.folder / f"{prefix}{hashlib.sha256(key).hexdigest()[:32]}.safetensors"
+        )
+
     def _file(self, path: Path) -> Path | None:
-        if self.folder is None:
-            return None
-        import hashlib
+        return self._entry("", f"{self.backbone.weights_id}:{self.depth}:{path.resolve()}".encode())
 
-        key = hashlib.sha256(f"{self.backbone.weights_id}:{self.depth}:{path.resolve()}".encode()).hexdigest()[:32]
-        return self.folder / f"{key}.safetensors"
-
-    def head(self, backbone: Backbone, refs: list[Path], seed: int) -> Head:
+    def head(self, refs: list[Path], seed: int) -> Head:
         """The default head fitted on ``refs``; the artifact is cached beside the tokens (the fit is deterministic)."""
-        import hashlib
-
         from scorer.artifact import load_head, save_head
 
-        key = hashlib.sha256(f"{backbone.weights_id}:{seed}:{[str(p) for p in refs]}".encode()).hexdigest()[:32]
-        f = None if self.folder is None else self.folder / f"head-{key}.safetensors"
+        bb = self.backbone
+        f = self._entry("head-", f"{bb.weights_id}:{seed}:{[str(p) for p in refs]}".encode())
         if f is not None and f.is_file():
-            return load_head(f, backbone)
-        head = fit_head(backbone, [load_image(p) for p in refs], seed=seed)
+            return load_head(f, bb)
+        head = fit_head(bb, [load_image(p) for p in refs], seed=seed)
         if f is not None:
             save_head(head, f)
         return head
@@ -104,7 +104,7 @@ class TokenCache:
         """The fitted head's per-tap grids of the stream (the costly search), cached beside the tokens."""
         from safetensors.torch import load_file, save_file
 
-        f = None if self.folder is None else self.folder / f"grids-{_grids_key(head, paths)}.safetensors"
+        f = self._entry("grids-", _grids_key(head, paths))
         if f is not None and f.is_file():
             return load_file(str(f))["grids"]
         grids = head.search_features(feats, taps=head.weighted_taps())
@@ -144,15 +144,11 @@ class TokenCache:
         return BackboneOutput(tokens, self.backbone.grid)
 
 
-def _grids_key(head: Head, paths: list[Path]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for b in head.bank:
-        h.update(b.float().numpy().tobytes()[: 1 << 20])
-    h.update(repr(head.options.tap_weights).encode())
-    h.update("\n".join(str(p) for p in paths).encode())
-    return h.hexdigest()[:32]
+def _grids_key(head: Head, paths: list[Path]) -> bytes:
+    """What a head's grids of a stream depend on: its bank (the first MiB of each tap), fusion and the frames."""
+    parts = [b.float().numpy().tobytes()[: 1 << 20] for b in head.bank]
+    parts += [repr(head.options.tap_weights).encode(), "\n".join(str(p) for p in paths).encode()]
+    return b"\0".join(parts)
 
 
 def oracle_recall(scores: np.ndarray, labels: np.ndarray, far: float) -> float:
@@ -195,7 +191,7 @@ def replay(
 ) -> dict:
     refs = draw_references(cat.train, shots, seed)
     t0 = time.perf_counter()
-    head = cache.head(backbone, refs, seed)
+    head = cache.head(refs, seed)
     fit_s = time.perf_counter() - t0
     if head.depth > cache.depth:
         raise DatasetError(f"the fitted head reads {head.depth} taps; the token cache holds {cache.depth}")

@@ -62,7 +62,7 @@ def main() -> None:
             cache.mem[str(p)] = [d[f"{r}::{t}"] for t in range(3)]
     for seed in seeds:
         refs = draw_references(cat.train, k, seed)
-        head = cache.head(bb, refs, seed)
+        head = cache.head(refs, seed)
         paths, labels = lr.stream_order(cat, refs, seed)
         n = len(paths)
         n_com = min(200, n // 2)
