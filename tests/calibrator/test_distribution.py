@@ -105,10 +105,9 @@ def test_restarted_calibrator_keeps_heads_and_repopulates_a_fresh_broker(tmp_pat
     cat = make_demo_dataset(tmp_path / "d", n_train=2, n_good=0, n_bad=0)
     refs = sorted((cat / "train" / "good").glob("*.png"))
     store_dir = tmp_path / "store"
-    with EmbeddedBroker() as b:
-        kafka = KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix="r1.", partitions=1)
-        ensure_topics(kafka)
-        server, port = serve(
+
+    def start(kafka: KafkaConfig):  # noqa: ANN202 - (server, port); the same calibrator before and after
+        return serve(
             HeadStore(store_dir),
             tiny_vit,
             port=0,
@@ -116,6 +115,11 @@ def test_restarted_calibrator_keeps_heads_and_repopulates_a_fresh_broker(tmp_pat
             advertised_address="cal.plant:50051",
             allow_unsigned=True,
         )
+
+    with EmbeddedBroker() as b:
+        kafka = KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix="r1.", partitions=1)
+        ensure_topics(kafka)
+        server, port = start(kafka)
         with CalibratorClient(f"127.0.0.1:{port}") as c:
             info = c.fit("widget", refs, method="knn")
         server.stop(0)
@@ -126,14 +130,7 @@ def test_restarted_calibrator_keeps_heads_and_repopulates_a_fresh_broker(tmp_pat
         kafka = KafkaConfig(bootstrap_servers=b.bootstrap, topic_prefix="r1.", partitions=1)
         ensure_topics(kafka)
         assert _announcements(kafka, timeout=2) == {}
-        server, port = serve(
-            HeadStore(store_dir),
-            tiny_vit,
-            port=0,
-            kafka=kafka,
-            advertised_address="cal.plant:50051",
-            allow_unsigned=True,
-        )
+        server, port = start(kafka)
         try:
             again = _announcements(kafka)["widget"]
             assert again.active and again.head.version == 1 and again.head.sha256 == info.head.sha256
